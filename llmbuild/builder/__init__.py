@@ -1,0 +1,1 @@
+"""Build side: checkpoint import, model graphs, export and packaging into an engine directory."""

@@ -1,0 +1,203 @@
+"""`llmbuild compile`: recipe -> checkpoint -> model graph -> export -> engine directory.
+
+Stages are timed into report.json; a stage that fails is named in the error with the likely fix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+import llmbuild
+from llmbuild.builder.export import export_graph, save_graph
+from llmbuild.builder.models.llama import LlamaModel
+from llmbuild.builder.package import check_output_dir, staging_dir
+from llmbuild.builder.plan import BuildPlan, make_plan
+from llmbuild.builder.weights import load_weights
+from llmbuild.errors import BuildError, CheckpointError, LLMBuildError
+from llmbuild.manifest import (
+    GRAPH,
+    RECIPE,
+    REPORT,
+    TOKENIZER_DIR,
+    UNSEALED,
+    WEIGHTS,
+    Inputs,
+    Manifest,
+    Target,
+    hash_tree,
+    rank_dir,
+    sha256_json,
+)
+from llmbuild.memory_plan import MemoryPlan
+from llmbuild.model_config import DTYPES
+from llmbuild.plugins import OP_VERSIONS
+from llmbuild.recipe import Recipe
+
+StageCallback = Callable[[str, float | None], None]
+"""Called with (stage, None) when a stage starts and (stage, seconds) when it ends."""
+
+_HINTS = {
+    MemoryError: "the machine ran out of memory; free memory, or build a smaller model / shorter limits.max_seq_len",
+    OSError: "check free disk space and permissions of the output directory",
+}
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    engine_dir: Path
+    manifest: Manifest
+    report: dict[str, Any]
+
+
+def build_engine(recipe: Recipe, out_dir: Path, on_stage: StageCallback | None = None) -> BuildResult:
+    """Build the engine a recipe describes into out_dir (atomically: complete or not at all)."""
+    on_stage = on_stage or (lambda name, seconds: None)
+    timings: dict[str, float] = {}
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir.resolve())
+
+    with _stage("plan", timings, on_stage):
+        plan = make_plan(recipe)
+    with _stage("hash inputs", timings, on_stage):
+        ckpt_files = plan.checkpoint.file_hashes()
+        inputs = Inputs(
+            recipe_sha256=sha256_json(recipe.model_dump(mode="json")),
+            checkpoint_sha256=plan.checkpoint.combined_hash(ckpt_files),
+            checkpoint_files=ckpt_files,
+        )
+    dtype = DTYPES[plan.dtype]
+    with _stage("load weights", timings, on_stage):
+        model = LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype)
+        load_weights(model, plan.checkpoint)
+    with _stage("export", timings, on_stage):
+        program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, dtype)
+
+    with staging_dir(out_dir) as stage:
+        with _stage("package", timings, on_stage):
+            rank = stage / rank_dir(0)
+            rank.mkdir()
+            save_file(model.state_dict(), rank / WEIGHTS, metadata={"format": "pt"})
+            save_graph(program, rank / GRAPH)
+            (stage / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
+            (stage / TOKENIZER_DIR).mkdir()
+            for src in plan.checkpoint.tokenizer_files:
+                shutil.copyfile(src, stage / TOKENIZER_DIR / src.name)
+            has_chat_template = _check_tokenizer(stage / TOKENIZER_DIR, plan.checkpoint.config.vocab_size)
+            manifest = _manifest(recipe, plan, inputs, hash_tree(stage, skip=UNSEALED))
+            manifest.save(stage)
+        report = _report(plan, stage, timings, has_chat_template)
+        (stage / REPORT).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return BuildResult(out_dir, manifest, report)
+
+
+def config_hash(recipe: Recipe, plan: BuildPlan, target: Target) -> str:
+    """Hash of exactly what changes the built artifact (serve defaults and KV budget excluded)."""
+    return sha256_json(
+        {
+            "llmbuild": llmbuild.__version__,
+            "torch": torch.__version__,
+            "target": target.model_dump(mode="json"),
+            "model": plan.checkpoint.config.model_dump(mode="json"),
+            "dtype": plan.dtype,
+            "kv_cache_dtype": plan.kv_cache_dtype,
+            "limits": recipe.limits.model_dump(mode="json"),
+            "block_size": recipe.kv_cache.block_size,
+            "quantization": recipe.quantization.model_dump(mode="json"),
+            "plugins": OP_VERSIONS,
+        }
+    )
+
+
+def _manifest(recipe: Recipe, plan: BuildPlan, inputs: Inputs, files: dict[str, str]) -> Manifest:
+    target = Target(
+        device=recipe.target.device,
+        machine=platform.machine(),
+        tensor_parallel=recipe.target.tensor_parallel,
+        backend=recipe.target.backend,
+    )
+    return Manifest(
+        name=recipe.name,
+        llmbuild_version=llmbuild.__version__,
+        torch_version=torch.__version__,
+        target=target,
+        model=plan.checkpoint.config,
+        dtype=plan.dtype,
+        kv_cache_dtype=plan.kv_cache_dtype,
+        limits=recipe.limits,
+        kv_cache=recipe.kv_cache,
+        quantization=recipe.quantization,
+        plugins=OP_VERSIONS,
+        serve=recipe.serve,
+        config_hash=config_hash(recipe, plan, target),
+        inputs=inputs,
+        files=files,
+    )
+
+
+def _report(plan: BuildPlan, stage: Path, timings: dict[str, float], has_chat_template: bool) -> dict[str, Any]:
+    return {
+        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "llmbuild_version": llmbuild.__version__,
+        "checkpoint": str(plan.checkpoint.path),
+        "params": plan.checkpoint.config.num_params,
+        "stages_seconds": timings,
+        "total_seconds": round(sum(timings.values()), 3),
+        "sizes_bytes": {rel: (stage / rel).stat().st_size for rel in hash_tree(stage, skip=UNSEALED)},
+        "memory_plan": memory_plan_dict(plan.memory),
+        "has_chat_template": has_chat_template,
+    }
+
+
+def memory_plan_dict(memory: MemoryPlan) -> dict[str, int]:
+    return {
+        "weight_bytes": memory.weight_bytes,
+        "kv_bytes_per_token": memory.kv_bytes_per_token,
+        "kv_budget_bytes": memory.kv_budget_bytes,
+        "kv_blocks": memory.num_blocks,
+        "blocks_per_sequence": memory.blocks_per_sequence,
+        "max_full_sequences": memory.max_full_sequences,
+    }
+
+
+def _check_tokenizer(tokenizer_dir: Path, vocab_size: int) -> bool:
+    """Load the engine's tokenizer copy as the runtime will; its ids must fit the model's vocabulary.
+
+    Returns whether it has a chat template.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad tokenizer
+        raise CheckpointError(f"checkpoint tokenizer does not load ({str(exc).splitlines()[0]})") from None
+    if len(tok) > vocab_size:
+        raise CheckpointError(f"checkpoint tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab_size}")
+    return bool(getattr(tok, "chat_template", None))
+
+
+@contextmanager
+def _stage(name: str, timings: dict[str, float], on_stage: StageCallback) -> Iterator[None]:
+    on_stage(name, None)
+    start = time.perf_counter()
+    try:
+        yield
+    except LLMBuildError:
+        raise
+    except Exception as exc:
+        hint = next((h for t, h in _HINTS.items() if isinstance(exc, t)), "rerun with --debug for the traceback")
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BuildError(f"stage '{name}' failed: {type(exc).__name__}: {detail} ({hint})") from exc
+    timings[name] = round(time.perf_counter() - start, 3)
+    on_stage(name, timings[name])

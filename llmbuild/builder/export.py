@@ -1,0 +1,78 @@
+"""torch.export of a model graph with dynamic step shapes, saved without its weights."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from llmbuild.recipe import LimitsSection
+
+# Example sizes for tracing: distinct and >= 2 so that no dimension is specialised or unified.
+_T, _B, _N, _BLOCKS = 7, 3, 5, 11
+
+
+def example_step(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    max_seq_len: int,
+    dtype: torch.dtype,
+) -> tuple:
+    """A small, valid packed step (positional arguments of the graph, see manifest.GRAPH_INPUTS)."""
+    max_blocks = math.ceil(max_seq_len / block_size)
+    kv = [torch.zeros(_BLOCKS, num_kv_heads, block_size, head_dim, dtype=dtype) for _ in range(2 * num_layers)]
+    return (
+        torch.zeros(_T, dtype=torch.int64),
+        torch.tensor([0, 1, 2, 0, 1, 0, 1], dtype=torch.int64),
+        torch.tensor([0, 1, 2, block_size, block_size + 1, 2 * block_size, 2 * block_size + 1], dtype=torch.int64),
+        torch.tensor([[0], [1], [2]], dtype=torch.int32).expand(_B, max_blocks).contiguous(),
+        torch.tensor([3, 2, 2], dtype=torch.int32),
+        torch.tensor([0, 3, 5, 7], dtype=torch.int32),
+        torch.tensor([0, 1, 2, 4, 6], dtype=torch.int64),
+        kv,
+    )
+
+
+def export_graph(model: torch.nn.Module, limits: LimitsSection, block_size: int, dtype: torch.dtype) -> ExportedProgram:
+    """Export one packed step with dynamic token, sequence, logit-row and cache-block dimensions."""
+    cfg = model.cfg
+    args = example_step(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, limits.max_seq_len, dtype)
+    tokens = Dim("tokens", min=1, max=max(limits.max_num_tokens, _T))
+    seqs = Dim("seqs", min=1, max=max(limits.max_batch_size, _B))
+    rows = Dim("logit_rows", min=1, max=max(limits.max_num_tokens, _N))
+    blocks = Dim("cache_blocks", min=1)
+    shapes = (
+        {0: tokens},
+        {0: tokens},
+        {0: tokens},
+        {0: seqs},
+        {0: seqs},
+        {0: seqs + 1},
+        {0: rows},
+        [{0: blocks}] * (2 * cfg.num_layers),
+    )
+    with torch.no_grad():
+        return torch.export.export(model, args, dynamic_shapes=shapes, strict=False)
+
+
+def save_graph(ep: ExportedProgram, path: Path) -> None:
+    """Save the program with its weights replaced by one-element placeholders and no example inputs.
+
+    The real weights live in weights.safetensors and are assigned at load; a placeholder keeps the
+    shape and dtype (stride 0 over one element), so the archive stays a few hundred KB.
+    """
+    for name, value in list(ep.state_dict.items()):
+        stub = torch.zeros((), dtype=value.dtype).expand(value.shape)
+        ep.state_dict[name] = (
+            torch.nn.Parameter(stub, requires_grad=False) if isinstance(value, torch.nn.Parameter) else stub
+        )
+    ep._example_inputs = None
+    with warnings.catch_warnings():
+        # torch warns that the placeholders share no storage group; they are CPU stubs, replaced at load
+        warnings.filterwarnings("ignore", message="No complete tensor found")
+        torch.export.save(ep, path)

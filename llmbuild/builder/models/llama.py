@@ -1,0 +1,208 @@
+"""The Llama family graph: Llama (incl. llama3 RoPE scaling), Mistral, Qwen2 (q/k/v bias), Qwen3 (QK-norm).
+
+One forward runs one packed step (prefill, chunked prefill and decode together; see
+plugins/paged_attention.py for the metadata). Projections are fused at load: q/k/v into one
+`qkv` matrix and gate/up into one `gate_up` matrix, so a layer runs four GEMMs.
+Numerics follow Hugging Face transformers (the test oracle): RMSNorm in fp32 cast back before
+the weight multiply, RoPE tables in fp32 cast to the activation dtype, logits returned in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import llmbuild.plugins  # noqa: F401  (registers torch.ops.llmbuild.*)
+from llmbuild.errors import CheckpointError
+from llmbuild.model_config import ModelConfig, RopeConfig
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in fp32, with linear or llama3 scaling applied."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.scaling == "linear":
+        return inv_freq / rope.factor
+    if rope.scaling == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old_len / rope.low_freq_factor, old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(rope: RopeConfig, head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_len, head_dim] in fp32 (halves duplicated, as rotate_half expects)."""
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(rope, head_dim))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos, sin: [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.split = (q, kv, kv)
+        self.qkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)
+        self.o = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = torch.ops.llmbuild.paged_attention(q, k, v, k_cache, v_cache, *meta, self.scale)
+        return self.o(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, k_cache, v_cache, meta):
+        h = h + self.attn(self.attn_norm(h), cos, sin, k_cache, v_cache, meta)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class LlamaModel(nn.Module):
+    """Decoder-only transformer over a packed step; returns fp32 logits of the selected rows."""
+
+    def __init__(self, cfg: ModelConfig, max_seq_len: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_seq_len = max_seq_len
+        self.register_buffer("rope_cos", torch.empty(max_seq_len, cfg.head_dim))
+        self.register_buffer("rope_sin", torch.empty(max_seq_len, cfg.head_dim))
+        self.requires_grad_(False)
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, max_seq_len: int, dtype: torch.dtype) -> LlamaModel:
+        """Allocate (uninitialised) weights in `dtype` without a throwaway init; RoPE tables stay fp32."""
+        with torch.device("meta"):
+            model = cls(cfg, max_seq_len)
+        model = model.to(dtype).to_empty(device="cpu")
+        model.rope_cos, model.rope_sin = rope_tables(cfg.rope, cfg.head_dim, max_seq_len)
+        return model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        slot_mapping: torch.Tensor,  # [T]
+        block_tables: torch.Tensor,  # [B, max_blocks_per_seq]
+        seq_lens: torch.Tensor,  # [B]
+        cu_seqlens_q: torch.Tensor,  # [B + 1]
+        logits_indices: torch.Tensor,  # [N]
+        kv_caches: list[torch.Tensor],  # 2 * num_layers x [num_blocks, H_kv, block_size, D]
+    ) -> torch.Tensor:
+        h = self.embed(input_ids)
+        cos = self.rope_cos[positions].to(h.dtype).unsqueeze(1)  # [T, 1, D]
+        sin = self.rope_sin[positions].to(h.dtype).unsqueeze(1)
+        meta = (slot_mapping, block_tables, seq_lens, cu_seqlens_q)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, kv_caches[2 * i], kv_caches[2 * i + 1], meta)
+        h = self.norm(h[logits_indices])
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, head).float()  # [N, vocab]
+
+
+def hf_weight_target(cfg: ModelConfig, name: str) -> tuple[str, int, int] | None:
+    """Map a Hugging Face tensor name to (our parameter, first row, rows); None for tensors to skip.
+
+    q/k/v land in row ranges of `qkv`, gate/up in row ranges of `gate_up`.
+    """
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    if name.endswith("rotary_emb.inv_freq"):
+        return None  # old checkpoints store the RoPE frequencies; we compute them
+    if name == "model.embed_tokens.weight":
+        return "embed.weight", 0, cfg.vocab_size
+    if name == "model.norm.weight":
+        return "norm.weight", 0, cfg.hidden_size
+    if name == "lm_head.weight":
+        return None if cfg.tie_word_embeddings else ("lm_head.weight", 0, cfg.vocab_size)
+    parts = name.split(".")
+    if len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+        raise CheckpointError(f"unexpected tensor {name!r} in checkpoint (not a {cfg.architecture} weight)")
+    layer, module, suffix = f"layers.{parts[2]}", ".".join(parts[3:-1]), parts[-1]
+    fused = {
+        "self_attn.q_proj": ("attn.qkv", 0, q),
+        "self_attn.k_proj": ("attn.qkv", q, kv),
+        "self_attn.v_proj": ("attn.qkv", q + kv, kv),
+        "self_attn.o_proj": ("attn.o", 0, cfg.hidden_size),
+        "self_attn.q_norm": ("attn.q_norm", 0, cfg.head_dim),
+        "self_attn.k_norm": ("attn.k_norm", 0, cfg.head_dim),
+        "mlp.gate_proj": ("mlp.gate_up", 0, inter),
+        "mlp.up_proj": ("mlp.gate_up", inter, inter),
+        "mlp.down_proj": ("mlp.down", 0, cfg.hidden_size),
+        "input_layernorm": ("attn_norm", 0, cfg.hidden_size),
+        "post_attention_layernorm": ("mlp_norm", 0, cfg.hidden_size),
+    }
+    if module not in fused or suffix not in ("weight", "bias"):
+        raise CheckpointError(f"unexpected tensor {name!r} in checkpoint (not a {cfg.architecture} weight)")
+    target, first, rows = fused[module]
+    return f"{layer}.{target}.{suffix}", first, rows

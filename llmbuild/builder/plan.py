@@ -1,0 +1,56 @@
+"""`llmbuild plan`: validate a recipe against its checkpoint and size the engine, without building."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmbuild.builder.checkpoint import Checkpoint
+from llmbuild.builder.support import check_supported
+from llmbuild.errors import RecipeError
+from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, plan_memory
+from llmbuild.model_config import DTYPES
+from llmbuild.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """A recipe resolved against its checkpoint: dtypes, sizes and the KV-cache plan."""
+
+    recipe: Recipe
+    checkpoint: Checkpoint
+    dtype: str
+    kv_cache_dtype: str
+    memory: MemoryPlan
+    available_bytes: int
+
+
+def make_plan(recipe: Recipe, available_bytes: int | None = None) -> BuildPlan:
+    """Open the checkpoint (config only), check the recipe fits it, and size weights and KV cache."""
+    check_supported(recipe)
+    ckpt = Checkpoint.open(recipe.checkpoint_dir())
+    cfg = ckpt.config
+    limits = recipe.limits
+    if limits.max_seq_len > cfg.max_position_embeddings:
+        raise RecipeError(
+            f"limits.max_seq_len ({limits.max_seq_len}) exceeds the model's max_position_embeddings "
+            f"({cfg.max_position_embeddings}); lower it to at most {cfg.max_position_embeddings}"
+        )
+    if ckpt.sliding_window is not None and ckpt.sliding_window < limits.max_seq_len:
+        raise RecipeError(
+            f"not supported yet: sliding-window attention (window {ckpt.sliding_window} < limits.max_seq_len "
+            f"{limits.max_seq_len}); set limits.max_seq_len <= {ckpt.sliding_window}"
+        )
+    dtype = ckpt.dtype if recipe.model.dtype == "auto" else recipe.model.dtype
+    kv_dtype = dtype if recipe.quantization.kv_cache == "auto" else recipe.quantization.kv_cache
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    available = available_bytes if available_bytes is not None else available_memory_bytes()
+    memory = plan_memory(
+        weight_bytes=cfg.num_params * itemsize,
+        kv_bytes_per_token=cfg.kv_bytes_per_token(DTYPES[kv_dtype]),
+        limits=limits,
+        kv_cache=recipe.kv_cache,
+        available_bytes=available,
+    )
+    return BuildPlan(recipe, ckpt, dtype, kv_dtype, memory, available)

@@ -1,0 +1,35 @@
+"""What this llmbuild can build today. Recipe fields for features still to come are accepted by
+the schema and rejected here, by name, so that nothing a user sets is silently ignored."""
+
+from __future__ import annotations
+
+from llmbuild.errors import RecipeError
+from llmbuild.recipe import Recipe
+
+
+def unsupported_features(recipe: Recipe) -> list[str]:
+    """One entry per recipe setting this version cannot build yet."""
+    out = []
+    if recipe.target.device != "cpu":
+        out.append(f"target.device={recipe.target.device} (cpu engines only so far)")
+    if recipe.target.tensor_parallel != 1:
+        out.append(f"target.tensor_parallel={recipe.target.tensor_parallel} (single-rank engines only so far)")
+    if recipe.target.backend != "eager":
+        out.append(f"target.backend={recipe.target.backend} (the exported-graph backend 'eager' only so far)")
+    if recipe.quantization.weights != "none":
+        out.append(f"quantization.weights={recipe.quantization.weights}")
+    if recipe.quantization.kv_cache != "auto":
+        out.append(f"quantization.kv_cache={recipe.quantization.kv_cache}")
+    if recipe.quality.max_kl is not None or recipe.quality.min_top1 is not None:
+        out.append("quality gate (quality.max_kl / quality.min_top1)")
+    for name, enabled in recipe.plugins.model_dump().items():
+        if enabled:
+            out.append(f"plugins.{name}=true")
+    return out
+
+
+def check_supported(recipe: Recipe) -> None:
+    """Raise a RecipeError listing every setting this version cannot build."""
+    missing = unsupported_features(recipe)
+    if missing:
+        raise RecipeError("not supported yet: " + "; ".join(missing))

@@ -1,0 +1,137 @@
+"""`llmbuild::paged_attention`: write the step's K/V into the paged cache, then attend through it.
+
+One call serves a packed batch that mixes prefill, chunked prefill and decode:
+
+    packed step      |-- seq 0: 5 new tokens --|-- seq 1: 1 token --|-- seq 2: 3 tokens --|
+    cu_seqlens_q     0                         5                    6                     9
+    seq_lens         [ 5 (fresh prompt),         40 (decode),         19 (chunk 16..18) ]
+
+Sequence b owns the packed rows cu_seqlens_q[b]:cu_seqlens_q[b+1]; its n new tokens sit at
+positions seq_lens[b]-n .. seq_lens[b]-1, and token j attends to cache positions 0 .. seq_lens[b]-n+j
+(causal within the step, full over what is already cached). Position p of sequence b lives in
+cache block block_tables[b, p // block_size] at offset p % block_size; slot_mapping gives the
+flat slot (block * block_size + offset) each new token writes.
+
+Cache layout: [num_blocks, num_kv_heads, block_size, head_dim], so one head of one block is
+contiguous. Grouped-query attention: query head h reads kv head h // (num_heads // num_kv_heads).
+
+NOTE: each layer passes its own cache tensors. Passing views of one stacked cache (cache[i]) into
+this mutating op miscompiles under dynamic shapes (pytorch issue 198068: every layer writes layer 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+OP_NAME = "llmbuild::paged_attention"
+VERSION = 1
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+) -> None:
+    """Reject inconsistent shapes and dtypes with a message instead of a wrong tensor."""
+    t, h, d = q.shape
+    _, hkv, bs, dc = k_cache.shape
+    if k.shape != (t, hkv, d) or v.shape != (t, hkv, d):
+        raise ValueError(f"paged_attention: k/v must be [{t}, {hkv}, {d}], got {tuple(k.shape)}, {tuple(v.shape)}")
+    if dc != d or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"paged_attention: cache shapes {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit head_dim {d}"
+        )
+    if h % hkv:
+        raise ValueError(f"paged_attention: {h} query heads is not a multiple of {hkv} kv heads")
+    if k_cache.dtype != k.dtype or v_cache.dtype != v.dtype:
+        raise ValueError(f"paged_attention: cache dtype {k_cache.dtype} != k/v dtype {k.dtype}")
+    b = seq_lens.shape[0]
+    if slot_mapping.shape != (t,) or cu_seqlens_q.shape != (b + 1,) or block_tables.shape[0] != b:
+        raise ValueError(
+            f"paged_attention: metadata shapes slot_mapping {tuple(slot_mapping.shape)}, "
+            f"cu_seqlens_q {tuple(cu_seqlens_q.shape)}, block_tables {tuple(block_tables.shape)} "
+            f"do not fit {t} tokens in {b} sequences"
+        )
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Torch reference: scatter K/V into the cache, then per-sequence SDPA over gathered blocks.
+
+    q: [T, H, D]; k, v: [T, H_kv, D]; returns [T, H, D]. Mutates k_cache and v_cache.
+    """
+    check_inputs(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q)
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    # Advanced indices split by a slice put the token dim first: the target is [T, H_kv, D].
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
+
+    out = torch.empty_like(q)
+    starts = cu_seqlens_q.tolist()
+    for b, ctx_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = starts[b], starts[b + 1]
+        n = q_end - q_start
+        if n == 0:
+            continue
+        n_blocks = -(-ctx_len // block_size)
+        table = block_tables[b, :n_blocks].long()
+        # [n_blocks, H_kv, bs, D] -> [H_kv, n_blocks * bs, D] -> first ctx_len positions
+        keys = k_cache[table].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :ctx_len]
+        values = v_cache[table].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :ctx_len]
+        # A fresh prompt is plain causal and a decode token sees everything: SDPA's own forms for
+        # those (as transformers uses) keep bf16 results bit-identical to it. Only a chunk that
+        # continues a cached prefix needs the offset mask: query j sits at position ctx_len - n + j.
+        causal, mask = n == ctx_len and n > 1, None
+        if 1 < n < ctx_len:
+            mask = torch.ones(n, ctx_len, dtype=torch.bool).tril(diagonal=ctx_len - n)
+        o = F.scaled_dot_product_attention(
+            q[q_start:q_end].transpose(0, 1).unsqueeze(0),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[q_start:q_end] = o[0].transpose(0, 1)
+    return out
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=("k_cache", "v_cache"), device_types="cpu")
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """CPU kernel (currently the torch reference)."""
+    return paged_attention_ref(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale)
+
+
+@paged_attention.register_fake
+def _paged_attention_fake(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale):
+    return torch.empty_like(q)

@@ -1,0 +1,300 @@
+"""Recipe schema: what to build, for which target, under which limits.
+
+A recipe is YAML validated into frozen pydantic models. Every field has a docstring (shown by
+`llmbuild plan --explain`), unknown keys are errors, and every error names its key path:
+`quantization.group_size: must be one of 32, 64, 128 (got 100)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from llmbuild.errors import RecipeError
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+GROUP_SIZES = (32, 64, 128)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelSection(_Section):
+    checkpoint: str
+    """Hugging Face checkpoint directory (config.json + safetensors + tokenizer), relative to the recipe file."""
+    dtype: Dtype = "auto"
+    """Dtype of the engine's weights and activations; `auto` keeps the checkpoint's dtype."""
+
+
+class TargetSection(_Section):
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Device the engine runs on."""
+    arch: str = "auto"
+    """GPU architecture (`sm_80`, `sm_89`, `sm_90`) or `auto` (the build machine's); `auto` on CPU."""
+    tensor_parallel: int = Field(1, ge=1, le=64)
+    """Number of ranks the model is split across (one engine per rank)."""
+    backend: Literal["eager", "compiled"] = "eager"
+    """`eager` runs the exported graph op by op (debugging); `compiled` runs an AOTInductor package."""
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        if v != "auto" and not (v.startswith("sm_") and v[3:].isdigit()):
+            raise ValueError(f"must be 'auto' or a GPU architecture like sm_90 (got {v!r})")
+        return v
+
+
+class LimitsSection(_Section):
+    max_batch_size: int = Field(8, ge=1, le=4096)
+    """Most sequences in one step (decoding or prefilling together)."""
+    max_seq_len: int = Field(2048, ge=8)
+    """Most tokens of one sequence, prompt and generated tokens together."""
+    max_num_tokens: int = Field(2048, ge=1)
+    """Most tokens processed in one step (the prefill chunk budget, decodes included)."""
+
+    @model_validator(mode="after")
+    def _tokens_cover_batch(self) -> LimitsSection:
+        if self.max_num_tokens < self.max_batch_size:
+            raise ValueError(
+                f"max_num_tokens ({self.max_num_tokens}) must be >= max_batch_size ({self.max_batch_size}): "
+                "every running sequence needs one token per decode step"
+            )
+        return self
+
+
+class CalibrationSection(_Section):
+    dataset: str = "builtin"
+    """Calibration text: `builtin` (a public-domain text shipped with llmbuild) or a .txt/.jsonl path."""
+    num_samples: int = Field(128, ge=1)
+    """Number of calibration sequences."""
+    seq_len: int = Field(512, ge=16)
+    """Tokens per calibration sequence."""
+    seed: int = 0
+    """Seed for sampling calibration sequences (results are deterministic for a seed)."""
+
+
+class QuantizationSection(_Section):
+    weights: Literal["none", "int8", "int4", "fp8"] = "none"
+    """Weight format: `none` keeps model.dtype; int8 per-channel, int4 grouped, fp8 e4m3 (GPU only)."""
+    method: Literal["rtn", "awq", "gptq"] = "rtn"
+    """Quantization algorithm: round-to-nearest, activation-aware scaling, or Hessian-based GPTQ."""
+    group_size: int = 128
+    """Columns sharing one scale in int4 (32, 64 or 128)."""
+    kv_cache: Literal["auto", "int8", "fp8"] = "auto"
+    """KV-cache dtype: `auto` = model dtype."""
+    exclude: tuple[str, ...] = ("lm_head",)
+    """Weight name patterns (fnmatch) kept in model.dtype."""
+    calibration: CalibrationSection | None = None
+    """Calibration data for awq / gptq."""
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v not in GROUP_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, GROUP_SIZES))} (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantizationSection:
+        if self.weights == "none" and self.method != "rtn":
+            raise ValueError(f"method={self.method} needs weights int8, int4 or fp8 (weights is none)")
+        if self.weights == "none" and self.calibration is not None:
+            raise ValueError("calibration is set but weights is none: remove it or choose a weight format")
+        return self
+
+
+class QualitySection(_Section):
+    max_kl: float | None = Field(None, gt=0)
+    """Fail the build when the quantized engine's mean KL divergence to the unquantized one exceeds this."""
+    min_top1: float | None = Field(None, gt=0, le=1)
+    """Fail the build when next-token top-1 agreement with the unquantized engine falls below this."""
+
+
+class KVCacheSection(_Section):
+    block_size: Literal[8, 16, 32, 64, 128] = 16
+    """Tokens per KV-cache block."""
+    memory_fraction: float | None = Field(None, gt=0, le=1)
+    """Fraction of the memory available at load (after weights) given to the KV cache."""
+    memory_bytes: ByteSize | None = Field(None, gt=0)
+    """Exact KV-cache size, e.g. `2GiB`. Unset (and no fraction): room for max_batch_size full-length sequences."""
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> KVCacheSection:
+        if self.memory_fraction is not None and self.memory_bytes is not None:
+            raise ValueError(
+                f"set memory_fraction ({self.memory_fraction}) or memory_bytes ({int(self.memory_bytes)}), not both"
+            )
+        return self
+
+
+class PluginsSection(_Section):
+    fused_rms_norm: bool = False
+    """Fused RMSNorm (+ residual add) kernel instead of separate ops."""
+    fused_rope: bool = False
+    """Fused rotary-embedding kernel."""
+    fused_swiglu: bool = False
+    """Fused SiLU-gate-multiply kernel."""
+
+
+class CudaGraphsSection(_Section):
+    enabled: bool = False
+    """Capture decode steps as CUDA Graphs (cuda targets only)."""
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    """Batch-size buckets captured; larger decode batches run without a graph."""
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sorted_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("must be a non-empty list of positive integers")
+        return tuple(sorted(set(v)))
+
+
+class ServeSection(_Section):
+    host: str = "127.0.0.1"
+    """Address `llmbuild serve` binds by default (loopback: nothing outside the machine can reach it)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Port `llmbuild serve` listens on by default."""
+    max_tokens: int = Field(256, ge=1)
+    """Default max_tokens for requests that do not set it."""
+    temperature: float = Field(1.0, ge=0)
+    """Default sampling temperature (0 = greedy)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Default nucleus-sampling mass."""
+    top_k: int = Field(0, ge=0)
+    """Default top-k (0 = off)."""
+
+
+class Recipe(_Section):
+    """A complete build recipe; `load_recipe` validates YAML into it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
+    """Engine name (letters, digits, `.`, `_`, `-`)."""
+    model: ModelSection
+    target: TargetSection = TargetSection()
+    limits: LimitsSection = LimitsSection()
+    quantization: QuantizationSection = QuantizationSection()
+    quality: QualitySection = QualitySection()
+    kv_cache: KVCacheSection = KVCacheSection()
+    plugins: PluginsSection = PluginsSection()
+    cuda_graphs: CudaGraphsSection = CudaGraphsSection()
+    serve: ServeSection = ServeSection()
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _cross_sections(self) -> Recipe:
+        if self.cuda_graphs.enabled and self.target.device != "cuda":
+            raise ValueError("cuda_graphs.enabled needs target.device=cuda (it is cpu)")
+        if self.target.device == "cpu" and self.target.arch != "auto":
+            raise ValueError(f"target.arch={self.target.arch} is a GPU architecture but target.device is cpu")
+        if self.quantization.weights == "fp8" and self.target.device == "cpu":
+            raise ValueError(
+                "quantization.weights=fp8 needs a GPU target (fp8 GEMM runs on sm_89/sm_90); use int8 or int4 on cpu"
+            )
+        return self
+
+    def checkpoint_dir(self) -> Path:
+        """The checkpoint directory, resolved against the recipe file's directory."""
+        return (self._base_dir / self.model.checkpoint).resolve()
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe (defaults filled in) as YAML, keys in schema order."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate already-parsed YAML data; errors name the key path and the fix."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {format_validation_error(exc, Recipe)}") from None
+    recipe._base_dir = (base_dir or Path.cwd()).resolve()
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a UTF-8 text file") from None
+    return parse_recipe(data, source=str(path), base_dir=path.parent)
+
+
+def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
+    """One line per pydantic error (joined by '; '), each prefixed with its dotted key path."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown key{_known_keys_hint(root, loc)}")
+        elif err["type"] == "missing":
+            parts.append(f"{key}: required key is missing")
+        elif err["type"] == "literal_error":
+            allowed = err.get("ctx", {}).get("expected", "")
+            parts.append(f"{key}: must be one of {allowed.replace(' or ', ', ')} (got {err['input']!r})")
+        elif err["type"] in _BOUNDS:
+            bound = next(iter(err.get("ctx", {}).values()), "?")
+            parts.append(f"{key}: must be {_BOUNDS[err['type']]} {bound} (got {err['input']!r})")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            msg = msg.replace("Input should be ", "must be ").replace("String should ", "must ")
+            got = f" (got {err['input']!r})" if _scalar(err.get("input")) and "got" not in msg else ""
+            parts.append(f"{key}: {msg}{got}")
+    return "; ".join(parts)
+
+
+_BOUNDS = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+    "too_long": "at most",
+    "too_short": "at least",
+}
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool)) and not isinstance(v, dict)
+
+
+def _known_keys_hint(root: type[BaseModel], loc: list[str]) -> str:
+    """' (did you mean X?; valid keys: ...)' for the section that holds the unknown key."""
+    model: Any = root
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return ""
+        model = candidates[0]
+    keys = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], keys, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f" ({hint}valid keys: {', '.join(keys)})"

@@ -1,0 +1,114 @@
+"""Engine: a built engine directory, checked against this machine and loaded for one rank.
+
+The runtime needs only the op library (plugins/) to run an engine, never the builder's model code.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from llmbuild.errors import EngineError
+from llmbuild.manifest import GRAPH, RECIPE, TOKENIZER_DIR, WEIGHTS, Manifest, rank_dir, verify_files
+from llmbuild.model_config import DTYPES
+from llmbuild.plugins import OP_VERSIONS
+
+
+def cpu_flags() -> frozenset[str]:
+    """Instruction-set flags of this CPU (/proc/cpuinfo), empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def target_mismatch(manifest: Manifest) -> str | None:
+    """Why this machine cannot run the engine, or None if it can."""
+    target = manifest.target
+    if manifest.torch_version != torch.__version__:
+        return (
+            f"engine was built with torch {manifest.torch_version}, this runtime has torch {torch.__version__}; "
+            f"rebuild the engine or install torch=={manifest.torch_version.split('+')[0]}"
+        )
+    if target.machine != platform.machine():
+        return f"engine targets {target.machine} CPUs, this machine is {platform.machine()}; rebuild it here"
+    if target.device == "cuda" and not torch.cuda.is_available():
+        return "engine targets cuda but no GPU is available here; build a cpu engine for this machine"
+    if target.device == "cpu" and target.tensor_parallel != 1:
+        return f"engine has tensor_parallel={target.tensor_parallel}; this runtime runs single-rank engines only"
+    missing = sorted(set(target.required_isa) - cpu_flags())
+    if missing:
+        return f"engine's compiled code needs CPU features this machine lacks: {', '.join(missing)}; rebuild it here"
+    for op, version in manifest.plugins.items():
+        have = OP_VERSIONS.get(op)
+        if have != version:
+            now = f"version {have}" if have is not None else "no such op"
+            return f"engine was built against plugin {op} version {version}, this runtime has {now}; rebuild the engine"
+    return None
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A loaded engine rank: its manifest and the step graph with weights attached."""
+
+    path: Path
+    manifest: Manifest
+    rank: int
+    graph: torch.nn.Module
+
+    @classmethod
+    def load(cls, path: str | Path, rank: int = 0, verify: bool = True) -> Engine:
+        """Check the manifest and target, verify this rank's file hashes, and load the graph + weights."""
+        path = Path(path)
+        manifest = Manifest.load(path)
+        reason = target_mismatch(manifest)
+        if reason:
+            raise EngineError(f"{path}: {reason}")
+        if verify:
+            verify_files(path, manifest, only=(rank_dir(rank), TOKENIZER_DIR, RECIPE))
+        return cls(path, manifest, rank, _load_graph(path / rank_dir(rank)))
+
+    @cached_property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest.dtype]
+
+    @cached_property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest.kv_cache_dtype]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.graph.state_dict().values())
+
+    def load_tokenizer(self):  # -> transformers.PreTrainedTokenizerBase
+        """The engine's own tokenizer (with its chat template), loaded offline."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path / TOKENIZER_DIR), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad tokenizer
+            raise EngineError(f"{self.path}: tokenizer does not load ({exc})") from None
+
+
+def _load_graph(rank_path: Path) -> torch.nn.Module:
+    try:
+        program = torch.export.load(rank_path / GRAPH)
+    except Exception as exc:  # noqa: BLE001 - the archive reader raises many types
+        raise EngineError(f"{rank_path / GRAPH}: cannot load the engine graph ({exc})") from None
+    module = program.module()
+    try:
+        weights = load_file(rank_path / WEIGHTS)
+        module.load_state_dict(weights, strict=True, assign=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise EngineError(f"{rank_path / WEIGHTS}: weights do not fit the graph ({str(exc).splitlines()[0]})") from None
+    return module

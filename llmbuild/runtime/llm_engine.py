@@ -1,0 +1,191 @@
+"""LLMEngine: the in-process generation loop over one engine rank.
+
+batch  = scheduler.schedule()               # which tokens of which requests
+logits = runner.execute(batch)              # one packed step of the compiled graph
+tokens = sampler.sample(logits, batch...)   # one token per sequence that finished its prompt
+scheduler.update(batch, tokens)             # append, stop, free blocks
+detokenize + stop strings                   # text deltas for the caller
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmbuild.errors import EngineError, RequestError
+from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, format_bytes, plan_memory
+from llmbuild.runtime.block_pool import BlockPool
+from llmbuild.runtime.detokenizer import IncrementalDetokenizer
+from llmbuild.runtime.engine import Engine
+from llmbuild.runtime.model_runner import ModelRunner, allocate_kv_cache
+from llmbuild.runtime.request import FinishReason, Request
+from llmbuild.runtime.sampler import Sampler
+from llmbuild.runtime.sampling_params import SamplingParams
+from llmbuild.runtime.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_id: int
+    text: str
+    """New text that is safe to show (complete characters, no possible stop-string prefix)."""
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The final result of one request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+
+
+class LLMEngine:
+    """Requests in, tokens and text out; one `step()` runs one batched forward pass."""
+
+    def __init__(self, engine: Engine) -> None:
+        manifest = engine.manifest
+        self.engine = engine
+        self.limits = manifest.limits
+        self.tokenizer = engine.load_tokenizer()
+        self.memory = self._plan_memory(engine)
+        eos = frozenset(manifest.model.eos_token_ids)
+        block_size = manifest.kv_cache.block_size
+        self.pool = BlockPool(self.memory.num_blocks)
+        caches = allocate_kv_cache(manifest.model, self.memory.num_blocks, block_size, engine.kv_cache_dtype)
+        self.runner = ModelRunner(engine.graph, caches, block_size, self.limits.max_seq_len)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_batch_size=self.limits.max_batch_size,
+                max_num_tokens=self.limits.max_num_tokens,
+                max_seq_len=self.limits.max_seq_len,
+                block_size=block_size,
+                eos_token_ids=eos,
+            ),
+            self.pool,
+        )
+        self.sampler = Sampler(manifest.model.vocab_size, eos)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_dir(cls, path: str | Path, verify: bool = True) -> LLMEngine:
+        return cls(Engine.load(path, verify=verify))
+
+    def make_request(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        """Tokenize and validate a prompt against the engine's limits (nothing is queued)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab, max_len = self.engine.manifest.model.vocab_size, self.limits.max_seq_len
+        if not ids:
+            raise RequestError("prompt is empty")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad!r} is out of range [0, {vocab})")
+        if len(ids) >= max_len:
+            raise RequestError(
+                f"prompt has {len(ids)} tokens but the engine's max_seq_len is {max_len} (prompt and output "
+                f"together); shorten the prompt or rebuild with a larger limits.max_seq_len"
+            )
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        return Request(
+            request_id=request_id or f"req-{next(self._ids)}",
+            prompt_token_ids=ids,
+            params=params,
+            max_tokens=min(params.max_tokens, max_len - len(ids)),
+            generator=generator,
+        )
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add(request)
+        self._detokenizers[request.request_id] = IncrementalDetokenizer(
+            self.tokenizer.backend_tokenizer,
+            request.prompt_token_ids,
+            stop=request.params.stop,
+            skip_special_tokens=request.params.skip_special_tokens,
+        )
+
+    def abort(self, request: Request) -> None:
+        self.scheduler.finish(request, FinishReason.ABORT)
+        self._detokenizers.pop(request.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the new token and text of every request that got one."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        logits = self.runner.execute(batch)
+        tokens = self.sampler.sample(logits, batch.sampling_requests)
+        advanced = self.scheduler.update(batch, tokens)
+        return [self._output(request) for request in advanced]
+
+    def stream(self, request: Request) -> Iterator[RequestOutput]:
+        """Queue one request and yield its outputs step by step until it finishes."""
+        self.add_request(request)
+        while not request.is_finished:
+            for out in self.step():
+                if out.request_id == request.request_id:
+                    yield out
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams) -> list[Completion]:
+        """Run prompts to completion together (in-flight batched); results in prompt order."""
+        requests = [self.make_request(p, params) for p in prompts]
+        for request in requests:
+            self.add_request(request)
+        texts = {r.request_id: "" for r in requests}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in texts:
+                    texts[out.request_id] += out.text
+        return [
+            Completion(
+                r.request_id,
+                r.prompt_token_ids,
+                list(r.output_token_ids),
+                texts[r.request_id],
+                r.finish_reason.value if r.finish_reason else None,
+            )
+            for r in requests
+        ]
+
+    def _output(self, request: Request) -> RequestOutput:
+        detok = self._detokenizers[request.request_id]
+        text = detok.update(request.output_token_ids[-1])
+        if detok.stopped_by is not None and not request.is_finished:
+            self.scheduler.finish(request, FinishReason.STOP)
+        if request.is_finished:
+            text += detok.flush()
+            del self._detokenizers[request.request_id]
+        reason = request.finish_reason.value if request.finish_reason else None
+        return RequestOutput(request.request_id, request.output_token_ids[-1], text, reason)
+
+    def _plan_memory(self, engine: Engine) -> MemoryPlan:
+        manifest = engine.manifest
+        plan = plan_memory(
+            weight_bytes=engine.weight_bytes,
+            kv_bytes_per_token=manifest.model.kv_bytes_per_token(engine.kv_cache_dtype),
+            limits=manifest.limits,
+            kv_cache=manifest.kv_cache,
+            available_bytes=available_memory_bytes(),
+        )
+        if plan.num_blocks < plan.blocks_per_sequence:
+            raise EngineError(
+                f"KV cache of {format_bytes(plan.kv_budget_bytes)} holds {plan.num_blocks} blocks, but one "
+                f"max_seq_len sequence needs {plan.blocks_per_sequence}; raise kv_cache.memory_bytes / "
+                "memory_fraction or lower limits.max_seq_len"
+            )
+        return plan

@@ -1,0 +1,74 @@
+"""ModelRunner: owns the KV cache and turns a StepBatch into one call of the engine graph.
+
+The step's sequences are packed back to back without padding (see plugins/paged_attention.py);
+only the rows of sequences that sample a token come back as logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmbuild.model_config import ModelConfig
+from llmbuild.runtime.scheduler import StepBatch
+
+
+def allocate_kv_cache(model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """One K and one V tensor per layer, each [num_blocks, num_kv_heads, block_size, head_dim].
+
+    NOTE: separate tensors per layer, never views of one stacked tensor (pytorch issue 198068).
+    """
+    shape = (num_blocks, model.num_kv_heads, block_size, model.head_dim)
+    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * model.num_layers)]
+
+
+class ModelRunner:
+    def __init__(
+        self, graph: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, max_seq_len: int
+    ) -> None:
+        self.graph = graph
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_blocks_per_seq = math.ceil(max_seq_len / block_size)
+
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        """Run one step; returns fp32 logits [number of sampling sequences, vocab]."""
+        inputs, num_rows = self.prepare(batch)
+        with torch.inference_mode():
+            logits = self.graph(*inputs, self.kv_caches)
+        return logits[:num_rows]
+
+    def prepare(self, batch: StepBatch) -> tuple[tuple[torch.Tensor, ...], int]:
+        """Packed graph inputs (manifest.GRAPH_INPUTS order, caches excluded) and the logit row count."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        seq_lens: list[int] = []
+        cu_seqlens = [0]
+        rows: list[int] = []
+        for seq in batch.seqs:
+            request = seq.request
+            start, end = request.num_computed_tokens, request.num_computed_tokens + seq.num_new_tokens
+            blocks = request.block_ids
+            ids.extend(request.token_at(p) for p in range(start, end))
+            positions.extend(range(start, end))
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            tables.append(blocks + [0] * (self.max_blocks_per_seq - len(blocks)))
+            seq_lens.append(end)
+            cu_seqlens.append(cu_seqlens[-1] + seq.num_new_tokens)
+            if seq.samples:
+                rows.append(cu_seqlens[-1] - 1)
+        num_rows = len(rows)
+        inputs = (
+            torch.tensor(ids, dtype=torch.int64),
+            torch.tensor(positions, dtype=torch.int64),
+            torch.tensor(slots, dtype=torch.int64),
+            torch.tensor(tables, dtype=torch.int32),
+            torch.tensor(seq_lens, dtype=torch.int32),
+            torch.tensor(cu_seqlens, dtype=torch.int32),
+            torch.tensor(rows or [0], dtype=torch.int64),  # the graph needs >= 1 row; dropped below
+        )
+        return inputs, num_rows

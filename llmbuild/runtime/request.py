@@ -1,0 +1,68 @@
+"""Request: one sequence's state as it moves waiting -> running -> finished."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from llmbuild.runtime.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens, or the engine's max_seq_len
+    ABORT = "abort"
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt, its sampling parameters and the progress of its generation.
+
+    Invariants: 0 <= num_computed_tokens <= num_tokens; the KV cache holds exactly the first
+    num_computed_tokens tokens, in block_ids (ceil(num_computed_tokens / block_size) blocks or more).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    """params.max_tokens, clamped so that prompt + output fits the engine's max_seq_len."""
+    generator: torch.Generator | None = None
+    """Own random stream when params.seed is set, so results do not depend on the batch."""
+    output_token_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+
+    def __post_init__(self) -> None:
+        assert self.prompt_token_ids, "a request needs at least one prompt token"
+        assert 1 <= self.max_tokens <= self.params.max_tokens
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]

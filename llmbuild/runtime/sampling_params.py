@@ -1,0 +1,70 @@
+"""SamplingParams: how one request chooses its tokens and when it stops. Validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmbuild.errors import RequestError
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request sampling and stopping options (OpenAI / vLLM semantics)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the prompt or output (divides positive logits, multiplies negative)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated."""
+    frequency_penalty: float = 0.0
+    """Subtracted per occurrence from the logit of every token already generated."""
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    """Tokens generated before EOS / stop token ids may end the request."""
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be >= 1 (got {self.max_tokens})"),
+            (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
+            (self.top_k >= 0, f"top_k must be >= 0, 0 = off (got {self.top_k})"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1] (got {self.min_p})"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (got {self.repetition_penalty})"),
+            (
+                -2 <= self.presence_penalty <= 2,
+                f"presence_penalty must be in [-2, 2] (got {self.presence_penalty})",
+            ),
+            (
+                -2 <= self.frequency_penalty <= 2,
+                f"frequency_penalty must be in [-2, 2] (got {self.frequency_penalty})",
+            ),
+            (
+                0 <= self.min_tokens <= self.max_tokens,
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}] (got {self.min_tokens})",
+            ),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (
+                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+                "stop_token_ids must be non-negative integers",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0

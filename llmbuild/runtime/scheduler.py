@@ -1,0 +1,166 @@
+"""Scheduler: decides which tokens of which requests one step computes.
+
+Each step takes the running requests first (decodes and unfinished prompt chunks, oldest first),
+then admits waiting requests while the step has token budget (limits.max_num_tokens), batch room
+(limits.max_batch_size) and free KV blocks. A prompt longer than the remaining budget is split
+into chunks over several steps (chunked prefill), so a long prompt never stalls running decodes.
+When blocks run out, the newest running request is preempted: its blocks are freed and it is
+recomputed from its tokens later, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from llmbuild.errors import RequestError
+from llmbuild.runtime.block_pool import BlockPool
+from llmbuild.runtime.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    """num_new_tokens tokens of request, starting at its num_computed_tokens."""
+
+    request: Request
+    num_new_tokens: int
+    samples: bool
+    """The chunk reaches the request's last known token, so the step samples its next token."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    seqs: tuple[ScheduledSeq, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def sampling_requests(self) -> list[Request]:
+        return [s.request for s in self.seqs if s.samples]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_batch_size: int
+    max_num_tokens: int
+    max_seq_len: int
+    block_size: int
+    eos_token_ids: frozenset[int]
+
+
+class Scheduler:
+    """Waiting queue, running list, and the step-by-step decisions between them."""
+
+    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        """Queue a request; refuse one that could never fit the KV cache on its own."""
+        need = math.ceil((request.num_prompt_tokens + request.max_tokens) / self.config.block_size)
+        if need > self.pool.num_blocks:
+            raise RequestError(
+                f"request needs {need} KV blocks for {request.num_prompt_tokens} prompt + {request.max_tokens} "
+                f"new tokens but the cache has {self.pool.num_blocks}; lower max_tokens or give the KV cache more memory"
+            )
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepBatch:
+        """Pick this step's tokens: running requests first, then new ones, within all limits."""
+        budget = self.config.max_num_tokens
+        seqs: list[ScheduledSeq] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._reserve(request, request.num_computed_tokens + n):
+                seqs.append(self._chunk(request, n))
+                budget -= n
+                i += 1
+            else:
+                self._preempt(self.running.pop())  # the newest; may be `request` itself
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._reserve(request, request.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            seqs.append(self._chunk(request, n))
+            budget -= n
+        return StepBatch(tuple(seqs))
+
+    def update(self, batch: StepBatch, sampled: list[int]) -> list[Request]:
+        """Advance each scheduled request; append sampled tokens and finish requests that stop.
+
+        `sampled` holds one token per sampling sequence, in batch order. Returns the requests
+        that received a token this step.
+        """
+        tokens = iter(sampled)
+        advanced = []
+        for seq in batch.seqs:
+            request = seq.request
+            request.num_computed_tokens += seq.num_new_tokens
+            if not seq.samples:
+                continue
+            token = next(tokens)
+            request.output_token_ids.append(token)
+            advanced.append(request)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self.finish(request, reason)
+        return advanced
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """End a request (stopped, length or aborted) and return its blocks to the pool."""
+        if request.is_finished:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.pool.free(request.block_ids)
+        request.block_ids = []
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    def _chunk(self, request: Request, n: int) -> ScheduledSeq:
+        return ScheduledSeq(request, n, request.num_computed_tokens + n == request.num_tokens)
+
+    def _reserve(self, request: Request, num_tokens: int) -> bool:
+        """Make sure the request owns blocks for num_tokens tokens; False if the pool is short."""
+        missing = math.ceil(num_tokens / self.config.block_size) - len(request.block_ids)
+        if missing <= 0:
+            return True
+        if missing > self.pool.num_free:
+            return False
+        request.block_ids.extend(self.pool.allocate(missing))
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.pool.free(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        if len(request.output_token_ids) >= params.min_tokens and (
+            token in params.stop_token_ids or (not params.ignore_eos and token in self.config.eos_token_ids)
+        ):
+            return FinishReason.STOP
+        if len(request.output_token_ids) >= request.max_tokens or request.num_tokens >= self.config.max_seq_len:
+            return FinishReason.LENGTH
+        return None
