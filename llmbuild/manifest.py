@@ -25,7 +25,7 @@ from llmbuild.errors import EngineError
 from llmbuild.model_config import ModelConfig
 from llmbuild.recipe import KVCacheSection, LimitsSection, QuantizationSection, ServeSection
 
-FORMAT_VERSION = 1
+FORMAT_VERSION: Literal[1] = 1
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 RECIPE = "recipe.yaml"

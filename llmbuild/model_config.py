@@ -30,6 +30,12 @@ class RopeConfig(BaseModel):
     high_freq_factor: float = Field(4.0, gt=0)
     original_max_position_embeddings: int | None = None
 
+    @model_validator(mode="after")
+    def _llama3_needs_context(self) -> RopeConfig:
+        if self.scaling == "llama3" and not self.original_max_position_embeddings:
+            raise ValueError("llama3 rope scaling needs original_max_position_embeddings")
+        return self
+
 
 class ModelConfig(BaseModel):
     """Shape and options of one decoder-only transformer of the Llama family."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 
 from llmbuild.errors import CheckpointError
@@ -66,7 +67,8 @@ class Checkpoint:
                 f"checkpoint directory not found: {path} (model.checkpoint is relative to the recipe)"
             )
         raw = _read_json(path / "config.json", what="config.json")
-        gen = _read_json(path / "generation_config.json", what="generation_config.json", optional=True)
+        gen_path = path / "generation_config.json"
+        gen = _read_json(gen_path, what=gen_path.name) if gen_path.is_file() else None
         config, dtype, window = parse_hf_config(raw, gen, source=path / "config.json")
         shards = _find_shards(path)
         tok = tuple(path / f for f in TOKENIZER_FILES if (path / f).is_file()) + (path / "config.json",)
@@ -145,6 +147,11 @@ def parse_hf_config(
         )
     except KeyError as exc:
         raise CheckpointError(f"{source}: required key {exc.args[0]!r} is missing") from None
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise CheckpointError(f"{source}: invalid model config: {where + ': ' if where else ''}{message}") from None
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: invalid value: {str(exc).splitlines()[0]}") from None
     return config, _parse_dtype(raw, source), _sliding_window(raw, arch)
@@ -207,10 +214,8 @@ def _eos_ids(raw: dict[str, Any], generation: dict[str, Any] | None) -> tuple[in
     return tuple(ids)
 
 
-def _read_json(path: Path, what: str, optional: bool = False) -> dict[str, Any] | None:
+def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
-        if optional:
-            return None
         raise CheckpointError(f"{path.parent}: {what} is missing (not a Hugging Face checkpoint?)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -225,7 +230,7 @@ def _find_shards(path: Path) -> tuple[Path, ...]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         data = _read_json(index, what="model.safetensors.index.json")
-        weight_map = (data or {}).get("weight_map")
+        weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: has no weight_map")
         shards = tuple(path / name for name in sorted(set(weight_map.values())))

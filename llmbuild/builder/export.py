@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim, ExportedProgram
 
+from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.recipe import LimitsSection
 
 # Example sizes for tracing: distinct and >= 2 so that no dimension is specialised or unified.
@@ -38,7 +39,7 @@ def example_step(
     )
 
 
-def export_graph(model: torch.nn.Module, limits: LimitsSection, block_size: int, dtype: torch.dtype) -> ExportedProgram:
+def export_graph(model: LlamaModel, limits: LimitsSection, block_size: int, dtype: torch.dtype) -> ExportedProgram:
     """Export one packed step with dynamic token, sequence, logit-row and cache-block dimensions."""
     cfg = model.cfg
     args = example_step(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, limits.max_seq_len, dtype)

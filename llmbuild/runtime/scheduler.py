@@ -67,7 +67,7 @@ class Scheduler:
         if need > self.pool.num_blocks:
             raise RequestError(
                 f"request needs {need} KV blocks for {request.num_prompt_tokens} prompt + {request.max_tokens} "
-                f"new tokens but the cache has {self.pool.num_blocks}; lower max_tokens or give the KV cache more memory"
+                f"new tokens but the cache has {self.pool.num_blocks}; lower max_tokens or enlarge the KV cache"
             )
         self.waiting.append(request)
 

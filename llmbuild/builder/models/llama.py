@@ -26,6 +26,7 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     if rope.scaling == "linear":
         return inv_freq / rope.factor
     if rope.scaling == "llama3":
+        assert rope.original_max_position_embeddings is not None  # RopeConfig checks it
         old_len = rope.original_max_position_embeddings
         low_wavelen, high_wavelen = old_len / rope.low_freq_factor, old_len / rope.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
@@ -127,6 +128,9 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """Decoder-only transformer over a packed step; returns fp32 logits of the selected rows."""
+
+    rope_cos: torch.Tensor  # [max_seq_len, head_dim] fp32
+    rope_sin: torch.Tensor
 
     def __init__(self, cfg: ModelConfig, max_seq_len: int) -> None:
         super().__init__()

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import llmbuild
+from llmbuild.builder import build as build_module
+from llmbuild.builder.build import build_engine
+from llmbuild.errors import BuildError, RecipeError
+from llmbuild.manifest import FORMAT_VERSION, Manifest, sha256_file
+from llmbuild.recipe import load_recipe
+from tests.conftest import write_recipe
+
+
+def test_engine_layout_and_manifest(llama_engine, make_ckpt):
+    files = sorted(p.relative_to(llama_engine).as_posix() for p in llama_engine.rglob("*") if p.is_file())
+    for expected in (
+        "manifest.json",
+        "recipe.yaml",
+        "report.json",
+        "rank0/model.pt2",
+        "rank0/weights.safetensors",
+        "tokenizer/tokenizer.json",
+        "tokenizer/chat_template.jinja",
+    ):
+        assert expected in files
+    m = Manifest.load(llama_engine)
+    assert m.format_version == FORMAT_VERSION
+    assert m.llmbuild_version == llmbuild.__version__ and m.torch_version == torch.__version__
+    assert m.target.device == "cpu" and m.target.backend == "eager" and m.target.tensor_parallel == 1
+    assert m.model.architecture == "LlamaForCausalLM" and m.model.num_layers == 2
+    assert m.plugins == {"llmbuild::paged_attention": 1}
+    # every file but the manifest and the report is sealed by its sha256
+    assert set(m.files) == set(files) - {"manifest.json", "report.json"}
+    for rel, digest in m.files.items():
+        assert sha256_file(llama_engine / rel) == digest
+    ckpt = make_ckpt("llama")
+    assert m.inputs.checkpoint_files["model.safetensors"] == sha256_file(ckpt / "model.safetensors")
+    assert (llama_engine / "tokenizer" / "chat_template.jinja").read_text() == (
+        ckpt / "chat_template.jinja"
+    ).read_text()
+    report = json.loads((llama_engine / "report.json").read_text())
+    assert {"load weights", "export", "package"} <= set(report["stages_seconds"])
+    assert report["built_at"] and report["sizes_bytes"]["rank0/weights.safetensors"] > 0
+    # weights are not inside the graph archive
+    assert (llama_engine / "rank0/model.pt2").stat().st_size < (
+        llama_engine / "rank0/weights.safetensors"
+    ).stat().st_size
+
+
+def test_rebuild_is_byte_identical(make_ckpt, tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", make_ckpt("llama")))
+    a = build_engine(recipe, tmp_path / "a").engine_dir
+    b = build_engine(recipe, tmp_path / "b").engine_dir
+    for rel in ("manifest.json", "rank0/model.pt2", "rank0/weights.safetensors", "recipe.yaml"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_failed_build_leaves_no_engine_and_keeps_the_old_one(make_ckpt, tmp_path, monkeypatch):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", make_ckpt("llama")))
+    out = tmp_path / "engines" / "x"
+    build_engine(recipe, out)
+    before = (out / "manifest.json").read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise RuntimeError("disk exploded")
+
+    monkeypatch.setattr(build_module, "save_graph", broken_save)
+    with pytest.raises(BuildError, match="stage 'package' failed: RuntimeError: disk exploded"):
+        build_engine(recipe, out)
+    assert (out / "manifest.json").read_bytes() == before
+    with pytest.raises(BuildError):
+        build_engine(recipe, tmp_path / "engines" / "fresh")
+    assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == ["x"]  # no staging leftovers
+
+
+def test_refuses_to_replace_a_directory_that_is_not_an_engine(make_ckpt, tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", make_ckpt("llama")))
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.txt").write_text("do not delete")
+    with pytest.raises(BuildError, match="exists and is not an llmbuild engine"):
+        build_engine(recipe, out)
+    assert (out / "thesis.txt").exists()
+
+
+def test_max_seq_len_beyond_the_model_is_refused(make_ckpt, tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", make_ckpt("llama"), limits={"max_seq_len": 4096}))
+    with pytest.raises(RecipeError, match=r"limits.max_seq_len \(4096\) exceeds the model's max_position_embeddings"):
+        build_engine(recipe, tmp_path / "e")
+
+
+def test_sliding_window_shorter_than_max_seq_len_is_not_supported_yet(make_ckpt, tmp_path):
+    ckpt = make_ckpt("mistral-window", architecture="MistralForCausalLM", sliding_window=64)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", ckpt))
+    with pytest.raises(RecipeError, match="not supported yet: sliding-window attention"):
+        build_engine(recipe, tmp_path / "e")
+    assert not (tmp_path / "e").exists()

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmbuild.errors import RequestError
+from llmbuild.runtime.request import Request
+from llmbuild.runtime.sampler import Sampler, filtered_probs
+from llmbuild.runtime.sampling_params import SamplingParams
+
+V = 10
+EOS = 9
+
+
+def req(prompt=(1,), output=(), **params) -> Request:
+    sp = SamplingParams(max_tokens=32, **params)
+    g = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+    r = Request("r", list(prompt), sp, max_tokens=32, generator=g)
+    r.output_token_ids = list(output)
+    return r
+
+
+def sample(logits, r: Request, n: int = 1) -> list[int]:
+    s = Sampler(V, frozenset({EOS}))
+    return [s.sample(logits[None], [r])[0] for _ in range(n)]
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([0.0, 3, 1, 5, 2, 0, 0, 0, 0, 0])
+    assert sample(logits, req(temperature=0)) == [3]
+
+
+def test_top_k_keeps_k_best():
+    probs = filtered_probs(torch.tensor([0.0, 3, 1, 5, 2, 0, 0, 0, 0, 0]), SamplingParams(top_k=2))
+    assert set(torch.nonzero(probs).flatten().tolist()) == {1, 3}
+    assert probs.sum().item() == pytest.approx(1.0)
+
+
+def test_top_p_keeps_smallest_covering_set():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 1e-9, 1e-9, 1e-9, 1e-9, 1e-9, 1e-9]))
+    kept = torch.nonzero(filtered_probs(logits, SamplingParams(top_p=0.8))).flatten().tolist()
+    assert kept == [0, 1]
+    kept = torch.nonzero(filtered_probs(logits, SamplingParams(top_p=0.81))).flatten().tolist()
+    assert kept == [0, 1, 2]
+    kept = torch.nonzero(filtered_probs(logits, SamplingParams(top_p=0.01))).flatten().tolist()
+    assert kept == [0]
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05, 1e-9, 1e-9, 1e-9, 1e-9, 1e-9, 1e-9]))
+    kept = torch.nonzero(filtered_probs(logits, SamplingParams(min_p=0.1))).flatten().tolist()
+    assert kept == [0, 1]
+
+
+def test_seed_reproduces_and_differs_across_seeds():
+    logits = torch.zeros(V)
+    a = sample(logits, req(seed=1), 20)
+    assert a == sample(logits, req(seed=1), 20)
+    assert a != sample(logits, req(seed=2), 20)
+
+
+def test_temperature_sharpens():
+    logits = torch.tensor([2.0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    cold = sample(logits, req(temperature=0.05, seed=0), 50)
+    hot = sample(logits, req(temperature=5.0, seed=0), 50)
+    assert cold.count(0) == 50
+    assert len(set(hot)) > 3
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    s = Sampler(V, frozenset())
+    logits = torch.tensor([4.0, -2.0, 3.0, 0, 0, 0, 0, 0, 0, 0])
+    r = req(prompt=(0,), output=(1,), repetition_penalty=2.0)
+    adjusted = s._adjust(logits.clone(), r)
+    assert adjusted[0].item() == 2.0 and adjusted[1].item() == -4.0 and adjusted[2].item() == 3.0
+    assert sample(logits, req(prompt=(0,), repetition_penalty=2.0, temperature=0)) == [2]
+
+
+def test_presence_and_frequency_penalties_count_output_tokens():
+    s = Sampler(V, frozenset())
+    r = req(prompt=(5,), output=(3, 3, 4), presence_penalty=0.5, frequency_penalty=1.0)
+    adjusted = s._adjust(torch.zeros(V), r)
+    assert adjusted[3].item() == pytest.approx(-2.5)
+    assert adjusted[4].item() == pytest.approx(-1.5)
+    assert adjusted[5].item() == 0.0  # prompt tokens are not penalised
+
+
+def test_min_tokens_suppresses_eos():
+    logits = torch.zeros(V)
+    logits[EOS] = 10.0
+    assert sample(logits, req(temperature=0, min_tokens=2)) == [0]
+    assert sample(logits, req(output=(1, 1), temperature=0, min_tokens=2)) == [EOS]
+
+
+def test_mixed_batch_rows_use_their_own_params():
+    s = Sampler(V, frozenset())
+    logits = torch.tensor([[0.0, 1, 9, 0, 0, 0, 0, 0, 0, 0]] * 2)
+    greedy = req(temperature=0)
+    penalised = req(output=(2,), temperature=0, frequency_penalty=2.0, presence_penalty=2.0, repetition_penalty=2.0)
+    assert s.sample(logits, [greedy, penalised]) == [2, 1]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(min_p=2),
+        dict(max_tokens=0),
+        dict(repetition_penalty=0),
+        dict(presence_penalty=3),
+        dict(min_tokens=100),
+        dict(stop=("",)),
+    ],
+)
+def test_invalid_params_are_refused(bad):
+    with pytest.raises(RequestError):
+        SamplingParams(**bad)

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmbuild.builder.support import check_supported
+from llmbuild.errors import RecipeError
+from llmbuild.recipe import load_recipe, parse_recipe
+
+BASE = {"name": "t", "model": {"checkpoint": "ckpt"}}
+
+
+def parse(**sections):
+    return parse_recipe({**BASE, **sections})
+
+
+def test_bundled_demo_recipe_is_valid():
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "demo.yaml")
+    assert recipe.name == "demo"
+    assert recipe.checkpoint_dir() == (Path(__file__).parents[1] / "checkpoints" / "demo").resolve()
+
+
+def test_checkpoint_is_relative_to_the_recipe_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "r.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "model": {"checkpoint": "../models/x"}}))
+    assert load_recipe(path).checkpoint_dir() == (tmp_path / "models" / "x").resolve()
+
+
+def test_resolved_yaml_round_trips():
+    recipe = parse(limits={"max_seq_len": 512}, kv_cache={"memory_bytes": "1GiB"})
+    again = parse_recipe(yaml.safe_load(recipe.to_yaml()))
+    assert again == recipe
+    assert again.kv_cache.memory_bytes == 2**30
+
+
+@pytest.mark.parametrize(
+    "sections,message",
+    [
+        ({"quantization": {"group_size": 100}}, "quantization.group_size: must be one of 32, 64, 128 (got 100)"),
+        ({"quantization": {"groupsize": 64}}, "quantization.groupsize: unknown key (did you mean 'group_size'?"),
+        ({"limits": {"max_batch_size": 0}}, "limits.max_batch_size: must be >= 1 (got 0)"),
+        ({"limits": {"max_batch_size": "many"}}, "limits.max_batch_size: must be a valid integer"),
+        ({"model": {"checkpoint": "c", "dtype": "fp64"}}, "model.dtype: must be one of"),
+        ({"target": {"device": "tpu"}}, "target.device: must be one of 'cpu', 'cuda'"),
+        ({"target": {"arch": "hopper"}}, "target.arch: must be 'auto' or a GPU architecture like sm_90"),
+        ({"kv_cache": {"block_size": 7}}, "kv_cache.block_size: must be one of 8, 16, 32, 64, 128"),
+        ({"kv_cache": {"memory_bytes": "2GiB", "memory_fraction": 0.5}}, "set memory_fraction (0.5) or memory_bytes"),
+        ({"limits": {"max_batch_size": 16, "max_num_tokens": 4}}, "max_num_tokens (4) must be >= max_batch_size (16)"),
+        ({"cuda_graphs": {"enabled": True}}, "cuda_graphs.enabled needs target.device=cuda"),
+        ({"quantization": {"weights": "fp8"}}, "quantization.weights=fp8 needs a GPU target"),
+        ({"quantization": {"method": "awq"}}, "method=awq needs weights int8, int4 or fp8"),
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"name": "has space"}, "name: must match pattern"),
+    ],
+)
+def test_invalid_values_name_their_key_path(sections, message):
+    with pytest.raises(RecipeError) as exc:
+        parse(**sections)
+    assert message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_required_key():
+    with pytest.raises(RecipeError, match="model: required key is missing"):
+        parse_recipe({"name": "x"})
+
+
+def test_malformed_yaml_points_at_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmodel:\n  checkpoint: [unclosed\n  dtype: bfloat16\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml:\d+:\d+: invalid YAML"):
+        load_recipe(path)
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="expected a mapping"):
+        load_recipe(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "sections,feature",
+    [
+        ({"target": {"device": "cuda"}}, "target.device=cuda"),
+        ({"target": {"tensor_parallel": 2}}, "target.tensor_parallel=2"),
+        ({"target": {"backend": "compiled"}}, "target.backend=compiled"),
+        ({"quantization": {"weights": "int4"}}, "quantization.weights=int4"),
+        ({"quantization": {"kv_cache": "int8"}}, "quantization.kv_cache=int8"),
+        ({"quality": {"max_kl": 0.1}}, "quality gate"),
+        ({"plugins": {"fused_rope": True}}, "plugins.fused_rope=true"),
+    ],
+)
+def test_later_features_are_rejected_not_ignored(sections, feature):
+    recipe = parse(**sections)
+    with pytest.raises(RecipeError) as exc:
+        check_supported(recipe)
+    assert str(exc.value).startswith("not supported yet: ")
+    assert feature in str(exc.value)
+
+
+def test_recipe_is_frozen():
+    recipe = parse()
+    with pytest.raises(ValueError):
+        recipe.limits.max_seq_len = 4  # type: ignore[misc]
