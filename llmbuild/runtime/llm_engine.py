@@ -127,6 +127,9 @@ class LLMEngine:
         """Run one step; return the new token and text of every request that got one."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            if self.has_unfinished():
+                # add() admits only requests that fit the cache alone, so this is a scheduler bug
+                raise RuntimeError("scheduler made no progress with unfinished requests")
             return []
         logits = self.runner.execute(batch)
         tokens = self.sampler.sample(logits, batch.sampling_requests)
