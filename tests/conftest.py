@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from llmbuild.builder.build import build_engine
+from llmbuild.plugins import load_plugins
 from llmbuild.recipe import load_recipe
 from tools.make_demo_checkpoint import make_checkpoint, train_tokenizer
 
@@ -45,6 +46,12 @@ ARCHS: dict[str, dict[str, Any]] = {
     "qwen2": dict(architecture="Qwen2ForCausalLM"),
     "qwen3": dict(architecture="Qwen3ForCausalLM"),
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def op_library() -> None:
+    """Build (first run on a machine) and load the C++ op library once per session."""
+    load_plugins()
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ from llmbuild.manifest import (
 )
 from llmbuild.memory_plan import MemoryPlan
 from llmbuild.model_config import DTYPES
-from llmbuild.plugins import OP_VERSIONS
+from llmbuild.plugins import OP_VERSIONS, load_plugins
 from llmbuild.recipe import Recipe
 
 StageCallback = Callable[[str, float | None], None]
@@ -70,6 +70,8 @@ def build_engine(recipe: Recipe, out_dir: Path, on_stage: StageCallback | None =
 
     with _stage("plan", timings, on_stage):
         plan = make_plan(recipe)
+    with _stage("op library", timings, on_stage):
+        load_plugins()
     with _stage("hash inputs", timings, on_stage):
         ckpt_files = plan.checkpoint.file_hashes()
         inputs = Inputs(

@@ -1,14 +1,33 @@
 """The op library shared by builder and runtime (as TensorRT plugins are).
 
-Model graphs call these ops by name (`torch.ops.llmbuild.<op>`); an engine's manifest records the
-version of each op it was built against, and the runtime refuses an engine whose versions differ.
-Importing this package registers every op.
+Each op has a schema and CPU kernel in csrc/ (a C++ TORCH_LIBRARY, so a compiled engine needs no
+Python to run it), a torch reference and a fake (shape) kernel in the op's module here, and a test
+comparing kernel and reference. Model graphs call the ops by name (`torch.ops.llmbuild.<op>`); an
+engine's manifest records each op's version and the runtime refuses an engine whose versions differ.
+
+Call `load_plugins()` before tracing or running a graph.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from llmbuild.plugins import paged_attention
+from llmbuild.plugins.library import load_library
 
 OP_VERSIONS: dict[str, int] = {
     paged_attention.OP_NAME: paged_attention.VERSION,
 }
+
+_MODULES = (paged_attention,)
+_registered = False
+
+
+def load_plugins(cache_dir: Path | None = None) -> None:
+    """Load (building once per machine) the C++ op library and register the ops' fake kernels."""
+    global _registered
+    load_library(cache_dir)
+    if not _registered:
+        for module in _MODULES:
+            module.register_fake_kernel()
+        _registered = True

@@ -1,5 +1,8 @@
 """`llmbuild::paged_attention`: write the step's K/V into the paged cache, then attend through it.
 
+Schema and CPU kernel: csrc/library.cpp, csrc/paged_attention.cpp. Here: the torch reference and
+the fake kernel used for tracing.
+
 One call serves a packed batch that mixes prefill, chunked prefill and decode:
 
     packed step      |-- seq 0: 5 new tokens --|-- seq 1: 1 token --|-- seq 2: 3 tokens --|
@@ -115,23 +118,9 @@ def paged_attention_ref(
     return out
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=("k_cache", "v_cache"), device_types="cpu")
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """CPU kernel (currently the torch reference)."""
-    return paged_attention_ref(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale)
+def register_fake_kernel() -> None:
+    """Shape-only kernel for tracing (torch.export / AOTInductor)."""
 
-
-@paged_attention.register_fake
-def _paged_attention_fake(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale):
-    return torch.empty_like(q)
+    @torch.library.register_fake(OP_NAME)
+    def _fake(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale):
+        return torch.empty_like(q)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from llmbuild.errors import EngineError
 from llmbuild.manifest import GRAPH, RECIPE, TOKENIZER_DIR, WEIGHTS, Manifest, rank_dir, verify_files
 from llmbuild.model_config import DTYPES
-from llmbuild.plugins import OP_VERSIONS
+from llmbuild.plugins import OP_VERSIONS, load_plugins
 
 
 def cpu_flags() -> frozenset[str]:
@@ -76,6 +76,7 @@ class Engine:
             raise EngineError(f"{path}: {reason}")
         if verify:
             verify_files(path, manifest, only=(rank_dir(rank), TOKENIZER_DIR, RECIPE))
+        load_plugins()
         return cls(path, manifest, rank, _load_graph(path / rank_dir(rank)))
 
     @cached_property

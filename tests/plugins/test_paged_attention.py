@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import llmbuild.plugins  # noqa: F401
 from llmbuild.plugins.paged_attention import paged_attention_ref
 
 H, HKV, D, BS, NUM_BLOCKS = 4, 2, 16, 4, 32

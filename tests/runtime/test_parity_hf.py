@@ -2,7 +2,8 @@
 
 fp32: prefill logits and 64 teacher-forced decode steps after prefill within 1e-4 (decode after
 prefill across all layers is what catches pytorch issue 198068), 32 greedy tokens identical, and
-a packed batch of mixed-length prompts gives each prompt's tokens alone. bf16: 16 greedy tokens.
+a packed batch of mixed-length prompts gives each prompt's tokens alone. bf16: 16 greedy steps agree
+up to ties within bf16 rounding (see test_bf16_engine_agrees_with_hf_bf16).
 """
 
 from __future__ import annotations
@@ -96,14 +97,41 @@ def test_packed_batch_matches_each_prompt_alone(arch_case):
     assert all(len(c.token_ids) == 12 for c in together)
 
 
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of bf16 numbers at |x| (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30))) - 7)
+
+
 def test_bf16_engine_agrees_with_hf_bf16(arch_case, make_engine):
+    """16 greedy steps in bf16: every decision agrees with HF's unless HF's own top-2 margin is within
+    bf16 noise, and our free-running tokens leave HF's no earlier than the first such near-tie.
+
+    Kernels that sum in another order than transformers' (our decode attention and GEMV) round
+    differently in the last bit; on a near-tie that legitimately flips the argmax.
+    """
     name, ckpt, _ = arch_case
     engine = make_engine(f"{name}-bf16", ckpt, model={"dtype": "bfloat16"})
     llm = LLMEngine.from_dir(engine)
-    prompt = random_prompt(9, 4)
-    (ours,) = llm.generate([prompt], SamplingParams(max_tokens=16, min_tokens=16, temperature=0.0))
+    prompt, steps = random_prompt(9, 4), 16
     with torch.no_grad():
         ref = hf_model(ckpt, torch.bfloat16).generate(
-            torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False
+            torch.tensor([prompt]),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-    assert ours.token_ids == ref[0, len(prompt) :].tolist(), name
+    hf_tokens = ref.sequences[0, len(prompt) :].tolist()
+    hf_logits = torch.stack([step[0].float() for step in ref.logits])  # [steps, vocab]
+    ours = teacher_forced_logits(llm, prompt, hf_tokens[:-1])[len(prompt) - 1 :]
+    top2 = hf_logits.topk(2, dim=-1).values
+    noise = 4 * bf16_ulp(top2[:, 0])
+    near_tie = (top2[:, 0] - top2[:, 1]) <= noise
+    agree = ours.argmax(-1) == torch.tensor(hf_tokens)
+    assert bool((agree | near_tie).all()), f"{name}: disagreements at steps {(~agree & ~near_tie).nonzero().tolist()}"
+    assert ((ours - hf_logits).abs() <= 8 * bf16_ulp(top2[:, :1])).all(), f"{name}: logits off by more than 8 ulps"
+    (free,) = llm.generate([prompt], SamplingParams(max_tokens=steps, min_tokens=steps, temperature=0.0))
+    first_tie = int(near_tie.nonzero()[0]) if near_tie.any() else steps
+    diverged = next((i for i, (a, b) in enumerate(zip(free.token_ids, hf_tokens, strict=True)) if a != b), steps)
+    assert diverged >= first_tie, f"{name}: diverged at step {diverged}, before the first near-tie ({first_tie})"

@@ -1,0 +1,15 @@
+// llmbuild op library: CPU kernels behind the schemas in library.cpp.
+// Each op has a torch reference in llmbuild/plugins/<op>.py and a test comparing the two.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace llmbuild {
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                           at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                           const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q, double scale);
+
+}  // namespace llmbuild

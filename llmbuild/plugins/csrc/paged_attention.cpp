@@ -1,0 +1,184 @@
+// paged_attention: write the step's K/V at slot_mapping, then attend through block_tables.
+// Layout and metadata: see llmbuild/plugins/paged_attention.py.
+//
+// Decode tokens (one new token per sequence) run a block-walking kernel parallel over
+// (sequence, kv head); prompt chunks gather their context and use aten's SDPA, in the same
+// forms transformers uses (is_causal for a fresh prompt), so bf16 prefill matches it bit for bit.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "ops.h"
+
+namespace llmbuild {
+namespace {
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                  const at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                  const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "paged_attention: q, k, v must be [T, heads, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "paged_attention: caches must both be [blocks, kv_heads, block_size, D]");
+  const auto t = q.size(0), h = q.size(1), d = q.size(2), hkv = k_cache.size(1);
+  TORCH_CHECK(k.size(0) == t && k.size(1) == hkv && k.size(2) == d && k.sizes() == v.sizes(),
+              "paged_attention: k/v must be [", t, ", ", hkv, ", ", d, "], got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k_cache.size(3) == d, "paged_attention: cache head_dim ", k_cache.size(3), " != ", d);
+  TORCH_CHECK(h % hkv == 0, "paged_attention: ", h, " query heads is not a multiple of ", hkv, " kv heads");
+  TORCH_CHECK(k_cache.scalar_type() == k.scalar_type() && v_cache.scalar_type() == v.scalar_type() &&
+                  q.scalar_type() == k.scalar_type(),
+              "paged_attention: q/k/v and cache dtypes must match");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention: caches must be contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+              "paged_attention: q/k/v head_dim must be contiguous");
+  const auto b = seq_lens.size(0);
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == t && slot_mapping.scalar_type() == at::kLong,
+              "paged_attention: slot_mapping must be int64 [", t, "]");
+  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == b + 1 && cu_seqlens_q.scalar_type() == at::kInt,
+              "paged_attention: cu_seqlens_q must be int32 [", b + 1, "]");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == b && block_tables.scalar_type() == at::kInt &&
+                  block_tables.is_contiguous(),
+              "paged_attention: block_tables must be contiguous int32 [", b, ", max_blocks]");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt, "paged_attention: seq_lens must be int32");
+}
+
+template <typename scalar_t>
+void write_cache(const at::Tensor& src, at::Tensor& cache, const int64_t* slots) {
+  // src: [T, H_kv, D] (row stride may exceed H_kv * D: a view into the fused qkv output)
+  const auto t = src.size(0), hkv = src.size(1), d = src.size(2), bs = cache.size(2);
+  const auto s0 = src.stride(0), s1 = src.stride(1);
+  const scalar_t* in = src.data_ptr<scalar_t>();
+  scalar_t* out = cache.data_ptr<scalar_t>();
+  at::parallel_for(0, t, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t blk = slots[i] / bs, off = slots[i] % bs;
+      for (int64_t h = 0; h < hkv; ++h) {
+        std::copy_n(in + i * s0 + h * s1, d, out + ((blk * hkv + h) * bs + off) * d);
+      }
+    }
+  });
+}
+
+// One decode token of one sequence, for the `group` query heads that share kv head `g`.
+template <typename scalar_t>
+void decode_group(const scalar_t* q, int64_t q_head_stride, const scalar_t* k_cache, const scalar_t* v_cache,
+                  const int32_t* table, int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs,
+                  int64_t d, float scale, scalar_t* out, std::vector<float>& scores, std::vector<float>& qf,
+                  std::vector<float>& acc) {
+  scores.resize(group * ctx_len);
+  qf.resize(group * d);
+  acc.assign(group * d, 0.f);
+  for (int64_t j = 0; j < group; ++j) {
+    for (int64_t e = 0; e < d; ++e) qf[j * d + e] = static_cast<float>(q[(g * group + j) * q_head_stride + e]);
+  }
+  float* qp = qf.data();
+  for (int64_t p = 0; p < ctx_len; ++p) {
+    const scalar_t* krow = k_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
+    for (int64_t j = 0; j < group; ++j) {
+      const float* qj = qp + j * d;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t e = 0; e < d; ++e) dot += qj[e] * static_cast<float>(krow[e]);
+      scores[j * ctx_len + p] = dot * scale;
+    }
+  }
+  for (int64_t j = 0; j < group; ++j) {
+    float* s = scores.data() + j * ctx_len;
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < ctx_len; ++p) mx = std::max(mx, s[p]);
+    float sum = 0.f;
+    for (int64_t p = 0; p < ctx_len; ++p) {
+      s[p] = std::exp(s[p] - mx);
+      sum += s[p];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t p = 0; p < ctx_len; ++p) s[p] *= inv;
+  }
+  for (int64_t p = 0; p < ctx_len; ++p) {
+    const scalar_t* vrow = v_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
+    for (int64_t j = 0; j < group; ++j) {
+      const float w = scores[j * ctx_len + p];
+      float* a = acc.data() + j * d;
+#pragma omp simd
+      for (int64_t e = 0; e < d; ++e) a[e] += w * static_cast<float>(vrow[e]);
+    }
+  }
+  for (int64_t j = 0; j < group; ++j) {
+    for (int64_t e = 0; e < d; ++e) out[(g * group + j) * d + e] = static_cast<scalar_t>(acc[j * d + e]);
+  }
+}
+
+template <typename scalar_t>
+void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const std::vector<int64_t>& seqs, const int32_t* tables, int64_t max_blocks, const int32_t* lens,
+                const int32_t* cu, double scale, at::Tensor& out) {
+  const auto h = q.size(1), d = q.size(2), hkv = k_cache.size(1), bs = k_cache.size(2);
+  const auto group = h / hkv;
+  const int64_t items = static_cast<int64_t>(seqs.size()) * hkv;
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, qf, acc;
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = seqs[it / hkv], g = it % hkv, row = cu[b];
+      decode_group<scalar_t>(qp + row * q.stride(0), q.stride(1), k_cache.data_ptr<scalar_t>(),
+                             v_cache.data_ptr<scalar_t>(), tables + b * max_blocks, lens[b], g, group, hkv, bs, d,
+                             static_cast<float>(scale), op + row * h * d, scores, qf, acc);
+    }
+  });
+}
+
+at::Tensor gather_context(const at::Tensor& cache, const at::Tensor& table_row, int64_t ctx_len) {
+  // [n_blocks, H_kv, bs, D] -> [1, H_kv, ctx_len, D]
+  const auto n_blocks = (ctx_len + cache.size(2) - 1) / cache.size(2);
+  auto blocks = cache.index_select(0, table_row.slice(0, 0, n_blocks).to(at::kLong));
+  return blocks.transpose(0, 1).reshape({1, cache.size(1), -1, cache.size(3)}).slice(2, 0, ctx_len);
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                           at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                           const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q, double scale) {
+  check_inputs(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q);
+  const auto slots = slot_mapping.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "paged_attention_write", [&] {
+    write_cache<scalar_t>(k, k_cache, slots.data_ptr<int64_t>());
+    write_cache<scalar_t>(v, v_cache, slots.data_ptr<int64_t>());
+  });
+
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  const auto lens_t = seq_lens.contiguous(), cu_t = cu_seqlens_q.contiguous();
+  const int32_t* lens = lens_t.data_ptr<int32_t>();
+  const int32_t* cu = cu_t.data_ptr<int32_t>();
+  std::vector<int64_t> decodes;
+  for (int64_t b = 0; b < seq_lens.size(0); ++b) {
+    const int64_t n = cu[b + 1] - cu[b], ctx_len = lens[b];
+    TORCH_CHECK(n <= ctx_len && ctx_len <= block_tables.size(1) * k_cache.size(2),
+                "paged_attention: sequence ", b, " has ", n, " new tokens and context ", ctx_len);
+    if (n == 1) {
+      decodes.push_back(b);
+    } else if (n > 1) {
+      auto keys = gather_context(k_cache, block_tables[b], ctx_len);
+      auto values = gather_context(v_cache, block_tables[b], ctx_len);
+      auto qb = q.slice(0, cu[b], cu[b + 1]).transpose(0, 1).unsqueeze(0);
+      c10::optional<at::Tensor> mask;
+      if (n < ctx_len) {  // a chunk continuing a cached prefix: query j sits at ctx_len - n + j
+        mask = at::ones({n, ctx_len}, q.options().dtype(at::kBool)).tril(ctx_len - n);
+      }
+      auto o = at::scaled_dot_product_attention(qb, keys, values, mask, 0.0, /*is_causal=*/n == ctx_len, scale,
+                                                /*enable_gqa=*/true);
+      out.slice(0, cu[b], cu[b + 1]).copy_(o[0].transpose(0, 1));
+    }
+  }
+  if (!decodes.empty()) {
+    const auto tables = block_tables.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_decode", [&] {
+      decode_all<scalar_t>(q, k_cache, v_cache, decodes, tables.data_ptr<int32_t>(), block_tables.size(1), lens, cu,
+                           scale, out);
+    });
+  }
+  return out;
+}
+
+}  // namespace llmbuild
