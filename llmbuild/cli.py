@@ -104,8 +104,15 @@ def plan(recipe: Path, memory: str | None, as_json: bool) -> None:
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Engine directory (default: engines/NAME).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable build summary on stdout.")
-def compile(recipe: Path, output: Path | None, as_json: bool) -> None:
-    """Build RECIPE into an engine directory (written atomically)."""
+@click.option("--no-cache", is_flag=True, help="Run every stage even when the build cache has its output.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    envvar="LLMBUILD_CACHE_DIR",
+    help="Build cache and op-library directory (default: ~/.cache/llmbuild; env LLMBUILD_CACHE_DIR).",
+)
+def compile(recipe: Path, output: Path | None, as_json: bool, no_cache: bool, cache_dir: Path | None) -> None:
+    """Build RECIPE into an engine directory (written atomically; unchanged stages come from the cache)."""
     from llmbuild.builder.build import build_engine
     from llmbuild.recipe import load_recipe
 
@@ -119,10 +126,10 @@ def compile(recipe: Path, output: Path | None, as_json: bool) -> None:
         if seconds is None:
             status.update(f"[bold]{name}[/] ...")
         else:
-            err.print(f"  [green]done[/] {name:<14} {seconds:7.2f} s")
+            err.print(f"  [green]done[/] {name:<18} {seconds:7.2f} s")
 
     try:
-        result = build_engine(r, out_dir, on_stage=on_stage)
+        result = build_engine(r, out_dir, cache_dir=cache_dir, use_cache=not no_cache, on_stage=on_stage)
     finally:
         status.stop()
     report = result.report

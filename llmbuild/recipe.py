@@ -47,8 +47,9 @@ class TargetSection(_Section):
     """GPU architecture (`sm_80`, `sm_89`, `sm_90`) or `auto` (the build machine's); `auto` on CPU."""
     tensor_parallel: int = Field(1, ge=1, le=64)
     """Number of ranks the model is split across (one engine per rank)."""
-    backend: Literal["eager", "compiled"] = "eager"
-    """`eager` runs the exported graph op by op (debugging); `compiled` runs an AOTInductor package."""
+    backend: Literal["eager", "compiled"] = "compiled"
+    """`compiled` runs an AOTInductor package built for this CPU; `eager` runs the exported graph op by op
+    (portable, for debugging)."""
 
     @field_validator("arch")
     @classmethod

@@ -83,6 +83,7 @@ def write_recipe(path: Path, checkpoint: Path, **sections: Any) -> Path:
     recipe: dict[str, Any] = {
         "name": path.stem,
         "model": {"checkpoint": str(checkpoint), "dtype": "float32"},
+        "target": {"backend": "eager"},
         "limits": {"max_batch_size": 8, "max_seq_len": 256, "max_num_tokens": 256},
     }
     for key, value in sections.items():
@@ -92,7 +93,13 @@ def write_recipe(path: Path, checkpoint: Path, **sections: Any) -> Path:
 
 
 @pytest.fixture(scope="session")
-def make_engine(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+def build_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A build cache private to this test session."""
+    return tmp_path_factory.mktemp("build-cache")
+
+
+@pytest.fixture(scope="session")
+def make_engine(tmp_path_factory: pytest.TempPathFactory, build_cache: Path) -> Callable[..., Path]:
     """make_engine(name, checkpoint, **recipe sections) -> engine dir (built once per session per name)."""
     cache: dict[str, Path] = {}
 
@@ -100,7 +107,7 @@ def make_engine(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
         if name not in cache:
             root = tmp_path_factory.mktemp(f"engine-{name}")
             recipe = write_recipe(root / f"{name}.yaml", checkpoint, **sections)
-            cache[name] = build_engine(load_recipe(recipe), root / "engine").engine_dir
+            cache[name] = build_engine(load_recipe(recipe), root / "engine", cache_dir=build_cache).engine_dir
         return cache[name]
 
     return make

@@ -99,7 +99,9 @@ def test_plan_prints_memory_plan(capsys, make_ckpt, tmp_path):
 def test_compile_inspect_verify(capsys, make_ckpt, tmp_path):
     recipe = write_recipe(tmp_path / "c.yaml", make_ckpt("llama"))
     out_dir = tmp_path / "engines" / "c"
-    code, out, err = run_cli(capsys, "compile", str(recipe), "-o", str(out_dir), "--json")
+    code, out, err = run_cli(
+        capsys, "compile", str(recipe), "-o", str(out_dir), "--json", "--cache-dir", str(tmp_path / "cache")
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["engine"] == str(out_dir) and "export" in summary["stages_seconds"]
@@ -149,7 +151,7 @@ def test_compile_bad_checkpoint(capsys, broken_ckpt, tmp_path, target, how, frag
         corrupt(broken_ckpt / target, how)
     recipe = write_recipe(tmp_path / "r.yaml", broken_ckpt)
     out_dir = tmp_path / "out"
-    code, _, err = run_cli(capsys, "compile", str(recipe), "-o", str(out_dir))
+    code, _, err = run_cli(capsys, "compile", str(recipe), "-o", str(out_dir), "--cache-dir", str(tmp_path / "c"))
     assert_one_line_error(code, err, *fragments)
     assert not out_dir.exists()
 
@@ -176,7 +178,9 @@ def test_compile_bad_checkpoint(capsys, broken_ckpt, tmp_path, target, how, frag
 def test_bad_recipe(capsys, tmp_path, text, fragments, command):
     path = tmp_path / "r.yaml"
     path.write_text(text)
-    code, _, err = run_cli(capsys, command, str(path))
+    code, _, err = run_cli(
+        capsys, command, str(path), *(["--cache-dir", str(tmp_path / "c")] if command == "compile" else [])
+    )
     assert_one_line_error(code, err, *fragments)
 
 

@@ -20,12 +20,15 @@ import torch
 from safetensors.torch import save_file
 
 import llmbuild
+from llmbuild.builder.cache import BuildCache
+from llmbuild.builder.compile import compile_graph
 from llmbuild.builder.export import export_graph, save_graph
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.package import check_output_dir, staging_dir
 from llmbuild.builder.plan import BuildPlan, make_plan
 from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, CheckpointError, LLMBuildError
+from llmbuild.machine import native_isa
 from llmbuild.manifest import (
     GRAPH,
     RECIPE,
@@ -43,6 +46,7 @@ from llmbuild.manifest import (
 from llmbuild.memory_plan import MemoryPlan
 from llmbuild.model_config import DTYPES
 from llmbuild.plugins import OP_VERSIONS, load_plugins
+from llmbuild.plugins.library import default_cache_dir
 from llmbuild.recipe import Recipe
 
 StageCallback = Callable[[str, float | None], None]
@@ -61,17 +65,29 @@ class BuildResult:
     report: dict[str, Any]
 
 
-def build_engine(recipe: Recipe, out_dir: Path, on_stage: StageCallback | None = None) -> BuildResult:
-    """Build the engine a recipe describes into out_dir (atomically: complete or not at all)."""
+def build_engine(
+    recipe: Recipe,
+    out_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
+    on_stage: StageCallback | None = None,
+) -> BuildResult:
+    """Build the engine a recipe describes into out_dir (atomically: complete or not at all).
+
+    Stage outputs are reused from the build cache under `cache_dir` unless use_cache is False.
+    """
     on_stage = on_stage or (lambda name, seconds: None)
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
     check_output_dir(out_dir.resolve())
+    cache_root = cache_dir or default_cache_dir()
+    cache = BuildCache(cache_root, read=use_cache)
 
     with _stage("plan", timings, on_stage):
         plan = make_plan(recipe)
     with _stage("op library", timings, on_stage):
-        load_plugins()
+        load_plugins(cache_root)
     with _stage("hash inputs", timings, on_stage):
         ckpt_files = plan.checkpoint.file_hashes()
         inputs = Inputs(
@@ -79,29 +95,77 @@ def build_engine(recipe: Recipe, out_dir: Path, on_stage: StageCallback | None =
             checkpoint_sha256=plan.checkpoint.combined_hash(ckpt_files),
             checkpoint_files=ckpt_files,
         )
+    target = _target(recipe)
+    graph_key = config_hash(recipe, plan, target)
+    weights_key = _weights_key(recipe, plan, inputs)
     dtype = DTYPES[plan.dtype]
-    with _stage("load weights", timings, on_stage):
-        model = LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype)
-        load_weights(model, plan.checkpoint)
-    with _stage("export", timings, on_stage):
-        program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, dtype)
 
     with staging_dir(out_dir) as stage:
+        rank = stage / rank_dir(0)
+        rank.mkdir()
+        model: LlamaModel | None = None
+        if cached := cache.lookup("weights", weights_key, WEIGHTS):
+            with _stage("weights (cached)", timings, on_stage):
+                shutil.copyfile(cached, rank / WEIGHTS)
+        else:
+            with _stage("load weights", timings, on_stage):
+                model = LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype)
+                load_weights(model, plan.checkpoint)
+            with _stage("save weights", timings, on_stage):
+                save_file(model.state_dict(), rank / WEIGHTS, metadata={"format": "pt"})
+                cache.store("weights", weights_key, rank / WEIGHTS)
+        if cached := cache.lookup("graph", graph_key, GRAPH):
+            with _stage("graph (cached)", timings, on_stage):
+                shutil.copyfile(cached, rank / GRAPH)
+        else:
+            with _stage("export", timings, on_stage):
+                # the graph never depends on weight values: uninitialised ones do when none were loaded
+                model = model or LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype)
+                program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, dtype)
+            if recipe.target.backend == "compiled":
+                with _stage("compile", timings, on_stage):
+                    compile_graph(program, rank / GRAPH, cache_root / "inductor")
+            else:
+                with _stage("save graph", timings, on_stage):
+                    save_graph(program, rank / GRAPH)
+            cache.store("graph", graph_key, rank / GRAPH)
         with _stage("package", timings, on_stage):
-            rank = stage / rank_dir(0)
-            rank.mkdir()
-            save_file(model.state_dict(), rank / WEIGHTS, metadata={"format": "pt"})
-            save_graph(program, rank / GRAPH)
             (stage / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
             (stage / TOKENIZER_DIR).mkdir()
             for src in plan.checkpoint.tokenizer_files:
                 shutil.copyfile(src, stage / TOKENIZER_DIR / src.name)
             has_chat_template = _check_tokenizer(stage / TOKENIZER_DIR, plan.checkpoint.config.vocab_size)
-            manifest = _manifest(recipe, plan, inputs, hash_tree(stage, skip=UNSEALED))
+            for path in stage.rglob("*"):
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            manifest = _manifest(recipe, plan, target, graph_key, inputs, hash_tree(stage, skip=UNSEALED))
             manifest.save(stage)
         report = _report(plan, stage, timings, has_chat_template)
         (stage / REPORT).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return BuildResult(out_dir, manifest, report)
+
+
+def _target(recipe: Recipe) -> Target:
+    return Target(
+        device=recipe.target.device,
+        machine=platform.machine(),
+        # AOTInductor compiles with -march=native: the package may use every extension of this CPU
+        required_isa=native_isa() if recipe.target.backend == "compiled" else (),
+        tensor_parallel=recipe.target.tensor_parallel,
+        backend=recipe.target.backend,
+    )
+
+
+def _weights_key(recipe: Recipe, plan: BuildPlan, inputs: Inputs) -> str:
+    """What the engine's weights file depends on: checkpoint bytes, dtype, quantization, RoPE table length."""
+    return sha256_json(
+        {
+            "llmbuild": llmbuild.__version__,
+            "checkpoint": inputs.checkpoint_sha256,
+            "dtype": plan.dtype,
+            "quantization": recipe.quantization.model_dump(mode="json"),
+            "max_seq_len": recipe.limits.max_seq_len,
+        }
+    )
 
 
 def config_hash(recipe: Recipe, plan: BuildPlan, target: Target) -> str:
@@ -122,13 +186,9 @@ def config_hash(recipe: Recipe, plan: BuildPlan, target: Target) -> str:
     )
 
 
-def _manifest(recipe: Recipe, plan: BuildPlan, inputs: Inputs, files: dict[str, str]) -> Manifest:
-    target = Target(
-        device=recipe.target.device,
-        machine=platform.machine(),
-        tensor_parallel=recipe.target.tensor_parallel,
-        backend=recipe.target.backend,
-    )
+def _manifest(
+    recipe: Recipe, plan: BuildPlan, target: Target, graph_key: str, inputs: Inputs, files: dict[str, str]
+) -> Manifest:
     return Manifest(
         name=recipe.name,
         llmbuild_version=llmbuild.__version__,
@@ -142,7 +202,7 @@ def _manifest(recipe: Recipe, plan: BuildPlan, inputs: Inputs, files: dict[str, 
         quantization=recipe.quantization,
         plugins=OP_VERSIONS,
         serve=recipe.serve,
-        config_hash=config_hash(recipe, plan, target),
+        config_hash=graph_key,
         inputs=inputs,
         files=files,
     )

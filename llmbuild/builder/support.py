@@ -14,8 +14,6 @@ def unsupported_features(recipe: Recipe) -> list[str]:
         out.append(f"target.device={recipe.target.device} (cpu engines only so far)")
     if recipe.target.tensor_parallel != 1:
         out.append(f"target.tensor_parallel={recipe.target.tensor_parallel} (single-rank engines only so far)")
-    if recipe.target.backend != "eager":
-        out.append(f"target.backend={recipe.target.backend} (the exported-graph backend 'eager' only so far)")
     if recipe.quantization.weights != "none":
         out.append(f"quantization.weights={recipe.quantization.weights}")
     if recipe.quantization.kv_cache != "auto":

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llmbuild.errors import LLMBuildError
+from llmbuild.machine import native_isa
 
 CSRC = Path(__file__).parent / "csrc"
 NAME = "llmbuild_ops"
@@ -45,7 +46,7 @@ def library_key() -> str:
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(torch.__version__.encode())
     h.update(platform.machine().encode())
-    h.update(" ".join(sorted(_cpu_flags())).encode())
+    h.update(" ".join(native_isa()).encode())
     return h.hexdigest()[:24]
 
 
@@ -90,14 +91,3 @@ def _build(build_dir: Path) -> None:
             f"building the llmbuild op library in {build_dir} failed ({str(exc).strip().splitlines()[-1]}); "
             "rerun with --debug for the compiler output"
         ) from exc
-
-
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()

@@ -11,25 +11,13 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from llmbuild.errors import EngineError
-from llmbuild.manifest import GRAPH, RECIPE, TOKENIZER_DIR, WEIGHTS, Manifest, rank_dir, verify_files
+from llmbuild.machine import cpu_flags
+from llmbuild.manifest import RECIPE, TOKENIZER_DIR, Manifest, rank_dir, verify_files
 from llmbuild.model_config import DTYPES
 from llmbuild.plugins import OP_VERSIONS, load_plugins
-
-
-def cpu_flags() -> frozenset[str]:
-    """Instruction-set flags of this CPU (/proc/cpuinfo), empty where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+from llmbuild.runtime.graph import Graph, load_graph
 
 
 def target_mismatch(manifest: Manifest) -> str | None:
@@ -64,7 +52,7 @@ class Engine:
     path: Path
     manifest: Manifest
     rank: int
-    graph: torch.nn.Module
+    graph: Graph
 
     @classmethod
     def load(cls, path: str | Path, rank: int = 0, verify: bool = True) -> Engine:
@@ -77,7 +65,7 @@ class Engine:
         if verify:
             verify_files(path, manifest, only=(rank_dir(rank), TOKENIZER_DIR, RECIPE))
         load_plugins()
-        return cls(path, manifest, rank, _load_graph(path / rank_dir(rank)))
+        return cls(path, manifest, rank, load_graph(path / rank_dir(rank), manifest.target.backend))
 
     @cached_property
     def dtype(self) -> torch.dtype:
@@ -89,7 +77,7 @@ class Engine:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.graph.state_dict().values())
+        return sum(t.numel() * t.element_size() for t in self.graph.weights.values())
 
     def load_tokenizer(self):  # -> transformers.PreTrainedTokenizerBase
         """The engine's own tokenizer (with its chat template), loaded offline."""
@@ -99,17 +87,3 @@ class Engine:
             return AutoTokenizer.from_pretrained(str(self.path / TOKENIZER_DIR), local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad tokenizer
             raise EngineError(f"{self.path}: tokenizer does not load ({exc})") from None
-
-
-def _load_graph(rank_path: Path) -> torch.nn.Module:
-    try:
-        program = torch.export.load(rank_path / GRAPH)
-    except Exception as exc:  # noqa: BLE001 - the archive reader raises many types
-        raise EngineError(f"{rank_path / GRAPH}: cannot load the engine graph ({exc})") from None
-    module = program.module()
-    try:
-        weights = load_file(rank_path / WEIGHTS)
-        module.load_state_dict(weights, strict=True, assign=True)
-    except (SafetensorError, RuntimeError, OSError) as exc:
-        raise EngineError(f"{rank_path / WEIGHTS}: weights do not fit the graph ({str(exc).splitlines()[0]})") from None
-    return module

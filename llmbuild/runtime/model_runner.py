@@ -11,6 +11,7 @@ import math
 import torch
 
 from llmbuild.model_config import ModelConfig
+from llmbuild.runtime.graph import Graph
 from llmbuild.runtime.scheduler import StepBatch
 
 
@@ -24,9 +25,7 @@ def allocate_kv_cache(model: ModelConfig, num_blocks: int, block_size: int, dtyp
 
 
 class ModelRunner:
-    def __init__(
-        self, graph: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int, max_seq_len: int
-    ) -> None:
+    def __init__(self, graph: Graph, kv_caches: list[torch.Tensor], block_size: int, max_seq_len: int) -> None:
         self.graph = graph
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -36,7 +35,7 @@ class ModelRunner:
         """Run one step; returns fp32 logits [number of sampling sequences, vocab]."""
         inputs, num_rows = self.prepare(batch)
         with torch.inference_mode():
-            logits = self.graph(*inputs, self.kv_caches)
+            logits = self.graph(inputs, self.kv_caches)
         return logits[:num_rows]
 
     def prepare(self, batch: StepBatch) -> tuple[tuple[torch.Tensor, ...], int]:

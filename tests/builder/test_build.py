@@ -42,7 +42,7 @@ def test_engine_layout_and_manifest(llama_engine, make_ckpt):
         ckpt / "chat_template.jinja"
     ).read_text()
     report = json.loads((llama_engine / "report.json").read_text())
-    assert {"load weights", "export", "package"} <= set(report["stages_seconds"])
+    assert {"plan", "package"} <= set(report["stages_seconds"])
     assert report["built_at"] and report["sizes_bytes"]["rank0/weights.safetensors"] > 0
     # weights are not inside the graph archive
     assert (llama_engine / "rank0/model.pt2").stat().st_size < (
@@ -52,27 +52,47 @@ def test_engine_layout_and_manifest(llama_engine, make_ckpt):
 
 def test_rebuild_is_byte_identical(make_ckpt, tmp_path):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", make_ckpt("llama")))
-    a = build_engine(recipe, tmp_path / "a").engine_dir
-    b = build_engine(recipe, tmp_path / "b").engine_dir
+    a = build_engine(recipe, tmp_path / "a", cache_dir=tmp_path / "cache").engine_dir
+    b = build_engine(recipe, tmp_path / "b", cache_dir=tmp_path / "cache", use_cache=False).engine_dir
     for rel in ("manifest.json", "rank0/model.pt2", "rank0/weights.safetensors", "recipe.yaml"):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_build_cache_reuses_stages_by_what_they_depend_on(make_ckpt, tmp_path):
+    cache = tmp_path / "cache"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", make_ckpt("llama")))
+    first = build_engine(recipe, tmp_path / "a", cache_dir=cache).report["stages_seconds"]
+    assert {"load weights", "export"} <= set(first)
+    again = build_engine(recipe, tmp_path / "b", cache_dir=cache).report["stages_seconds"]
+    assert {"weights (cached)", "graph (cached)"} <= set(again) and "export" not in again
+    # same architecture, other weights: the graph is reused, the weights are not
+    other = load_recipe(write_recipe(tmp_path / "o.yaml", make_ckpt("llama-seed1", seed=1)))
+    stages = build_engine(other, tmp_path / "c", cache_dir=cache).report["stages_seconds"]
+    assert "graph (cached)" in stages and "load weights" in stages
+    # other limits: the weights are reused (same RoPE table length), the graph is not
+    longer_batch = load_recipe(write_recipe(tmp_path / "l.yaml", make_ckpt("llama"), limits={"max_batch_size": 4}))
+    stages = build_engine(longer_batch, tmp_path / "d", cache_dir=cache).report["stages_seconds"]
+    assert "weights (cached)" in stages and "export" in stages
+    # --no-cache runs everything
+    stages = build_engine(recipe, tmp_path / "e", cache_dir=cache, use_cache=False).report["stages_seconds"]
+    assert not any(name.endswith("(cached)") for name in stages)
 
 
 def test_failed_build_leaves_no_engine_and_keeps_the_old_one(make_ckpt, tmp_path, monkeypatch):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", make_ckpt("llama")))
     out = tmp_path / "engines" / "x"
-    build_engine(recipe, out)
+    build_engine(recipe, out, cache_dir=tmp_path / "cache")
     before = (out / "manifest.json").read_bytes()
 
     def broken_save(*args, **kwargs):
         raise RuntimeError("disk exploded")
 
     monkeypatch.setattr(build_module, "save_graph", broken_save)
-    with pytest.raises(BuildError, match="stage 'package' failed: RuntimeError: disk exploded"):
-        build_engine(recipe, out)
+    with pytest.raises(BuildError, match="stage 'save graph' failed: RuntimeError: disk exploded"):
+        build_engine(recipe, out, cache_dir=tmp_path / "cache", use_cache=False)
     assert (out / "manifest.json").read_bytes() == before
     with pytest.raises(BuildError):
-        build_engine(recipe, tmp_path / "engines" / "fresh")
+        build_engine(recipe, tmp_path / "engines" / "fresh", cache_dir=tmp_path / "cache", use_cache=False)
     assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == ["x"]  # no staging leftovers
 
 

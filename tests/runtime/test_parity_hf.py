@@ -2,8 +2,8 @@
 
 fp32: prefill logits and 64 teacher-forced decode steps after prefill within 1e-4 (decode after
 prefill across all layers is what catches pytorch issue 198068), 32 greedy tokens identical, and
-a packed batch of mixed-length prompts gives each prompt's tokens alone. bf16: 16 greedy steps agree
-up to ties within bf16 rounding (see test_bf16_engine_agrees_with_hf_bf16).
+a packed batch of mixed-length prompts gives each prompt's tokens alone. bf16: as accurate as transformers'
+bf16 against the fp32 model, and the same greedy decisions except on near-ties (see the test).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def teacher_forced_logits(llm: LLMEngine, prompt: list[int], forced: list[int]) 
     inputs, _ = llm.runner.prepare(batch)
     all_rows = torch.arange(len(prompt))
     with torch.inference_mode():
-        rows = [llm.runner.graph(*inputs[:-1], all_rows, llm.runner.kv_caches)]
+        rows = [llm.runner.graph((*inputs[:-1], all_rows), llm.runner.kv_caches)]
     llm.scheduler.update(batch, [forced[0]])
     for token in forced[1:] + [0]:
         batch = llm.scheduler.schedule()
@@ -51,16 +51,21 @@ def teacher_forced_logits(llm: LLMEngine, prompt: list[int], forced: list[int]) 
     return torch.cat(rows)
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHS))
+CASES = [pytest.param((arch, "eager"), id=f"{arch}-eager") for arch in sorted(ARCHS)] + [
+    pytest.param((arch, "compiled"), id=f"{arch}-compiled", marks=pytest.mark.slow) for arch in sorted(ARCHS)
+]
+
+
+@pytest.fixture(scope="module", params=CASES)
 def arch_case(request, make_ckpt, make_engine):
-    name = request.param
-    spec = dict(ARCHS[name])
-    ckpt = make_ckpt(name, **spec)
-    return name, ckpt, make_engine(f"{name}-fp32", ckpt)
+    arch, backend = request.param
+    ckpt = make_ckpt(arch, **ARCHS[arch])
+    engine = make_engine(f"{arch}-fp32-{backend}", ckpt, target={"backend": backend})
+    return f"{arch}-{backend}", ckpt, engine, backend
 
 
 def test_prefill_and_decode_logits_match_hf(arch_case):
-    name, ckpt, engine = arch_case
+    name, ckpt, engine, _ = arch_case
     llm = LLMEngine.from_dir(engine)
     prompt, forced = random_prompt(24, 1), random_prompt(64, 2)
     ours = teacher_forced_logits(llm, prompt, forced)
@@ -76,7 +81,7 @@ def test_prefill_and_decode_logits_match_hf(arch_case):
 
 
 def test_greedy_tokens_match_hf(arch_case):
-    name, ckpt, engine = arch_case
+    name, ckpt, engine, _ = arch_case
     llm = LLMEngine.from_dir(engine)
     prompt = random_prompt(11, 3)
     # HF's min_new_tokens bans EOS; min_tokens is our equivalent
@@ -87,7 +92,7 @@ def test_greedy_tokens_match_hf(arch_case):
 
 
 def test_packed_batch_matches_each_prompt_alone(arch_case):
-    name, _, engine = arch_case
+    name, _, engine, _ = arch_case
     llm = LLMEngine.from_dir(engine)
     prompts = [random_prompt(n, 10 + n) for n in (3, 17, 40, 9)]
     params = SamplingParams(max_tokens=12, **GREEDY)
@@ -97,20 +102,18 @@ def test_packed_batch_matches_each_prompt_alone(arch_case):
     assert all(len(c.token_ids) == 12 for c in together)
 
 
-def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
-    """Spacing of bf16 numbers at |x| (8 significant bits)."""
-    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30))) - 7)
-
-
 def test_bf16_engine_agrees_with_hf_bf16(arch_case, make_engine):
-    """16 greedy steps in bf16: every decision agrees with HF's unless HF's own top-2 margin is within
-    bf16 noise, and our free-running tokens leave HF's no earlier than the first such near-tie.
+    """16 greedy steps in bf16, judged against the fp32 model as the truth.
 
-    Kernels that sum in another order than transformers' (our decode attention and GEMV) round
-    differently in the last bit; on a near-tie that legitimately flips the argmax.
+    bf16 engines differ from transformers' bf16 in the last bits (other summation orders, Inductor
+    fusing away intermediate roundings), so: (1) our bf16 logits are no further from fp32 than
+    transformers' bf16 logits are; (2) along transformers' greedy sequence, every decision equals the
+    fp32 one unless the fp32 margin is within twice the step's bf16 noise (a near-tie, where either
+    bf16 engine may legitimately flip); (3) our free-running tokens equal transformers' up to the first
+    near-tie. The noise scale comes from transformers' error, never from our output.
     """
-    name, ckpt, _ = arch_case
-    engine = make_engine(f"{name}-bf16", ckpt, model={"dtype": "bfloat16"})
+    name, ckpt, _, backend = arch_case
+    engine = make_engine(f"{name}-bf16", ckpt, model={"dtype": "bfloat16"}, target={"backend": backend})
     llm = LLMEngine.from_dir(engine)
     prompt, steps = random_prompt(9, 4), 16
     with torch.no_grad():
@@ -122,15 +125,20 @@ def test_bf16_engine_agrees_with_hf_bf16(arch_case, make_engine):
             output_logits=True,
             return_dict_in_generate=True,
         )
-    hf_tokens = ref.sequences[0, len(prompt) :].tolist()
-    hf_logits = torch.stack([step[0].float() for step in ref.logits])  # [steps, vocab]
+        hf_tokens = ref.sequences[0, len(prompt) :].tolist()
+        truth = hf_model(ckpt)(ref.sequences[:, :-1]).logits[0, len(prompt) - 1 :].float()  # fp32 [steps, V]
+    hf_bf16 = torch.stack([step[0].float() for step in ref.logits])
     ours = teacher_forced_logits(llm, prompt, hf_tokens[:-1])[len(prompt) - 1 :]
-    top2 = hf_logits.topk(2, dim=-1).values
-    noise = 4 * bf16_ulp(top2[:, 0])
-    near_tie = (top2[:, 0] - top2[:, 1]) <= noise
-    agree = ours.argmax(-1) == torch.tensor(hf_tokens)
-    assert bool((agree | near_tie).all()), f"{name}: disagreements at steps {(~agree & ~near_tie).nonzero().tolist()}"
-    assert ((ours - hf_logits).abs() <= 8 * bf16_ulp(top2[:, :1])).all(), f"{name}: logits off by more than 8 ulps"
+    hf_err, our_err = (hf_bf16 - truth).abs(), (ours - truth).abs()
+    assert our_err.mean() <= 1.25 * hf_err.mean(), f"{name}: mean error {our_err.mean():.4f} vs HF {hf_err.mean():.4f}"
+    assert our_err.max() <= 1.25 * hf_err.max(), f"{name}: max error {our_err.max():.4f} vs HF {hf_err.max():.4f}"
+
+    top2 = truth.topk(2, dim=-1).values
+    noise = hf_err.quantile(0.9, dim=-1)  # the step's bf16 error scale
+    near_tie = top2[:, 0] - top2[:, 1] <= 2 * noise
+    agree = ours.argmax(-1) == truth.argmax(-1)
+    assert bool((agree | near_tie).all()), f"{name}: wrong decisions at steps {(~agree & ~near_tie).nonzero().tolist()}"
+    assert (~near_tie).sum() >= steps // 2, f"{name}: too few well-separated steps to judge"
     (free,) = llm.generate([prompt], SamplingParams(max_tokens=steps, min_tokens=steps, temperature=0.0))
     first_tie = int(near_tie.nonzero()[0]) if near_tie.any() else steps
     diverged = next((i for i, (a, b) in enumerate(zip(free.token_ids, hf_tokens, strict=True)) if a != b), steps)
