@@ -265,8 +265,19 @@ def verify(engine: Path, no_smoke: bool) -> None:
     show_default=True,
     help="json: one line {token_ids, text, finish_reason}.",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["compiled", "eager"]),
+    help="Override the engine's backend (eager runs a compiled engine's exported program, for debugging).",
+)
 def run(
-    engine: Path, prompt: str | None, prompt_ids: str | None, chat: bool, output_format: str, **sampling: Any
+    engine: Path,
+    prompt: str | None,
+    prompt_ids: str | None,
+    chat: bool,
+    output_format: str,
+    backend: str | None,
+    **sampling: Any,
 ) -> None:
     """Generate one completion with ENGINE in the terminal."""
     from llmbuild.runtime.llm_engine import LLMEngine
@@ -277,7 +288,7 @@ def run(
     if chat and prompt is None:
         raise click.UsageError("--chat needs --prompt")
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
-    llm = LLMEngine.from_dir(engine)
+    llm = LLMEngine.from_dir(engine, backend=backend)
     defaults = llm.engine.manifest.serve
     for key in ("max_tokens", "temperature", "top_p", "top_k"):
         if sampling[key] is None:
@@ -300,6 +311,49 @@ def run(
         return
     sys.stdout.write("\n")
     _console(stderr=True).print(f"[dim]{len(request.output_token_ids)} tokens, finish_reason={reason}[/]")
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option(
+    "--batch",
+    "batches",
+    type=int,
+    multiple=True,
+    default=(1, 16),
+    show_default=True,
+    help="Static batch sizes to measure (repeatable).",
+)
+@click.option("--prompt-len", type=int, default=128, show_default=True)
+@click.option("--new-tokens", type=int, default=128, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--compare-eager", is_flag=True, help="Also run the engine's exported program, interleaved.")
+@click.option("--threads", type=int, help="torch threads (default: all cores).")
+@click.option("--out", type=click.Path(path_type=Path), help="Write OUT.json and OUT.md.")
+def bench(
+    engine: Path,
+    batches: tuple[int, ...],
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    compare_eager: bool,
+    threads: int | None,
+    out: Path | None,
+) -> None:
+    """Measure ENGINE offline: TTFT, decode tok/s at batch 1 and N, peak RSS, bandwidth ceiling."""
+    import torch
+
+    from llmbuild.benchmark import bench_offline, format_markdown
+
+    if threads:
+        torch.set_num_threads(threads)
+    report = bench_offline(engine, tuple(batches), prompt_len, new_tokens, repeats, compare_eager)
+    text = format_markdown(report)
+    click.echo(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        out.with_suffix(".md").write_text(text)
 
 
 def _chat_prompt(llm: Any, prompt: str) -> list[int]:

@@ -4,7 +4,9 @@
       manifest.json            this schema; sha256 of every other file except report.json
       recipe.yaml              the fully resolved recipe
       tokenizer/               tokenizer files + chat template
-      rank0/model.pt2          the engine graph (exported program; weights not inside)
+      rank0/model.pt2          compiled engines: the AOTInductor package (code only, weights not inside)
+      rank0/exported.pt2       the exported program (weights not inside): the eager backend, and a
+                               debugging fallback for compiled engines
       rank0/weights.safetensors
       report.json              build report (timings, sizes, build timestamp): not byte-reproducible
 
@@ -31,6 +33,7 @@ REPORT = "report.json"
 RECIPE = "recipe.yaml"
 TOKENIZER_DIR = "tokenizer"
 GRAPH = "model.pt2"
+EXPORTED = "exported.pt2"
 WEIGHTS = "weights.safetensors"
 UNSEALED = frozenset({MANIFEST, REPORT})
 """Files the manifest does not hash: itself, and the report with its build timestamps."""

@@ -143,6 +143,8 @@ class KVCacheSection(_Section):
 
 
 class PluginsSection(_Section):
+    gemv: bool = True
+    """Decode-sized bf16 projections (<= 4 rows) through llmbuild's AVX512-BF16 kernel; larger ones use oneDNN."""
     fused_rms_norm: bool = False
     """Fused RMSNorm (+ residual add) kernel instead of separate ops."""
     fused_rope: bool = False

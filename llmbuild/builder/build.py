@@ -30,6 +30,7 @@ from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, CheckpointError, LLMBuildError
 from llmbuild.machine import native_isa
 from llmbuild.manifest import (
+    EXPORTED,
     GRAPH,
     RECIPE,
     REPORT,
@@ -109,26 +110,31 @@ def build_engine(
                 shutil.copyfile(cached, rank / WEIGHTS)
         else:
             with _stage("load weights", timings, on_stage):
-                model = LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype)
+                model = LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype, recipe.plugins)
                 load_weights(model, plan.checkpoint)
             with _stage("save weights", timings, on_stage):
                 save_file(model.state_dict(), rank / WEIGHTS, metadata={"format": "pt"})
                 cache.store("weights", weights_key, rank / WEIGHTS)
-        if cached := cache.lookup("graph", graph_key, GRAPH):
+        graph_files = (GRAPH, EXPORTED) if recipe.target.backend == "compiled" else (EXPORTED,)
+        cached_graph = [p for name in graph_files if (p := cache.lookup("graph", graph_key, name))]
+        if len(cached_graph) == len(graph_files):
             with _stage("graph (cached)", timings, on_stage):
-                shutil.copyfile(cached, rank / GRAPH)
+                for cached_file in cached_graph:
+                    shutil.copyfile(cached_file, rank / cached_file.name)
         else:
             with _stage("export", timings, on_stage):
                 # the graph never depends on weight values: uninitialised ones do when none were loaded
-                model = model or LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype)
+                model = model or LlamaModel.empty(
+                    plan.checkpoint.config, recipe.limits.max_seq_len, dtype, recipe.plugins
+                )
                 program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, dtype)
             if recipe.target.backend == "compiled":
                 with _stage("compile", timings, on_stage):
                     compile_graph(program, rank / GRAPH, cache_root / "inductor")
-            else:
-                with _stage("save graph", timings, on_stage):
-                    save_graph(program, rank / GRAPH)
-            cache.store("graph", graph_key, rank / GRAPH)
+            with _stage("save graph", timings, on_stage):
+                save_graph(program, rank / EXPORTED)
+            for name in graph_files:
+                cache.store("graph", graph_key, rank / name)
         with _stage("package", timings, on_stage):
             (stage / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
             (stage / TOKENIZER_DIR).mkdir()
@@ -182,6 +188,7 @@ def config_hash(recipe: Recipe, plan: BuildPlan, target: Target) -> str:
             "block_size": recipe.kv_cache.block_size,
             "quantization": recipe.quantization.model_dump(mode="json"),
             "plugins": OP_VERSIONS,
+            "graph_options": recipe.plugins.model_dump(mode="json"),
         }
     )
 

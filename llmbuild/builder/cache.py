@@ -1,6 +1,6 @@
 """The build cache: outputs of expensive stages, keyed by exactly what they depend on.
 
-    <cache>/builds/graph/<config hash>/model.pt2                 export + AOTInductor compile
+    <cache>/builds/graph/<config hash>/{model,exported}.pt2      export + AOTInductor compile
     <cache>/builds/weights/<weights key>/weights.safetensors     checkpoint -> engine dtype
 
 The compiled graph never depends on weight values (they stay outside the .so), so a new checkpoint
@@ -29,16 +29,15 @@ class BuildCache:
 
     def store(self, kind: str, key: str, src: Path) -> None:
         """Copy src into the cache under (kind, key), atomically."""
-        final = self.root / kind / key
-        if (final / src.name).is_file():
+        target = self.root / kind / key / src.name
+        if target.is_file():
             return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{src.name}.", dir=target.parent)
+        os.close(fd)
         try:
-            shutil.copyfile(src, tmp / src.name)
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another build stored it first (or a stale entry); keep theirs
-                pass
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, target)  # readers see the whole file or none
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmbuild.plugins import paged_attention
+from llmbuild.plugins import linear, paged_attention
 from llmbuild.plugins.library import load_library
 
 OP_VERSIONS: dict[str, int] = {
     paged_attention.OP_NAME: paged_attention.VERSION,
+    linear.OP_NAME: linear.VERSION,
 }
 
-_MODULES = (paged_attention,)
+_MODULES = (paged_attention, linear)
 _registered = False
 
 

@@ -14,15 +14,18 @@ import torch
 
 from llmbuild.errors import EngineError
 from llmbuild.machine import cpu_flags
-from llmbuild.manifest import RECIPE, TOKENIZER_DIR, Manifest, rank_dir, verify_files
+from llmbuild.manifest import EXPORTED, GRAPH, RECIPE, TOKENIZER_DIR, Manifest, rank_dir, verify_files
 from llmbuild.model_config import DTYPES
 from llmbuild.plugins import OP_VERSIONS, load_plugins
 from llmbuild.runtime.graph import Graph, load_graph
 
 
-def target_mismatch(manifest: Manifest) -> str | None:
-    """Why this machine cannot run the engine, or None if it can."""
+def target_mismatch(manifest: Manifest, backend: str | None = None) -> str | None:
+    """Why this machine cannot run the engine (with `backend`, default the engine's), or None if it can."""
     target = manifest.target
+    backend = backend or target.backend
+    if backend == "compiled" and target.backend != "compiled":
+        return "engine has no compiled package (it was built with target.backend=eager); run it with backend eager"
     if manifest.torch_version != torch.__version__:
         return (
             f"engine was built with torch {manifest.torch_version}, this runtime has torch {torch.__version__}; "
@@ -34,7 +37,7 @@ def target_mismatch(manifest: Manifest) -> str | None:
         return "engine targets cuda but no GPU is available here; build a cpu engine for this machine"
     if target.device == "cpu" and target.tensor_parallel != 1:
         return f"engine has tensor_parallel={target.tensor_parallel}; this runtime runs single-rank engines only"
-    missing = sorted(set(target.required_isa) - cpu_flags())
+    missing = sorted(set(target.required_isa) - cpu_flags()) if backend == "compiled" else []
     if missing:
         return f"engine's compiled code needs CPU features this machine lacks: {', '.join(missing)}; rebuild it here"
     for op, version in manifest.plugins.items():
@@ -52,20 +55,29 @@ class Engine:
     path: Path
     manifest: Manifest
     rank: int
+    backend: str
     graph: Graph
 
     @classmethod
-    def load(cls, path: str | Path, rank: int = 0, verify: bool = True) -> Engine:
-        """Check the manifest and target, verify this rank's file hashes, and load the graph + weights."""
+    def load(cls, path: str | Path, rank: int = 0, verify: bool = True, backend: str | None = None) -> Engine:
+        """Check the manifest and target, verify this rank's file hashes, and load the graph + weights.
+
+        `backend` overrides the engine's: 'eager' runs a compiled engine's exported program (debugging).
+        """
         path = Path(path)
         manifest = Manifest.load(path)
-        reason = target_mismatch(manifest)
+        backend = backend or manifest.target.backend
+        reason = target_mismatch(manifest, backend)
         if reason:
             raise EngineError(f"{path}: {reason}")
+        graph_file = f"{rank_dir(rank)}/{GRAPH if backend == 'compiled' else EXPORTED}"
+        if graph_file not in manifest.files:
+            kind = "compiled package" if backend == "compiled" else "exported program"
+            raise EngineError(f"{path}: manifest lists no {kind} {graph_file}; rebuild the engine")
         if verify:
             verify_files(path, manifest, only=(rank_dir(rank), TOKENIZER_DIR, RECIPE))
         load_plugins()
-        return cls(path, manifest, rank, load_graph(path / rank_dir(rank), manifest.target.backend))
+        return cls(path, manifest, rank, backend, load_graph(path / rank_dir(rank), backend))
 
     @cached_property
     def dtype(self) -> torch.dtype:

@@ -2,7 +2,8 @@
 
     graph(inputs, kv_caches) -> logits      inputs: manifest.GRAPH_INPUTS without the caches
 
-`eager` runs the exported program op by op (debugging); `compiled` runs the AOTInductor package.
+`eager` runs the exported program op by op (every engine has one); `compiled` runs the AOTInductor
+package (compiled engines only).
 Either way the weights come from the rank's safetensors file, outside the graph.
 """
 
@@ -16,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from llmbuild.errors import EngineError
-from llmbuild.manifest import GRAPH, WEIGHTS
+from llmbuild.manifest import EXPORTED, GRAPH, WEIGHTS
 
 
 class Graph(Protocol):
@@ -30,9 +31,9 @@ class EagerGraph:
 
     def __init__(self, rank_path: Path, weights: dict[str, torch.Tensor]) -> None:
         try:
-            program = torch.export.load(rank_path / GRAPH)
+            program = torch.export.load(rank_path / EXPORTED)
         except Exception as exc:  # noqa: BLE001 - the archive reader raises many types
-            raise EngineError(f"{rank_path / GRAPH}: cannot load the engine graph ({exc})") from None
+            raise EngineError(f"{rank_path / EXPORTED}: cannot load the engine graph ({exc})") from None
         self.module = program.module()
         try:
             self.module.load_state_dict(weights, strict=True, assign=True)

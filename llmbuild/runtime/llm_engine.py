@@ -79,8 +79,8 @@ class LLMEngine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_dir(cls, path: str | Path, verify: bool = True) -> LLMEngine:
-        return cls(Engine.load(path, verify=verify))
+    def from_dir(cls, path: str | Path, verify: bool = True, backend: str | None = None) -> LLMEngine:
+        return cls(Engine.load(path, verify=verify, backend=backend))
 
     def make_request(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None

@@ -20,7 +20,7 @@ def test_engine_layout_and_manifest(llama_engine, make_ckpt):
         "manifest.json",
         "recipe.yaml",
         "report.json",
-        "rank0/model.pt2",
+        "rank0/exported.pt2",
         "rank0/weights.safetensors",
         "tokenizer/tokenizer.json",
         "tokenizer/chat_template.jinja",
@@ -31,7 +31,7 @@ def test_engine_layout_and_manifest(llama_engine, make_ckpt):
     assert m.llmbuild_version == llmbuild.__version__ and m.torch_version == torch.__version__
     assert m.target.device == "cpu" and m.target.backend == "eager" and m.target.tensor_parallel == 1
     assert m.model.architecture == "LlamaForCausalLM" and m.model.num_layers == 2
-    assert m.plugins == {"llmbuild::paged_attention": 1}
+    assert m.plugins == {"llmbuild::paged_attention": 1, "llmbuild::linear": 1}
     # every file but the manifest and the report is sealed by its sha256
     assert set(m.files) == set(files) - {"manifest.json", "report.json"}
     for rel, digest in m.files.items():
@@ -45,7 +45,8 @@ def test_engine_layout_and_manifest(llama_engine, make_ckpt):
     assert {"plan", "package"} <= set(report["stages_seconds"])
     assert report["built_at"] and report["sizes_bytes"]["rank0/weights.safetensors"] > 0
     # weights are not inside the graph archive
-    assert (llama_engine / "rank0/model.pt2").stat().st_size < (
+    assert "rank0/model.pt2" not in files  # an eager engine has no compiled package
+    assert (llama_engine / "rank0/exported.pt2").stat().st_size < (
         llama_engine / "rank0/weights.safetensors"
     ).stat().st_size
 
@@ -54,7 +55,7 @@ def test_rebuild_is_byte_identical(make_ckpt, tmp_path):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", make_ckpt("llama")))
     a = build_engine(recipe, tmp_path / "a", cache_dir=tmp_path / "cache").engine_dir
     b = build_engine(recipe, tmp_path / "b", cache_dir=tmp_path / "cache", use_cache=False).engine_dir
-    for rel in ("manifest.json", "rank0/model.pt2", "rank0/weights.safetensors", "recipe.yaml"):
+    for rel in ("manifest.json", "rank0/exported.pt2", "rank0/weights.safetensors", "recipe.yaml"):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 

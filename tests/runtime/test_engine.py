@@ -26,8 +26,8 @@ def test_tampered_tokenizer_and_missing_file(engine_copy):
     (engine_copy / "tokenizer" / "tokenizer_config.json").write_text("{}")
     with pytest.raises(EngineError, match="tokenizer/tokenizer_config.json does not match"):
         Engine.load(engine_copy)
-    (engine_copy / "rank0" / "model.pt2").unlink()
-    with pytest.raises(EngineError, match="rank0/model.pt2 listed in the manifest is missing"):
+    (engine_copy / "rank0" / "exported.pt2").unlink()
+    with pytest.raises(EngineError, match="rank0/exported.pt2 listed in the manifest is missing"):
         verify_files(engine_copy, Manifest.load(engine_copy))
 
 
@@ -42,11 +42,15 @@ def test_unexpected_file_is_reported_by_verify(engine_copy):
     [
         ({"torch_version": "2.99.0+cu130"}, "built with torch 2.99.0+cu130"),
         ({"target__machine": "aarch64" if platform.machine() != "aarch64" else "x86_64"}, "CPUs, this machine is"),
-        ({"target__required_isa": ["avx512_imaginary"]}, "needs CPU features this machine lacks: avx512_imaginary"),
+        (
+            {"target__required_isa": ["avx512_imaginary"], "target__backend": "compiled"},
+            "needs CPU features this machine lacks: avx512_imaginary",
+        ),
         ({"plugins": {"llmbuild::paged_attention": 99}}, "plugin llmbuild::paged_attention version 99"),
         ({"plugins": {"llmbuild::paged_attention": 1, "llmbuild::warp_drive": 1}}, "llmbuild::warp_drive"),
         ({"format_version": 2}, "engine format version 2 is not supported"),
         ({"target__device": "cuda"}, "targets cuda but no GPU"),
+        ({"target__backend": "compiled"}, "manifest lists no compiled package rank0/model.pt2"),
     ],
 )
 def test_engine_for_another_target_is_refused(engine_copy, change, message):

@@ -17,6 +17,7 @@ from torch import nn
 
 from llmbuild.errors import CheckpointError
 from llmbuild.model_config import ModelConfig, RopeConfig
+from llmbuild.recipe import PluginsSection
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -44,6 +45,13 @@ def rope_tables(rope: RopeConfig, head_dim: int, max_len: int) -> tuple[torch.Te
     return emb.cos(), emb.sin()
 
 
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plugins: PluginsSection) -> torch.Tensor:
+    """x @ weight.T + bias through the linear plugin (decode-sized bf16 kernel) or aten."""
+    if plugins.gemv:
+        return torch.ops.llmbuild.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -68,8 +76,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, plugins: PluginsSection) -> None:
         super().__init__()
+        self.plugins = plugins
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split = (q, kv, kv)
@@ -89,7 +98,7 @@ class Attention(nn.Module):
         meta: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q, k, v = project(x, self.qkv.weight, self.qkv.bias, self.plugins).split(self.split, dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -97,28 +106,29 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = torch.ops.llmbuild.paged_attention(q, k, v, k_cache, v_cache, *meta, self.scale)
-        return self.o(out.reshape(t, self.num_heads * self.head_dim))
+        return project(out.reshape(t, self.num_heads * self.head_dim), self.o.weight, self.o.bias, self.plugins)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, plugins: PluginsSection) -> None:
         super().__init__()
+        self.plugins = plugins
         self.intermediate = cfg.intermediate_size
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
-        return self.down(F.silu(gate) * up)
+        gate, up = project(x, self.gate_up.weight, self.gate_up.bias, self.plugins).split(self.intermediate, dim=-1)
+        return project(F.silu(gate) * up, self.down.weight, self.down.bias, self.plugins)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, plugins: PluginsSection) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, plugins)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, plugins)
 
     def forward(self, h, cos, sin, k_cache, v_cache, meta):
         h = h + self.attn(self.attn_norm(h), cos, sin, k_cache, v_cache, meta)
@@ -131,11 +141,12 @@ class LlamaModel(nn.Module):
     rope_cos: torch.Tensor  # [max_seq_len, head_dim] fp32
     rope_sin: torch.Tensor
 
-    def __init__(self, cfg: ModelConfig, max_seq_len: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_seq_len: int, plugins: PluginsSection) -> None:
         super().__init__()
         self.cfg = cfg
+        self.plugins = plugins
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, plugins) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_seq_len = max_seq_len
@@ -144,10 +155,12 @@ class LlamaModel(nn.Module):
         self.requires_grad_(False)
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, max_seq_len: int, dtype: torch.dtype) -> LlamaModel:
+    def empty(
+        cls, cfg: ModelConfig, max_seq_len: int, dtype: torch.dtype, plugins: PluginsSection | None = None
+    ) -> LlamaModel:
         """Allocate (uninitialised) weights in `dtype` without a throwaway init; RoPE tables stay fp32."""
         with torch.device("meta"):
-            model = cls(cfg, max_seq_len)
+            model = cls(cfg, max_seq_len, plugins or PluginsSection())
         model = model.to(dtype).to_empty(device="cpu")
         model.rope_cos, model.rope_sin = rope_tables(cfg.rope, cfg.head_dim, max_seq_len)
         return model
@@ -171,7 +184,7 @@ class LlamaModel(nn.Module):
             h = layer(h, cos, sin, kv_caches[2 * i], kv_caches[2 * i + 1], meta)
         h = self.norm(h[logits_indices])
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, head).float()  # [N, vocab]
+        return project(h, head, None, self.plugins).float()  # [N, vocab]
 
 
 def hf_weight_target(cfg: ModelConfig, name: str) -> tuple[str, int, int] | None:

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Random-weight checkpoint with the TinyLlama-1.1B shape, the benchmark model of DESIGN.md.
+
+hidden 2048, 22 layers, 32 heads / 4 kv heads, ffn 5632, vocab 32000, bf16, N(0, 0.02) matrices and
+unit norms from a seeded generator (the same recipe as ../shared/peers/make_checkpoint.py), plus the
+small local BPE tokenizer of tools/make_demo_checkpoint.py (benchmarks feed token ids directly).
+
+    python bench/make_tinyllama_checkpoint.py --out checkpoints/tinyllama-1.1b-random
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import GenerationConfig, LlamaConfig
+
+from tools.make_demo_checkpoint import train_tokenizer
+
+SHAPE = dict(
+    hidden_size=2048,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    intermediate_size=5632,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def make(out: Path, seed: int = 0, std: float = 0.02, layers: int = 22) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(out, vocab_size=4096)
+    shape = dict(SHAPE, num_hidden_layers=layers)
+    config = LlamaConfig(**shape, architectures=["LlamaForCausalLM"])
+    config.dtype = "bfloat16"
+    config.save_pretrained(out)
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(out)
+    g = torch.Generator().manual_seed(seed)
+    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    d = h // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * d
+
+    def rnd(*size: int) -> torch.Tensor:
+        return torch.empty(size).normal_(0.0, std, generator=g).to(torch.bfloat16)
+
+    sd = {"model.embed_tokens.weight": rnd(v, h)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        sd[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        sd[p + "self_attn.q_proj.weight"] = rnd(h, h)
+        sd[p + "self_attn.k_proj.weight"] = rnd(kv, h)
+        sd[p + "self_attn.v_proj.weight"] = rnd(kv, h)
+        sd[p + "self_attn.o_proj.weight"] = rnd(h, h)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        sd[p + "mlp.gate_proj.weight"] = rnd(i, h)
+        sd[p + "mlp.up_proj.weight"] = rnd(i, h)
+        sd[p + "mlp.down_proj.weight"] = rnd(h, i)
+    sd["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+    sd["lm_head.weight"] = rnd(v, h)
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=22, help="fewer for a quick smoke test")
+    args = ap.parse_args()
+    make(args.out, args.seed, layers=args.layers)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

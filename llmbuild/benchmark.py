@@ -1,0 +1,169 @@
+"""`llmbuild bench`: offline TTFT, decode and batch throughput of an engine, measured in-process.
+
+With `compare_eager` the engine's exported program runs too, in the same process, runs interleaved
+(compiled, eager, compiled, eager, ...) so that a noisy machine slows both alike. The memory read
+bandwidth is measured in the same run, giving the batch-1 decode ceiling (bandwidth / weight bytes
+read per token). Results: min and median over the repeats.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import llmbuild
+from llmbuild.runtime.llm_engine import LLMEngine
+from llmbuild.runtime.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Run:
+    backend: str
+    batch: int
+    ttft_ms: float
+    """Prefill of every prompt until each has its first token."""
+    decode_tok_s: float
+    """batch x (new_tokens - 1) / time after the first token."""
+    total_tok_s: float
+    """batch x new_tokens / whole time."""
+
+
+def run_once(llm: LLMEngine, batch: int, prompt_len: int, new_tokens: int, seed: int) -> tuple[float, float, float]:
+    """One static batch of random prompts, greedy, EOS ignored: (ttft s, decode s, total s)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = llm.engine.manifest.model.vocab_size
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    requests = [
+        llm.make_request(torch.randint(3, vocab, (prompt_len,), generator=g).tolist(), params) for _ in range(batch)
+    ]
+    start = time.perf_counter()
+    for request in requests:
+        llm.add_request(request)
+    while any(not r.output_token_ids for r in requests):
+        llm.step()
+    first = time.perf_counter()
+    while llm.has_unfinished():
+        llm.step()
+    end = time.perf_counter()
+    return first - start, end - first, end - start
+
+
+def read_bandwidth_gbs(samples: int = 5) -> float:
+    """Best read bandwidth over a 1 GiB buffer (torch sum with all threads), GB/s."""
+    buf = torch.ones(2**28, dtype=torch.float32)
+    buf.sum()
+    best = min(_timed(buf.sum) for _ in range(samples))
+    return buf.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_offline(
+    engine_dir: Path,
+    batches: tuple[int, ...] = (1, 16),
+    prompt_len: int = 128,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    compare_eager: bool = False,
+) -> dict[str, Any]:
+    """Measure an engine; returns a JSON-able report (see `format_markdown`)."""
+    engines = {"engine": LLMEngine.from_dir(engine_dir)}
+    manifest = engines["engine"].engine.manifest
+    for b in batches:
+        if b > manifest.limits.max_batch_size:
+            raise ValueError(f"batch {b} exceeds the engine's max_batch_size {manifest.limits.max_batch_size}")
+    run_once(engines["engine"], 1, min(prompt_len, 16), 4, seed=99)  # warm-up
+    rss_engine = peak_rss_mib()
+    if compare_eager:
+        engines["eager"] = LLMEngine.from_dir(engine_dir, backend="eager", verify=False)
+        run_once(engines["eager"], 1, min(prompt_len, 16), 4, seed=99)
+    runs: list[Run] = []
+    for rep in range(repeats):
+        for b in batches:
+            for name, llm in engines.items():
+                ttft, decode, total = run_once(llm, b, prompt_len, new_tokens, seed=rep)
+                backend = llm.engine.backend if name == "engine" else "eager"
+                runs.append(Run(backend, b, ttft * 1e3, b * (new_tokens - 1) / decode, b * new_tokens / total))
+    bandwidth = read_bandwidth_gbs()
+    read_per_token = sum(
+        t.numel() * t.element_size()
+        for name, t in engines["engine"].engine.graph.weights.items()
+        if "embed" not in name or manifest.model.tie_word_embeddings
+    )
+    return {
+        "llmbuild": llmbuild.__version__,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "engine": str(engine_dir),
+        "name": manifest.name,
+        "backend": manifest.target.backend,
+        "dtype": manifest.dtype,
+        "params": manifest.model.num_params,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "read_bandwidth_gbs": round(bandwidth, 1),
+        "weight_bytes_read_per_token": read_per_token,
+        "decode_ceiling_tok_s": round(bandwidth * 1e9 / read_per_token, 1),
+        "peak_rss_mib": {"engine": round(rss_engine), "process": round(peak_rss_mib())},
+        "runs": [asdict(r) for r in runs],
+        "summary": summarize(runs),
+    }
+
+
+def summarize(runs: list[Run]) -> list[dict[str, Any]]:
+    """min / median per (backend, batch); min for times, max-as-best for rates."""
+    rows = []
+    for key in sorted({(r.backend, r.batch) for r in runs}):
+        group = [r for r in runs if (r.backend, r.batch) == key]
+        rows.append(
+            {
+                "backend": key[0],
+                "batch": key[1],
+                "ttft_ms_min": round(min(r.ttft_ms for r in group), 1),
+                "ttft_ms_median": round(statistics.median(r.ttft_ms for r in group), 1),
+                "decode_tok_s_best": round(max(r.decode_tok_s for r in group), 2),
+                "decode_tok_s_median": round(statistics.median(r.decode_tok_s for r in group), 2),
+                "total_tok_s_best": round(max(r.total_tok_s for r in group), 2),
+                "total_tok_s_median": round(statistics.median(r.total_tok_s for r in group), 2),
+            }
+        )
+    return rows
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The summary table of a report as markdown."""
+    lines = [
+        f"engine `{report['name']}` ({report['dtype']}, {report['params'] / 1e9:.2f}B params), "
+        f"prompt {report['prompt_len']}, {report['new_tokens']} new tokens, greedy, {report['repeats']} repeats; "
+        f"{report['machine']}; torch {report['torch']}",
+        "",
+        f"read bandwidth {report['read_bandwidth_gbs']} GB/s, {report['weight_bytes_read_per_token'] / 1e9:.3f} GB "
+        f"of weights per token: batch-1 decode ceiling {report['decode_ceiling_tok_s']} tok/s; peak RSS "
+        f"{report['peak_rss_mib']['engine']} MiB (engine alone), {report['peak_rss_mib']['process']} MiB (process)",
+        "",
+        "| backend | batch | TTFT ms (min / med) | decode tok/s (best / med) | total tok/s (best / med) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["summary"]:
+        lines.append(
+            f"| {r['backend']} | {r['batch']} | {r['ttft_ms_min']:.0f} / {r['ttft_ms_median']:.0f} | "
+            f"{r['decode_tok_s_best']:.1f} / {r['decode_tok_s_median']:.1f} | "
+            f"{r['total_tok_s_best']:.1f} / {r['total_tok_s_median']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
