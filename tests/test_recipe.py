@@ -95,7 +95,6 @@ def test_missing_recipe_file(tmp_path):
         ({"quantization": {"weights": "int4"}}, "quantization.weights=int4"),
         ({"quantization": {"kv_cache": "int8"}}, "quantization.kv_cache=int8"),
         ({"quality": {"max_kl": 0.1}}, "quality gate"),
-        ({"plugins": {"fused_rope": True}}, "plugins.fused_rope=true"),
     ],
 )
 def test_later_features_are_rejected_not_ignored(sections, feature):

@@ -20,9 +20,6 @@ def unsupported_features(recipe: Recipe) -> list[str]:
         out.append(f"quantization.kv_cache={recipe.quantization.kv_cache}")
     if recipe.quality.max_kl is not None or recipe.quality.min_top1 is not None:
         out.append("quality gate (quality.max_kl / quality.min_top1)")
-    for name, enabled in recipe.plugins.model_dump().items():
-        if enabled and name != "gemv":
-            out.append(f"plugins.{name}=true")
     return out
 
 

@@ -20,7 +20,7 @@ from llmbuild.machine import native_isa
 
 CSRC = Path(__file__).parent / "csrc"
 NAME = "llmbuild_ops"
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-Wall")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wall")
 LDFLAGS = ("-fopenmp",)
 
 _loaded: Path | None = None
@@ -87,7 +87,9 @@ def _build(build_dir: Path) -> None:
             verbose=False,
         )
     except (RuntimeError, OSError) as exc:
+        lines = str(exc).strip().splitlines()
+        first_error = next((line for line in lines if "error:" in line), lines[-1] if lines else "")
         raise LLMBuildError(
-            f"building the llmbuild op library in {build_dir} failed ({str(exc).strip().splitlines()[-1]}); "
-            "rerun with --debug for the compiler output"
+            f"building the llmbuild op library in {build_dir} failed: {first_error.strip()} "
+            "(rerun with --debug for the whole compiler output)"
         ) from exc

@@ -51,17 +51,24 @@ def teacher_forced_logits(llm: LLMEngine, prompt: list[int], forced: list[int]) 
     return torch.cat(rows)
 
 
-CASES = [pytest.param((arch, "eager"), id=f"{arch}-eager") for arch in sorted(ARCHS)] + [
-    pytest.param((arch, "compiled"), id=f"{arch}-compiled", marks=pytest.mark.slow) for arch in sorted(ARCHS)
-]
+FUSED = {"fused_rms_norm": True, "fused_rope": True, "fused_swiglu": True}
+CASES = (
+    [pytest.param((arch, "eager", False), id=f"{arch}-eager") for arch in sorted(ARCHS)]
+    + [pytest.param((arch, "compiled", False), id=f"{arch}-compiled", marks=pytest.mark.slow) for arch in sorted(ARCHS)]
+    + [
+        pytest.param(("qwen3", "eager", True), id="qwen3-eager-fused"),
+        pytest.param(("llama3_rope", "compiled", True), id="llama3_rope-compiled-fused", marks=pytest.mark.slow),
+    ]
+)
 
 
 @pytest.fixture(scope="module", params=CASES)
 def arch_case(request, make_ckpt, make_engine):
-    arch, backend = request.param
+    arch, backend, fused = request.param
+    name = f"{arch}-{backend}" + ("-fused" if fused else "")
     ckpt = make_ckpt(arch, **ARCHS[arch])
-    engine = make_engine(f"{arch}-fp32-{backend}", ckpt, target={"backend": backend})
-    return f"{arch}-{backend}", ckpt, engine, backend
+    options = {"target": {"backend": backend}, "plugins": FUSED if fused else {}}
+    return name, ckpt, make_engine(f"{name}-fp32", ckpt, **options), options
 
 
 def test_prefill_and_decode_logits_match_hf(arch_case):
@@ -112,8 +119,8 @@ def test_bf16_engine_agrees_with_hf_bf16(arch_case, make_engine):
     bf16 engine may legitimately flip); (3) our free-running tokens equal transformers' up to the first
     near-tie. The noise scale comes from transformers' error, never from our output.
     """
-    name, ckpt, _, backend = arch_case
-    engine = make_engine(f"{name}-bf16", ckpt, model={"dtype": "bfloat16"}, target={"backend": backend})
+    name, ckpt, _, options = arch_case
+    engine = make_engine(f"{name}-bf16", ckpt, model={"dtype": "bfloat16"}, **options)
     llm = LLMEngine.from_dir(engine)
     prompt, steps = random_prompt(9, 4), 16
     with torch.no_grad():

@@ -5,6 +5,8 @@ plugins/paged_attention.py for the metadata). Projections are fused at load: q/k
 `qkv` matrix and gate/up into one `gate_up` matrix, so a layer runs four GEMMs.
 Numerics follow Hugging Face transformers (the test oracle): RMSNorm in fp32 cast back before
 the weight multiply, RoPE tables in fp32 cast to the activation dtype, logits returned in fp32.
+Norms, RoPE and SwiGLU run as fused plugin ops or as their torch references (recipe `plugins`);
+both round where transformers does.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from torch import nn
 
 from llmbuild.errors import CheckpointError
 from llmbuild.model_config import ModelConfig, RopeConfig
+from llmbuild.plugins.rms_norm import add_rms_norm_ref, rms_norm_ref
+from llmbuild.plugins.rope import rope_ref
+from llmbuild.plugins.swiglu import swiglu_ref
 from llmbuild.recipe import PluginsSection
 
 
@@ -52,27 +57,25 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pl
     return F.linear(x, weight, bias)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos, sin: [T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """RMSNorm through the fused plugin or plain ops; `add` fuses the residual add that precedes it."""
+
+    def __init__(self, dim: int, eps: float, plugins: PluginsSection) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
+        self.fused = plugins.fused_rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        if self.fused:
+            return torch.ops.llmbuild.rms_norm(x, self.weight, self.eps)
+        return rms_norm_ref(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual)."""
+        if self.fused:
+            return torch.ops.llmbuild.add_rms_norm(x, residual, self.weight, self.eps)
+        return add_rms_norm_ref(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -84,15 +87,14 @@ class Attention(nn.Module):
         self.split = (q, kv, kv)
         self.qkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)
         self.o = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plugins) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plugins) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # positions [T], cos and sin tables [L, D]
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: tuple[torch.Tensor, ...],
@@ -104,7 +106,8 @@ class Attention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope_fn = torch.ops.llmbuild.rope if self.plugins.fused_rope else rope_ref
+        q, k = rope_fn(q, *rope), rope_fn(k, *rope)
         out = torch.ops.llmbuild.paged_attention(q, k, v, k_cache, v_cache, *meta, self.scale)
         return project(out.reshape(t, self.num_heads * self.head_dim), self.o.weight, self.o.bias, self.plugins)
 
@@ -118,21 +121,29 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.gate_up.weight, self.gate_up.bias, self.plugins).split(self.intermediate, dim=-1)
-        return project(F.silu(gate) * up, self.down.weight, self.down.bias, self.plugins)
+        gate_up = project(x, self.gate_up.weight, self.gate_up.bias, self.plugins)
+        act = torch.ops.llmbuild.swiglu(gate_up) if self.plugins.fused_swiglu else swiglu_ref(gate_up)
+        return project(act, self.down.weight, self.down.bias, self.plugins)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, plugins: PluginsSection) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
         self.attn = Attention(cfg, plugins)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
         self.mlp = MLP(cfg, plugins)
 
-    def forward(self, h, cos, sin, k_cache, v_cache, meta):
-        h = h + self.attn(self.attn_norm(h), cos, sin, k_cache, v_cache, meta)
-        return h + self.mlp(self.mlp_norm(h))
+    def forward(self, h, residual, rope, k_cache, v_cache, meta):
+        """Residual-stream form: returns (this layer's output, the stream before it), so that every
+        residual add fuses into the norm that follows it (the same sums as h = h + f(norm(h)))."""
+        if residual is None:
+            x, residual = self.attn_norm(h), h
+        else:
+            x, residual = self.attn_norm.add(h, residual)
+        h = self.attn(x, rope, k_cache, v_cache, meta)
+        x, residual = self.mlp_norm.add(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -147,7 +158,7 @@ class LlamaModel(nn.Module):
         self.plugins = plugins
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, plugins) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_seq_len = max_seq_len
         self.register_buffer("rope_cos", torch.empty(max_seq_len, cfg.head_dim))
@@ -177,12 +188,13 @@ class LlamaModel(nn.Module):
         kv_caches: list[torch.Tensor],  # 2 * num_layers x [num_blocks, H_kv, block_size, D]
     ) -> torch.Tensor:
         h = self.embed(input_ids)
-        cos = self.rope_cos[positions].to(h.dtype).unsqueeze(1)  # [T, 1, D]
-        sin = self.rope_sin[positions].to(h.dtype).unsqueeze(1)
+        rope = (positions, self.rope_cos, self.rope_sin)
         meta = (slot_mapping, block_tables, seq_lens, cu_seqlens_q)
+        residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, kv_caches[2 * i], kv_caches[2 * i + 1], meta)
-        h = self.norm(h[logits_indices])
+            h, residual = layer(h, residual, rope, kv_caches[2 * i], kv_caches[2 * i + 1], meta)
+        assert residual is not None  # num_layers >= 1
+        h, _ = self.norm.add(h[logits_indices], residual[logits_indices])
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return project(h, head, None, self.plugins).float()  # [N, vocab]
 

@@ -14,4 +14,13 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
 
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps);
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin);
+
+at::Tensor swiglu(const at::Tensor& gate_up);
+
 }  // namespace llmbuild

@@ -1,0 +1,45 @@
+"""llmbuild::linear against aten's linear (and fp32 math), across the decode kernel and the fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmbuild.plugins.linear import linear_ref
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize("k", [64, 100, 2048])  # 100: a tail shorter than one 32-wide vector
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_matches_fp32_math_within_rounding(m, k, bias):
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(77, k, generator=g).bfloat16()  # 77 rows: not a multiple of the row tile
+    b = torch.randn(77, generator=g).bfloat16() if bias else None
+    out = torch.ops.llmbuild.linear(x, w, b)
+    exact = x.float() @ w.float().T + (b.float() if bias else 0)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, 77)
+    # one bf16 rounding of the result (plus summation-order noise)
+    torch.testing.assert_close(out.float(), exact, atol=0.05 * k**0.5, rtol=2**-7)
+    torch.testing.assert_close(out.float(), linear_ref(x, w, b).float(), atol=0.05 * k**0.5, rtol=2**-6)
+
+
+def test_fp32_and_batched_shapes_fall_back_to_aten_exactly():
+    x = torch.randn(2, 3, 64)
+    w = torch.randn(10, 64)
+    assert torch.equal(torch.ops.llmbuild.linear(x, w, None), linear_ref(x, w, None))
+    xb = x.bfloat16()
+    out = torch.ops.llmbuild.linear(xb, w.bfloat16(), None)
+    assert out.shape == (2, 3, 10)
+
+
+def test_mismatches_fail_with_a_message():
+    with pytest.raises(RuntimeError, match="does not fit w"):
+        torch.ops.llmbuild.linear(torch.randn(1, 8), torch.randn(4, 9), None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.llmbuild.linear(torch.randn(1, 8).bfloat16(), torch.randn(4, 8), None)
+
+
+def test_opcheck():
+    x, w, b = torch.randn(2, 64).bfloat16(), torch.randn(8, 64).bfloat16(), torch.randn(8).bfloat16()
+    torch.library.opcheck(torch.ops.llmbuild.linear.default, (x, w, b))
