@@ -53,10 +53,19 @@ from llmbuild.recipe import Recipe
 StageCallback = Callable[[str, float | None], None]
 """Called with (stage, None) when a stage starts and (stage, seconds) when it ends."""
 
-_HINTS = {
-    MemoryError: "the machine ran out of memory; free memory, or build a smaller model / shorter limits.max_seq_len",
-    OSError: "check free disk space and permissions of the output directory",
-}
+_OOM_HINT = "out of memory: free memory, or build a smaller model / a shorter limits.max_seq_len"
+
+
+def _hint(exc: Exception) -> str:
+    """The likely fix for an exception that escaped a build stage."""
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text:
+        return _OOM_HINT
+    if isinstance(exc, OSError):
+        return "check free disk space and permissions of the output and cache directories"
+    if "compil" in text or "g++" in text or "c++" in text:
+        return "the C++ compiler failed; check that g++ works, then rerun with --debug for its output"
+    return "rerun with --debug for the traceback"
 
 
 @dataclass(frozen=True)
@@ -265,7 +274,7 @@ def _stage(name: str, timings: dict[str, float], on_stage: StageCallback) -> Ite
     except LLMBuildError:
         raise
     except Exception as exc:
-        hint = next((h for t, h in _HINTS.items() if isinstance(exc, t)), "rerun with --debug for the traceback")
+        hint = _hint(exc)
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise BuildError(f"stage '{name}' failed: {type(exc).__name__}: {detail} ({hint})") from exc
     timings[name] = round(time.perf_counter() - start, 3)

@@ -120,3 +120,24 @@ def test_sliding_window_shorter_than_max_seq_len_is_not_supported_yet(make_ckpt,
     with pytest.raises(RecipeError, match="not supported yet: sliding-window attention"):
         build_engine(recipe, tmp_path / "e")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize(
+    "error,hint",
+    [
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"), "out of memory"),
+        (MemoryError(), "out of memory"),
+        (OSError(28, "No space left on device"), "free disk space"),
+    ],
+)
+def test_a_failing_stage_is_named_with_its_likely_fix(make_ckpt, tmp_path, monkeypatch, error, hint):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", make_ckpt("llama")))
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(build_module, "load_weights", fail)
+    with pytest.raises(BuildError) as exc:
+        build_engine(recipe, tmp_path / "e", cache_dir=tmp_path / "cache", use_cache=False)
+    assert "stage 'load weights' failed" in str(exc.value) and hint in str(exc.value)
+    assert not (tmp_path / "e").exists()
