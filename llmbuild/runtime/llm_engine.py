@@ -10,6 +10,7 @@ detokenize + stop strings                   # text deltas for the caller
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from llmbuild.runtime.detokenizer import IncrementalDetokenizer
 from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.model_runner import ModelRunner, allocate_kv_cache
 from llmbuild.runtime.request import FinishReason, Request
-from llmbuild.runtime.sampler import Sampler
+from llmbuild.runtime.sampler import Sampler, TokenLogprobs
 from llmbuild.runtime.sampling_params import SamplingParams
 from llmbuild.runtime.scheduler import Scheduler, SchedulerConfig
 
@@ -37,6 +38,7 @@ class RequestOutput:
     text: str
     """New text that is safe to show (complete characters, no possible stop-string prefix)."""
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +55,7 @@ class Completion:
 class LLMEngine:
     """Requests in, tokens and text out; one `step()` runs one batched forward pass."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, enable_prefix_caching: bool = True) -> None:
         manifest = engine.manifest
         self.engine = engine
         self.limits = manifest.limits
@@ -61,7 +63,7 @@ class LLMEngine:
         self.memory = self._plan_memory(engine)
         eos = frozenset(manifest.model.eos_token_ids)
         block_size = manifest.kv_cache.block_size
-        self.pool = BlockPool(self.memory.num_blocks)
+        self.pool = BlockPool(self.memory.num_blocks, enable_prefix_caching)
         caches = allocate_kv_cache(manifest.model, self.memory.num_blocks, block_size, engine.kv_cache_dtype)
         self.runner = ModelRunner(engine.graph, caches, block_size, self.limits.max_seq_len)
         self.scheduler = Scheduler(
@@ -77,15 +79,26 @@ class LLMEngine:
         self.sampler = Sampler(manifest.model.vocab_size, eos)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
+        self.model_seconds = 0.0
+        """Time spent in the forward pass and sampling, summed over steps (the rest is overhead)."""
 
     @classmethod
-    def from_dir(cls, path: str | Path, verify: bool = True, backend: str | None = None) -> LLMEngine:
-        return cls(Engine.load(path, verify=verify, backend=backend))
+    def from_dir(
+        cls, path: str | Path, verify: bool = True, backend: str | None = None, enable_prefix_caching: bool = True
+    ) -> LLMEngine:
+        return cls(Engine.load(path, verify=verify, backend=backend), enable_prefix_caching)
 
     def make_request(
-        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
     ) -> Request:
-        """Tokenize and validate a prompt against the engine's limits (nothing is queued)."""
+        """Tokenize and validate a prompt against the engine's limits (nothing is queued).
+
+        Safe to call from any thread: it reads only immutable engine state.
+        """
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         vocab, max_len = self.engine.manifest.model.vocab_size, self.limits.max_seq_len
         if not ids:
@@ -99,13 +112,16 @@ class LLMEngine:
                 f"together); shorten the prompt or rebuild with a larger limits.max_seq_len"
             )
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        return Request(
+        request = Request(
             request_id=request_id or f"req-{next(self._ids)}",
             prompt_token_ids=ids,
             params=params,
             max_tokens=min(params.max_tokens, max_len - len(ids)),
             generator=generator,
+            priority=priority,
         )
+        self.scheduler.check_fits(request)
+        return request
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add(request)
@@ -131,10 +147,16 @@ class LLMEngine:
                 # add() admits only requests that fit the cache alone, so this is a scheduler bug
                 raise RuntimeError("scheduler made no progress with unfinished requests")
             return []
+        start = time.perf_counter()
         logits = self.runner.execute(batch)
-        tokens = self.sampler.sample(logits, batch.sampling_requests)
+        sampling = batch.sampling_requests
+        tokens = self.sampler.sample(logits, sampling)
+        logprobs = None
+        if any(r.params.logprobs is not None for r in sampling):
+            logprobs = dict(zip(sampling, self.sampler.logprobs(logits, sampling, tokens), strict=True))
+        self.model_seconds += time.perf_counter() - start
         advanced = self.scheduler.update(batch, tokens)
-        return [self._output(request) for request in advanced]
+        return [self._output(request, logprobs[request] if logprobs else None) for request in advanced]
 
     def stream(self, request: Request) -> Iterator[RequestOutput]:
         """Queue one request and yield its outputs step by step until it finishes."""
@@ -165,7 +187,7 @@ class LLMEngine:
             for r in requests
         ]
 
-    def _output(self, request: Request) -> RequestOutput:
+    def _output(self, request: Request, logprobs: TokenLogprobs | None) -> RequestOutput:
         detok = self._detokenizers[request.request_id]
         text = detok.update(request.output_token_ids[-1])
         if detok.stopped_by is not None and not request.is_finished:
@@ -174,7 +196,7 @@ class LLMEngine:
             text += detok.flush()
             del self._detokenizers[request.request_id]
         reason = request.finish_reason.value if request.finish_reason else None
-        return RequestOutput(request.request_id, request.output_token_ids[-1], text, reason)
+        return RequestOutput(request.request_id, request.output_token_ids[-1], text, reason, logprobs)
 
     def _plan_memory(self, engine: Engine) -> MemoryPlan:
         manifest = engine.manifest

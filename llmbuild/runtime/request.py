@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 from llmbuild.runtime.sampling_params import SamplingParams
+
+_arrival_order = itertools.count()
 
 
 class RequestStatus(enum.Enum):
@@ -37,9 +40,16 @@ class Request:
     """params.max_tokens, clamped so that prompt + output fits the engine's max_seq_len."""
     generator: torch.Generator | None = None
     """Own random stream when params.seed is set, so results do not depend on the batch."""
+    priority: int = 0
+    """Lower is served first; equal priorities are served in arrival order (FCFS)."""
+    arrival: int = field(default_factory=lambda: next(_arrival_order))
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Content hashes of this request's first full blocks of tokens (see BlockPool), filled lazily."""
+    num_cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache on (the latest) admission, not computed."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
 

@@ -7,10 +7,22 @@ gives the same tokens whatever else is in the batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from llmbuild.runtime.request import Request
 from llmbuild.runtime.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Log-probability of a sampled token under the model's (unprocessed) distribution, with the top ones."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    """(token id, logprob) of the most likely tokens, best first."""
 
 
 class Sampler:
@@ -33,6 +45,24 @@ class Sampler:
             probs = filtered_probs(row / params.temperature, params)
             tokens.append(int(torch.multinomial(probs, 1, generator=request.generator)))
         return tokens
+
+    def logprobs(self, logits: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[TokenLogprobs | None]:
+        """For each request that asked for logprobs: its sampled token's and its top alternatives'.
+
+        As in the OpenAI API and vLLM, these are of the raw model distribution (before
+        temperature, penalties and filtering).
+        """
+        out: list[TokenLogprobs | None] = []
+        for row, request, token in zip(logits, requests, tokens, strict=True):
+            k = request.params.logprobs
+            if k is None:
+                out.append(None)
+                continue
+            logp = torch.log_softmax(row.float(), dim=-1)
+            top = torch.topk(logp, k) if k else None
+            pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+            out.append(TokenLogprobs(token, float(logp[token]), pairs))
+        return out
 
     def _adjusts_logits(self, request: Request) -> bool:
         return request.params.penalized or len(request.output_token_ids) < request.params.min_tokens

@@ -30,6 +30,8 @@ class SamplingParams:
     min_tokens: int = 0
     """Tokens generated before EOS / stop token ids may end the request."""
     skip_special_tokens: bool = True
+    logprobs: int | None = None
+    """Return the sampled token's log-probability and this many top alternatives (None = off)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -56,6 +58,7 @@ class SamplingParams:
                 all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids must be non-negative integers",
             ),
+            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0 (got {self.logprobs})"),
         ]
         for ok, message in checks:
             if not ok:

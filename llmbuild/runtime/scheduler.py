@@ -1,21 +1,25 @@
 """Scheduler: decides which tokens of which requests one step computes.
 
-Each step takes the running requests first (decodes and unfinished prompt chunks, oldest first),
-then admits waiting requests while the step has token budget (limits.max_num_tokens), batch room
-(limits.max_batch_size) and free KV blocks. A prompt longer than the remaining budget is split
-into chunks over several steps (chunked prefill), so a long prompt never stalls running decodes.
-When blocks run out, the newest running request is preempted: its blocks are freed and it is
-recomputed from its tokens later, so nothing is lost.
+Each step takes the running requests first (decodes and unfinished prompt chunks, most important
+first), then admits waiting requests while the step has token budget (max_num_tokens), batch room
+(max_batch_size) and free KV blocks. A prompt longer than the remaining budget is split into
+chunks over several steps (chunked prefill), so a long prompt never stalls running decodes.
+Queues are ordered by (priority, arrival): FCFS unless a request asks for a priority.
+
+On admission the longest prefix of the request's full blocks found in the prefix cache is reused
+instead of recomputed; blocks are registered in the cache as they fill. When blocks run out the
+least important running request is preempted: its blocks are released (they stay cached) and it
+is recomputed from its tokens later, so nothing is lost.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections import deque
 from dataclasses import dataclass
 
 from llmbuild.errors import RequestError
-from llmbuild.runtime.block_pool import BlockPool
+from llmbuild.runtime.block_pool import BlockPool, block_hash
 from llmbuild.runtime.request import FinishReason, Request, RequestStatus
 
 
@@ -57,19 +61,25 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
         self.config = config
         self.pool = pool
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
 
     def add(self, request: Request) -> None:
         """Queue a request; refuse one that could never fit the KV cache on its own."""
+        self.check_fits(request)
+        bisect.insort(self.waiting, request, key=_sort_key)
+
+    def check_fits(self, request: Request) -> None:
+        """Raise RequestError if the request could not fit the whole KV cache even alone."""
         need = math.ceil((request.num_prompt_tokens + request.max_tokens) / self.config.block_size)
         if need > self.pool.num_blocks:
             raise RequestError(
                 f"request needs {need} KV blocks for {request.num_prompt_tokens} prompt + {request.max_tokens} "
                 f"new tokens but the cache has {self.pool.num_blocks}; lower max_tokens or enlarge the KV cache"
             )
-        self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -90,12 +100,18 @@ class Scheduler:
                 self._preempt(self.running.pop())  # the newest; may be `request` itself
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
             request = self.waiting[0]
+            if not request.block_ids:
+                self._reuse_cached_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._reserve(request, request.num_computed_tokens + n):
+                self._release(request)
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            bisect.insort(self.running, request, key=_sort_key)
+            if request.num_cached_tokens:
+                self.prefix_hit_tokens += request.num_cached_tokens
+            self.prefix_queried_tokens += request.num_tokens
             seqs.append(self._chunk(request, n))
             budget -= n
         return StepBatch(tuple(seqs))
@@ -110,6 +126,7 @@ class Scheduler:
         advanced = []
         for seq in batch.seqs:
             request = seq.request
+            self._register_full_blocks(request, request.num_computed_tokens + seq.num_new_tokens)
             request.num_computed_tokens += seq.num_new_tokens
             if not seq.samples:
                 continue
@@ -134,6 +151,40 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
+    def _reuse_cached_prefix(self, request: Request) -> None:
+        """Start the request after its longest cached prefix of full blocks.
+
+        At least one token is always left to compute (the step must produce logits to sample
+        from), so a shared block is never written to.
+        """
+        num_blocks = (request.num_tokens - 1) // self.config.block_size
+        blocks = self.pool.lookup(self._block_hashes(request, num_blocks))
+        request.block_ids = blocks
+        request.num_computed_tokens = request.num_cached_tokens = len(blocks) * self.config.block_size
+
+    def _register_full_blocks(self, request: Request, num_computed: int) -> None:
+        """Put the blocks this step fills into the prefix cache."""
+        bs = self.config.block_size
+        first, last = request.num_computed_tokens // bs, num_computed // bs
+        if last > first:
+            hashes = self._block_hashes(request, last)
+            for i in range(first, last):
+                self.pool.register(request.block_ids[i], hashes[i])
+
+    def _block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+        bs, hashes = self.config.block_size, request.block_hashes
+        if len(hashes) < num_blocks:
+            tokens = request.all_token_ids
+            for i in range(len(hashes), num_blocks):
+                hashes.append(block_hash(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+        return hashes
+
+    def _release(self, request: Request) -> None:
+        """Give back a request's blocks and computed state (it will be recomputed later)."""
+        self.pool.free(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = request.num_cached_tokens = 0
+
     def _chunk(self, request: Request, n: int) -> ScheduledSeq:
         return ScheduledSeq(request, n, request.num_computed_tokens + n == request.num_tokens)
 
@@ -148,11 +199,9 @@ class Scheduler:
         return True
 
     def _preempt(self, request: Request) -> None:
-        self.pool.free(request.block_ids)
-        request.block_ids = []
-        request.num_computed_tokens = 0
+        self._release(request)
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+        bisect.insort(self.waiting, request, key=_sort_key)
         self.num_preemptions += 1
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
@@ -164,3 +213,8 @@ class Scheduler:
         if len(request.output_token_ids) >= request.max_tokens or request.num_tokens >= self.config.max_seq_len:
             return FinishReason.LENGTH
         return None
+
+
+def _sort_key(request: Request) -> tuple[int, int]:
+    """Queue order: priority (lower first), then arrival."""
+    return (request.priority, request.arrival)

@@ -125,7 +125,10 @@ def test_sliding_window_shorter_than_max_seq_len_is_not_supported_yet(make_ckpt,
 @pytest.mark.parametrize(
     "error,hint",
     [
-        (RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"), "out of memory"),
+        (
+            RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"),
+            "out of memory",
+        ),
         (MemoryError(), "out of memory"),
         (OSError(28, "No space left on device"), "free disk space"),
     ],

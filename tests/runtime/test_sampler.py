@@ -118,3 +118,21 @@ def test_mixed_batch_rows_use_their_own_params():
 def test_invalid_params_are_refused(bad):
     with pytest.raises(RequestError):
         SamplingParams(**bad)
+
+
+def test_logprobs_are_of_the_raw_distribution_with_top_alternatives():
+    logits = torch.tensor([0.0, 3, 1, 5, 2, 0, 0, 0, 0, 0])
+    r = req(temperature=0.5, logprobs=2, seed=3)
+    plain = req()
+    s = Sampler(V, frozenset({EOS}))
+    lp, none = s.logprobs(torch.stack([logits, logits]), [r, plain], [1, 3])
+    expected = torch.log_softmax(logits, -1)
+    assert none is None
+    assert lp.token_id == 1 and lp.logprob == pytest.approx(float(expected[1]))
+    assert [t for t, _ in lp.top] == [3, 1]
+    assert lp.top[0][1] == pytest.approx(float(expected[3]))
+
+
+def test_negative_logprobs_is_refused():
+    with pytest.raises(RequestError, match="logprobs"):
+        SamplingParams(logprobs=-1)

@@ -18,9 +18,10 @@ def make_scheduler(num_blocks=64, max_batch_size=4, max_num_tokens=32, max_seq_l
     return Scheduler(config, BlockPool(num_blocks))
 
 
-def make_request(rid: str, prompt_len: int, max_tokens: int = 8, **params) -> Request:
+def make_request(rid: str, prompt_len: int, max_tokens: int = 8, first_token: int = 10, **params) -> Request:
+    """A prompt of consecutive ids from first_token (equal first_tokens share a cacheable prefix)."""
     sp = SamplingParams(max_tokens=max_tokens, **params)
-    return Request(rid, list(range(10, 10 + prompt_len)), sp, max_tokens=max_tokens)
+    return Request(rid, list(range(first_token, first_token + prompt_len)), sp, max_tokens=max_tokens)
 
 
 def run_to_end(scheduler: Scheduler, token: int = 7, max_steps: int = 1000) -> list:
@@ -56,7 +57,7 @@ def test_long_prompt_is_chunked_and_decodes_go_first():
     s.add(short)
     first = s.schedule()
     s.update(first, [7])
-    long = make_request("long", prompt_len=40, max_tokens=2)
+    long = make_request("long", prompt_len=40, max_tokens=2, first_token=100)
     s.add(long)
     seen_chunks = []
     while not long.output_token_ids:
@@ -141,3 +142,100 @@ def test_max_seq_len_ends_generation():
     s.add(r)
     run_to_end(s)
     assert r.num_tokens == 12 and r.finish_reason is FinishReason.LENGTH
+
+
+def test_shared_prefix_is_computed_once_and_blocks_are_shared():
+    s = make_scheduler(block_size=4)
+    first = make_request("first", prompt_len=10, max_tokens=2)
+    s.add(first)
+    run_to_end(s)
+    # the same 10-token prompt again: its two full blocks come from the cache, 2 tokens are computed
+    again = make_request("again", prompt_len=10, max_tokens=2)
+    s.add(again)
+    batch = s.schedule()
+    assert again.num_cached_tokens == 8 and batch.seqs[0].num_new_tokens == 2
+    s.update(batch, [7])
+    run_to_end(s)
+    assert again.output_token_ids == first.output_token_ids
+    assert s.prefix_hit_tokens == 8
+    assert s.pool.num_free == s.pool.num_blocks
+
+
+def test_concurrent_requests_share_blocks_by_reference():
+    s = make_scheduler(block_size=4)
+    a = make_request("a", prompt_len=9, max_tokens=4)
+    s.add(a)
+    s.update(s.schedule(), [7])
+    b = make_request("b", prompt_len=9, max_tokens=4)
+    s.add(b)
+    s.update(s.schedule(), [7, 7])
+    assert b.block_ids[:2] == a.block_ids[:2] and b.block_ids[2] != a.block_ids[2]
+    s.finish(a, FinishReason.ABORT)
+    s.pool.check_integrity()
+    run_to_end(s)
+    assert s.pool.num_free == s.pool.num_blocks
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    s = make_scheduler(block_size=4)
+    s.add(make_request("a", prompt_len=8, max_tokens=1))
+    run_to_end(s)
+    b = make_request("b", prompt_len=8, max_tokens=1)
+    s.add(b)
+    batch = s.schedule()
+    # only the first block is reused: recomputing into the shared second block would write to it
+    assert b.num_cached_tokens == 4 and batch.seqs[0].num_new_tokens == 4
+
+
+def test_priority_orders_the_waiting_queue_and_equal_priorities_are_fcfs():
+    s = make_scheduler(max_batch_size=1)
+    late_low = make_request("low", 3, max_tokens=1)
+    first = make_request("first", 3, max_tokens=1)
+    urgent = make_request("urgent", 3, max_tokens=1)
+    second = make_request("second", 3, max_tokens=1)
+    late_low.priority, urgent.priority = 5, -1
+    for r in (late_low, first, urgent, second):
+        s.add(r)
+    order = [b.seqs[0].request.request_id for b in run_to_end(s)]
+    assert order == ["urgent", "first", "second", "low"]
+
+
+def test_preemption_takes_the_least_important_request():
+    s = make_scheduler(num_blocks=6, block_size=4, max_num_tokens=64)
+    vip = make_request("vip", prompt_len=8, max_tokens=8)
+    vip.priority = -1
+    other = make_request("other", prompt_len=8, max_tokens=8)
+    s.add(other)
+    s.add(vip)
+    run_to_end(s)
+    assert s.num_preemptions > 0
+    assert vip.output_token_ids == [7] * 8 and other.output_token_ids == [7] * 8
+    assert s.pool.num_free == s.pool.num_blocks
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_workload_never_leaks_blocks(seed):
+    import random
+
+    rng = random.Random(seed)
+    s = make_scheduler(num_blocks=24, block_size=4, max_num_tokens=24, max_batch_size=6)
+    prefixes = [[rng.randrange(100) for _ in range(rng.randrange(4, 12))] for _ in range(3)]
+    live = []
+    for step in range(400):
+        if step < 200 and rng.random() < 0.3:
+            prompt = rng.choice(prefixes) + [rng.randrange(100) for _ in range(rng.randrange(1, 6))]
+            r = Request(f"r{step}", prompt, SamplingParams(max_tokens=8), max_tokens=rng.randrange(1, 9))
+            r.priority = rng.randrange(3)
+            s.add(r)
+            live.append(r)
+        if live and rng.random() < 0.05:
+            s.finish(rng.choice(live), FinishReason.ABORT)
+        batch = s.schedule()
+        s.update(batch, [rng.randrange(100) for _ in batch.sampling_requests])
+        s.pool.check_integrity()
+        for r in s.running:
+            assert len(r.block_ids) * 4 >= r.num_computed_tokens
+    run_to_end(s)
+    assert all(r.is_finished for r in live)
+    assert s.pool.num_free == s.pool.num_blocks
+    assert s.prefix_hit_tokens > 0

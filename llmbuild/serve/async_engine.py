@@ -1,0 +1,214 @@
+"""AsyncEngine: the LLMEngine's step loop on its own thread, fed and drained from asyncio.
+
+The model step is blocking work (torch releases the GIL inside it), so it runs on a dedicated
+thread and never stalls the event loop that serves HTTP. The scheduler is touched only by that
+thread: adds and aborts reach it through a command queue, and outputs come back to each
+request's asyncio.Queue with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from llmbuild.errors import LLMBuildError, RequestError
+from llmbuild.runtime.llm_engine import LLMEngine, RequestOutput
+from llmbuild.runtime.request import Request
+from llmbuild.serve.metrics import Metrics
+
+
+class QueueFullError(LLMBuildError):
+    """The server holds as many requests as it may; the client should retry later (HTTP 429)."""
+
+
+class EngineDeadError(LLMBuildError):
+    """The step loop stopped after an internal error; the server can no longer generate (HTTP 503)."""
+
+
+@dataclass(eq=False)
+class _Stream:
+    """Where one request's outputs go, and the timestamps its latency metrics need."""
+
+    request: Request
+    index: int
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    arrival: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None
+
+
+class RequestStream:
+    """The outputs of one generate() call, as an async iterator of (index, RequestOutput)."""
+
+    def __init__(self, engine: AsyncEngine, request_ids: list[str], sink: asyncio.Queue) -> None:
+        self._engine = engine
+        self._count = len(request_ids)
+        self._pending = set(request_ids)
+        self._sink = sink
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if not self._pending:
+            self.close()
+            raise StopAsyncIteration
+        item = await self._sink.get()
+        if isinstance(item, BaseException):
+            self.close()
+            if isinstance(item, RequestError):
+                raise item
+            raise EngineDeadError(f"the engine stopped after an internal error: {item}") from item
+        index, out = item
+        if out.finish_reason is not None:
+            self._pending.discard(out.request_id)
+        return index, out
+
+    def close(self) -> None:
+        """Abort the unfinished requests (idempotent); called on early exit and on garbage collection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.num_unfinished -= self._count
+        if self._pending:
+            self._engine._abort(sorted(self._pending))
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class AsyncEngine:
+    """Thread-safe front of one LLMEngine: `generate()` from any coroutine, `abort` on disconnect."""
+
+    def __init__(self, llm: LLMEngine, metrics: Metrics, max_queue: int) -> None:
+        self.llm = llm
+        self.metrics = metrics
+        self.capacity = llm.limits.max_batch_size + max_queue
+        """Most unfinished requests held at once: every batch slot plus a bounded waiting queue."""
+        self.num_unfinished = 0
+        self.error: BaseException | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llmbuild-engine", daemon=True)
+        metrics.kv_blocks_total.set(llm.pool.num_blocks)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the step loop (requests still held are aborted)."""
+        self._stop.set()
+        self._commands.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def generate(self, requests: list[Request]) -> RequestStream:
+        """Queue requests together; iterate the result for (index in `requests`, output) pairs.
+
+        Raises QueueFullError (nothing queued) when the server is at capacity. Closing the stream
+        early, or dropping it, aborts whatever is unfinished and frees its KV blocks.
+        """
+        if not self.alive:
+            raise EngineDeadError(f"the engine stopped after an internal error: {self.error}")
+        if self.num_unfinished + len(requests) > self.capacity:
+            raise QueueFullError(
+                f"server is at capacity ({self.num_unfinished} requests in flight, limit {self.capacity}); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        sink: asyncio.Queue = asyncio.Queue()
+        streams = [_Stream(r, i, sink, loop) for i, r in enumerate(requests)]
+        self.num_unfinished += len(requests)
+        self._commands.put(("add", streams))
+        return RequestStream(self, [r.request_id for r in requests], sink)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        self._commands.put(("abort", request_ids))
+
+    def _run(self) -> None:
+        llm = self.llm
+        try:
+            while not self._stop.is_set():
+                self._apply_commands(block=not llm.has_unfinished())
+                if self._stop.is_set():
+                    break
+                if llm.has_unfinished():
+                    start = time.perf_counter()
+                    model_before = llm.model_seconds
+                    outputs = llm.step()
+                    now = time.perf_counter()
+                    for out in outputs:
+                        self._deliver(out, now)
+                    self.metrics.observe_step(now - start, llm.model_seconds - model_before)
+                self._publish_state()
+        except BaseException as exc:  # noqa: BLE001 - any failure of the loop must reach every waiting client
+            self.error = exc
+            for stream in list(self._streams.values()):
+                stream.loop.call_soon_threadsafe(stream.sink.put_nowait, exc)
+            self._streams.clear()
+            raise
+        finally:
+            for stream in list(self._streams.values()):
+                llm.abort(stream.request)
+            self._streams.clear()
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:
+            kind, payload = command
+            if kind == "add":
+                for stream in payload:
+                    try:
+                        self.llm.add_request(stream.request)
+                    except RequestError as exc:
+                        stream.loop.call_soon_threadsafe(stream.sink.put_nowait, exc)
+                        continue
+                    self._streams[stream.request.request_id] = stream
+                    self.metrics.prompt_tokens.inc(stream.request.num_prompt_tokens)
+            else:
+                for request_id in payload:
+                    stream = self._streams.pop(request_id, None)
+                    if stream is not None:
+                        self.llm.abort(stream.request)
+                        self.metrics.finished("abort")
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+        self._stop.set()
+
+    def _deliver(self, out: RequestOutput, now: float) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        if stream.last_token is None:
+            self.metrics.ttft.observe(now - stream.arrival)
+        else:
+            self.metrics.itl.observe(now - stream.last_token)
+        stream.last_token = now
+        self.metrics.generation_tokens.inc()
+        if out.finish_reason is not None:
+            del self._streams[out.request_id]
+            self.metrics.e2e.observe(now - stream.arrival)
+            self.metrics.finished(out.finish_reason)
+        stream.loop.call_soon_threadsafe(stream.sink.put_nowait, (stream.index, out))
+
+    def _publish_state(self) -> None:
+        scheduler, pool, m = self.llm.scheduler, self.llm.pool, self.metrics
+        m.waiting.set(len(scheduler.waiting))
+        m.running.set(len(scheduler.running))
+        m.kv_blocks_used.set(pool.num_blocks - pool.num_free)
+        m.set_scheduler_counters(
+            scheduler.num_preemptions, scheduler.prefix_queried_tokens, scheduler.prefix_hit_tokens
+        )
