@@ -239,3 +239,17 @@ def test_random_workload_never_leaks_blocks(seed):
     assert all(r.is_finished for r in live)
     assert s.pool.num_free == s.pool.num_blocks
     assert s.prefix_hit_tokens > 0
+
+
+def test_equal_blocks_after_different_prefixes_are_not_shared():
+    s = make_scheduler(block_size=4)
+    blocks = {}
+    for rid, head in [("a", [1, 2, 3, 4]), ("b", [8, 8, 8, 8]), ("c", [8, 8, 8, 8])]:
+        r = Request(rid, head + [9, 9, 9, 9, 5], SamplingParams(max_tokens=1), max_tokens=1)
+        s.add(r)
+        s.schedule()
+        blocks[rid] = list(r.block_ids)
+        run_to_end(s)
+    # c repeats b: it reuses b's blocks, never a's [9, 9, 9, 9] block, which follows other tokens
+    assert blocks["c"][:2] == blocks["b"][:2]
+    assert blocks["c"][1] != blocks["a"][1]
