@@ -11,13 +11,15 @@ small local BPE tokenizer of tools/make_demo_checkpoint.py (benchmarks feed toke
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig, LlamaConfig
 
-from tools.make_demo_checkpoint import train_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tools/
+from tools.make_demo_checkpoint import train_tokenizer  # noqa: E402
 
 SHAPE = dict(
     hidden_size=2048,

@@ -91,7 +91,8 @@ def bench_offline(
     compare_eager: bool = False,
 ) -> dict[str, Any]:
     """Measure an engine; returns a JSON-able report (see `format_markdown`)."""
-    engines = {"engine": LLMEngine.from_dir(engine_dir)}
+    # no prefix caching: a repeated prompt must be prefilled again, or TTFT would measure the cache
+    engines = {"engine": LLMEngine.from_dir(engine_dir, enable_prefix_caching=False)}
     manifest = engines["engine"].engine.manifest
     for b in batches:
         if b > manifest.limits.max_batch_size:
@@ -99,7 +100,9 @@ def bench_offline(
     run_once(engines["engine"], 1, min(prompt_len, 16), 4, seed=99)  # warm-up
     rss_engine = peak_rss_mib()
     if compare_eager:
-        engines["eager"] = LLMEngine.from_dir(engine_dir, backend="eager", verify=False)
+        engines["eager"] = LLMEngine.from_dir(
+            engine_dir, backend="eager", verify=False, enable_prefix_caching=False
+        )
         run_once(engines["eager"], 1, min(prompt_len, 16), 4, seed=99)
     runs: list[Run] = []
     for rep in range(repeats):

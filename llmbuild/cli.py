@@ -313,7 +313,24 @@ def run(
     _console(stderr=True).print(f"[dim]{len(request.output_token_ids)} tokens, finish_reason={reason}[/]")
 
 
-@cli.command()
+class _DefaultGroup(click.Group):
+    """A group whose `default` subcommand runs when the first argument names no subcommand,
+    so `llmbuild bench ENGINE` keeps working beside `llmbuild bench serve`."""
+
+    default = "offline"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_DefaultGroup)
+def bench() -> None:
+    """Benchmarks: `bench ENGINE` (offline, in-process) or `bench serve --url ...` (a live server)."""
+
+
+@bench.command("offline")
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option(
     "--batch",
@@ -330,7 +347,7 @@ def run(
 @click.option("--compare-eager", is_flag=True, help="Also run the engine's exported program, interleaved.")
 @click.option("--threads", type=int, help="torch threads (default: all cores).")
 @click.option("--out", type=click.Path(path_type=Path), help="Write OUT.json and OUT.md.")
-def bench(
+def bench_offline(
     engine: Path,
     batches: tuple[int, ...],
     prompt_len: int,
@@ -343,11 +360,12 @@ def bench(
     """Measure ENGINE offline: TTFT, decode tok/s at batch 1 and N, peak RSS, bandwidth ceiling."""
     import torch
 
-    from llmbuild.benchmark import bench_offline, format_markdown
+    from llmbuild.benchmark import bench_offline as measure
+    from llmbuild.benchmark import format_markdown
 
     if threads:
         torch.set_num_threads(threads)
-    report = bench_offline(engine, tuple(batches), prompt_len, new_tokens, repeats, compare_eager)
+    report = measure(engine, tuple(batches), prompt_len, new_tokens, repeats, compare_eager)
     text = format_markdown(report)
     click.echo(text)
     if out:
@@ -450,6 +468,54 @@ def _read_api_keys(path: Path) -> list[str]:
     if not keys:
         raise click.UsageError(f"--api-key-file: {path} holds no key (one key per line)")
     return keys
+
+
+@bench.command("serve")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Server base URL.")
+@click.option("--concurrency", type=int, default=16, show_default=True, help="Clients sending back to back.")
+@click.option("--requests", "num_requests", type=int, default=64, show_default=True, help="Requests in all.")
+@click.option("--prompt-len", type=int, default=128, show_default=True)
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--api-key", envvar="LLMBUILD_API_KEY", help="Bearer token (env LLMBUILD_API_KEY).")
+@click.option("--model", help="Model id (default: the first of /v1/models).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompts.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write OUT.json and OUT.md.")
+def bench_serve(
+    url: str,
+    concurrency: int,
+    num_requests: int,
+    prompt_len: int,
+    max_tokens: int,
+    api_key: str | None,
+    model: str | None,
+    seed: int,
+    out: Path | None,
+) -> None:
+    """Load a running OpenAI-compatible server: TTFT / TPOT / ITL / e2e percentiles and throughput."""
+    import asyncio
+
+    import httpx
+
+    from llmbuild.load_generator import as_json, format_report, run_load
+
+    for name, value in [("--concurrency", concurrency), ("--requests", num_requests), ("--prompt-len", prompt_len),
+                        ("--max-tokens", max_tokens)]:
+        if value < 1:
+            raise click.UsageError(f"{name} must be >= 1 (got {value})")
+    try:
+        report = asyncio.run(
+            run_load(url, concurrency, num_requests, prompt_len, max_tokens, api_key=api_key, model=model, seed=seed)
+        )
+    except httpx.TransportError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}; is `llmbuild serve` running there?") from None
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    text = format_report(report)
+    click.echo(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(as_json(report))
+        out.with_suffix(".md").write_text(text)
 
 
 def _chat_prompt(llm: Any, prompt: str) -> list[int]:

@@ -387,17 +387,18 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
             async for index, out in stream:
                 c = choices[index]
                 _add(c, out)
-                if out.text or out.finish_reason or c.logprobs:
-                    yield chunk(
-                        [
-                            {
-                                "index": index,
-                                "text": out.text,
-                                "logprobs": c.logprobs.take() if c.logprobs else None,
-                                "finish_reason": out.finish_reason,
-                            }
-                        ]
-                    )
+                # one chunk per token, even when its text is held back (a partial character or a
+                # possible stop-string prefix), so clients can count tokens and time each one
+                yield chunk(
+                    [
+                        {
+                            "index": index,
+                            "text": out.text,
+                            "logprobs": c.logprobs.take() if c.logprobs else None,
+                            "finish_reason": out.finish_reason,
+                        }
+                    ]
+                )
             if include_usage:
                 yield chunk([], _usage(requests, choices, body.n))
             yield "data: [DONE]\n\n"
@@ -438,18 +439,17 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
             async for index, out in stream:
                 c = choices[index]
                 _add(c, out)
-                if out.text or out.finish_reason or c.logprobs:
-                    delta = {"content": out.text} if out.text or not out.finish_reason else {}
-                    yield chunk(
-                        [
-                            {
-                                "index": index,
-                                "delta": delta,
-                                "logprobs": c.logprobs.take() if c.logprobs else None,
-                                "finish_reason": out.finish_reason,
-                            }
-                        ]
-                    )
+                delta = {"content": out.text} if out.text or not out.finish_reason else {}
+                yield chunk(
+                    [
+                        {
+                            "index": index,
+                            "delta": delta,
+                            "logprobs": c.logprobs.take() if c.logprobs else None,
+                            "finish_reason": out.finish_reason,
+                        }
+                    ]
+                )
             if include_usage:
                 yield chunk([], _usage(requests, choices, body.n))
             yield "data: [DONE]\n\n"

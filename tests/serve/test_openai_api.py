@@ -80,6 +80,7 @@ def test_streaming_completion_concatenates_to_the_same_text_with_usage_last(clie
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 12
+    assert len([c for c in chunks if c.choices]) == 12  # one chunk per token
 
 
 def test_chat_uses_the_engines_template(client, offline, serve_engine):
