@@ -57,7 +57,7 @@ class _Choice:
 
 
 def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`; starts and stops the engine's step loop with the app."""
+    """The FastAPI app serving `engine` (whose step loop runs elsewhere); stops the loop on shutdown."""
     llm = engine.llm
     manifest = llm.engine.manifest
     model_name = config.model_name or manifest.name
@@ -70,11 +70,10 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
         try:
             yield
         finally:
-            engine.stop()
+            engine.stop()  # in-flight requests have drained by now (or were cut off at the timeout)
 
     app = FastAPI(title="llmbuild", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state

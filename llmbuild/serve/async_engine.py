@@ -1,9 +1,9 @@
-"""AsyncEngine: the LLMEngine's step loop on its own thread, fed and drained from asyncio.
+"""AsyncEngine: the LLMEngine's step loop, fed and drained from an asyncio event loop elsewhere.
 
-The model step is blocking work (torch releases the GIL inside it), so it runs on a dedicated
-thread and never stalls the event loop that serves HTTP. The scheduler is touched only by that
-thread: adds and aborts reach it through a command queue, and outputs come back to each
-request's asyncio.Queue with call_soon_threadsafe.
+The model step is blocking work (torch releases the GIL inside it), so `run()` loops on a thread
+of its own, never the one serving HTTP (server.py runs it on the main thread, see why there).
+The scheduler is touched only by that thread: adds and aborts reach it through a command queue,
+and outputs come back to each request's asyncio.Queue with call_soon_threadsafe.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmbuild.errors import LLMBuildError, RequestError
@@ -94,22 +95,16 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="llmbuild-engine", daemon=True)
         metrics.kv_blocks_total.set(llm.pool.num_blocks)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the step loop (requests still held are aborted)."""
+    def stop(self) -> None:
+        """Ask the step loop to end (from any thread); requests still held are aborted."""
         self._stop.set()
         self._commands.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self.error is None and not self._stop.is_set()
 
     def generate(self, requests: list[Request]) -> RequestStream:
         """Queue requests together; iterate the result for (index in `requests`, output) pairs.
@@ -133,10 +128,13 @@ class AsyncEngine:
     def _abort(self, request_ids: list[str]) -> None:
         self._commands.put(("abort", request_ids))
 
-    def _run(self) -> None:
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """The step loop, in the calling thread, until stop() or `should_stop()` (checked when idle)."""
         llm = self.llm
         try:
             while not self._stop.is_set():
+                if not llm.has_unfinished() and should_stop():
+                    break
                 self._apply_commands(block=not llm.has_unfinished())
                 if self._stop.is_set():
                     break
@@ -151,6 +149,7 @@ class AsyncEngine:
                 self._publish_state()
         except BaseException as exc:  # noqa: BLE001 - any failure of the loop must reach every waiting client
             self.error = exc
+            self._stop.set()
             for stream in list(self._streams.values()):
                 stream.loop.call_soon_threadsafe(stream.sink.put_nowait, exc)
             self._streams.clear()
