@@ -1,6 +1,6 @@
 """`llmbuild::linear`: y = x @ w.T + bias, with a decode-sized bf16 kernel (csrc/linear.cpp).
 
-Batches of at most 4 bf16 rows stream the weights through an AVX512-BF16 kernel; everything else
+Batches of at most 8 bf16 rows stream the weights through an AVX512-BF16 kernel; everything else
 runs aten's linear (oneDNN). The reference is aten's linear.
 """
 

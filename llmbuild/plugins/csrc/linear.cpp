@@ -2,9 +2,11 @@
 //
 // Decode steps multiply a handful of token rows by each weight matrix, which makes them a pure
 // stream over the weights: aten's bf16 path reaches about half the memory bandwidth there. For
-// bf16 with at most kSmallM rows this runs a kernel that reads every weight row once, keeps
-// ROWS x M fp32 accumulators in registers and uses AVX512-BF16 dot products; anything else (fp32,
-// prefill-sized batches) goes to aten, i.e. oneDNN, which is faster once the GEMM is compute-bound.
+// bf16 with at most kSmallM rows this runs a kernel that reads every weight row once from memory,
+// keeps ROWS x (up to 4) fp32 accumulators in registers and uses AVX512-BF16 dot products; with
+// more than 4 rows, a panel of weight rows stays in cache while each 4-row tile of x passes over
+// it. Anything else (fp32, prefill-sized batches) goes to aten, i.e. oneDNN, which is faster once
+// the GEMM is compute-bound.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -66,7 +68,34 @@ void gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tens
   });
 }
 
-constexpr int64_t kSmallM = 4;
+// M > 4: panels of kPanel weight rows (a few tens of KB, cache-resident) meet every 4-row tile of x.
+void gemm_panels(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+  constexpr int ROWS = 4;
+  constexpr int64_t kPanel = 16;
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  const auto* wp = w.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* bp = bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
+  auto* yp = y.data_ptr<c10::BFloat16>();
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 2, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel, n1 = std::min(n0 + kPanel, N);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) gemv_rows<4, ROWS>(xp + m * K, wp, bp, yp + m * N, n0, n1, K, N);
+      switch (M - m) {
+        case 3: gemv_rows<3, ROWS>(xp + m * K, wp, bp, yp + m * N, n0, n1, K, N); break;
+        case 2: gemv_rows<2, ROWS>(xp + m * K, wp, bp, yp + m * N, n0, n1, K, N); break;
+        case 1: gemv_rows<1, ROWS>(xp + m * K, wp, bp, yp + m * N, n0, n1, K, N); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// Measured on the 2-core AVX512-BF16 machine (TinyLlama shapes, one layer + lm_head): 1.37x aten at
+// M=4, 1.23x at M=8, even at M=12..24, where both are compute-bound near 170 GFLOP/s.
+constexpr int64_t kSmallM = 8;
 
 bool use_gemv(const at::Tensor& x2d, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   return x2d.size(0) >= 1 && x2d.size(0) <= kSmallM && x2d.scalar_type() == at::kBFloat16 &&
@@ -81,7 +110,8 @@ at::Tensor run_gemv(const at::Tensor& x2d, const at::Tensor& w, const c10::optio
     case 1: gemv<1>(x, w, bias, y); break;
     case 2: gemv<2>(x, w, bias, y); break;
     case 3: gemv<3>(x, w, bias, y); break;
-    default: gemv<4>(x, w, bias, y); break;
+    case 4: gemv<4>(x, w, bias, y); break;
+    default: gemm_panels(x, w, bias, y); break;
   }
   return y;
 }
