@@ -40,6 +40,11 @@ def corpus() -> list[str]:
 
 def train_tokenizer(out_dir: Path, vocab_size: int) -> None:
     """Train a byte-level BPE on corpus() and save it (transformers format, with chat template)."""
+    train_tokenizer_on(out_dir, corpus(), vocab_size)
+
+
+def train_tokenizer_on(out_dir: Path, texts: list[str], vocab_size: int) -> None:
+    """Train a byte-level BPE on texts and save it (transformers format, with chat template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,7 +57,6 @@ def train_tokenizer(out_dir: Path, vocab_size: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = corpus()
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(

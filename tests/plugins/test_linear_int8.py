@@ -1,0 +1,51 @@
+"""llmbuild::linear_int8 against its reference, on both of its paths (weight-only and dequantize)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmbuild.plugins.linear_int8 import dequantize_int8, linear_int8_ref, quantize_int8
+
+
+def test_quantize_round_trip_is_within_half_a_step():
+    w = torch.randn(48, 96) * torch.linspace(0.01, 3, 48)[:, None]  # rows of very different ranges
+    q, scales = quantize_int8(w, torch.float32)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    err = (dequantize_int8(q, scales) - w).abs()
+    assert torch.all(err <= scales[:, None] / 2 + 1e-6)
+    assert torch.all(q.abs().amax(dim=1) == 127)  # each row uses its full range
+
+
+@pytest.mark.parametrize("m", [1, 3, 15, 16, 100])  # < 16: aten weight-only kernel; >= 16: dequantize
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("k", [208, 200])  # aten's weight-only kernel needs K % 16 == 0: 200 must dequantize
+def test_matches_the_reference(m, dtype, bias, k):
+    g = torch.Generator().manual_seed(m)
+    n = 72
+    x = torch.randn(m, k, generator=g).to(dtype)
+    q, scales = quantize_int8(torch.randn(n, k, generator=g), dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    out = torch.ops.llmbuild.linear_int8(x, q, scales, b)
+    ref = linear_int8_ref(x.float(), q, scales.float(), b.float() if bias else None)
+    assert out.dtype == dtype and out.shape == (m, n)
+    tol = dict(atol=0.05 * k**0.5, rtol=2**-6) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.float(), ref, **tol)
+
+
+def test_batched_input_shape_and_bad_inputs():
+    q, s = quantize_int8(torch.randn(8, 32), torch.bfloat16)
+    x = torch.randn(2, 3, 32).bfloat16()
+    assert torch.ops.llmbuild.linear_int8(x, q, s, None).shape == (2, 3, 8)
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.llmbuild.linear_int8(x, q.float(), s, None)
+    with pytest.raises(RuntimeError, match="scales"):
+        torch.ops.llmbuild.linear_int8(x, q, s.float(), None)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        torch.ops.llmbuild.linear_int8(torch.randn(1, 31).bfloat16(), q, s, None)
+
+
+def test_opcheck():
+    q, s = quantize_int8(torch.randn(8, 64), torch.bfloat16)
+    torch.library.opcheck(torch.ops.llmbuild.linear_int8.default, (torch.randn(2, 64).bfloat16(), q, s, None))

@@ -1,0 +1,65 @@
+"""The committed demo model (models/demo, trained by tools/train_demo_model.py): loadable by
+transformers, as good on its held-out text as its training report says, and our engine generates
+what transformers generates from it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmbuild.runtime.llm_engine import LLMEngine
+from llmbuild.runtime.sampling_params import SamplingParams
+
+DEMO = Path(__file__).parents[1] / "models" / "demo"
+
+
+@pytest.fixture(scope="module")
+def hf():
+    model = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(DEMO)
+
+
+def test_is_small_bf16_and_documented():
+    files = {p.name: p.stat().st_size for p in DEMO.iterdir()}
+    assert sum(files.values()) <= 50 * 2**20
+    config = json.loads((DEMO / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
+    assert "validation.txt" in files and "training.json" in files
+
+
+def test_held_out_perplexity_matches_the_training_report(hf):
+    model, tok = hf
+    report = json.loads((DEMO / "training.json").read_text())
+    text = (DEMO / "validation.txt").read_text().split("\n\n")
+    ids: list[int] = []
+    for paragraph in text:
+        ids += tok(paragraph)["input_ids"] + [tok.eos_token_id]
+    seq = report["seq_len"]
+    data = torch.tensor(ids[: (len(ids) - 1) // seq * seq + 1])
+    x, y = data[:-1].view(-1, seq), data[1:].view(-1, seq)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten())
+    ppl = math.exp(loss.item())
+    # far better than chance (vocab 4096), and what training measured (bf16 rounding of the weights aside)
+    assert ppl < 60
+    assert ppl == pytest.approx(report["perplexity"]["validation"], rel=0.1)
+
+
+def test_engine_generates_what_transformers_generates(hf, make_engine):
+    model, tok = hf
+    engine = make_engine("trained-demo", DEMO, model={"dtype": "float32"})
+    llm = LLMEngine.from_dir(engine)
+    prompts = ["A function is", "The list type", "Exceptions are raised when"]
+    ours = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
+    for prompt, done in zip(prompts, ours, strict=True):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            ref = model.generate(ids, max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids))
+        expected = ref[0, ids.shape[1] :].tolist()
+        assert done.token_ids == expected[: len(done.token_ids)]
+        assert done.text.strip(), prompt
