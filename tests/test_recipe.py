@@ -19,7 +19,7 @@ def parse(**sections):
 def test_bundled_demo_recipe_is_valid():
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "demo.yaml")
     assert recipe.name == "demo"
-    assert recipe.checkpoint_dir() == (Path(__file__).parents[1] / "checkpoints" / "demo").resolve()
+    assert recipe.checkpoint_dir() == (Path(__file__).parents[1] / "models" / "demo").resolve()
 
 
 def test_checkpoint_is_relative_to_the_recipe_file(tmp_path):

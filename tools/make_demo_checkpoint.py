@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Make small Hugging Face checkpoints locally (no model hub): the demo default and test models.
+"""Make small random-weight Hugging Face checkpoints locally (no model hub), for tests and benchmarks.
 
 A checkpoint is a transformers model with random weights (fixed seed) plus a byte-level BPE
 tokenizer trained with `tokenizers` on text that ships with CPython (pydoc's topic help, the
-Python documentation's own prose, PSF licence), and a ChatML chat template.
+Python documentation's own prose, PSF licence), and a ChatML chat template. The demo default is
+a trained model instead: models/demo, made by tools/train_demo_model.py.
 
-    python tools/make_demo_checkpoint.py --out checkpoints/demo
+    python tools/make_demo_checkpoint.py --out checkpoints/random
 """
 
 from __future__ import annotations
