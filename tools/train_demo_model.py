@@ -82,6 +82,7 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
 def perplexity(model, data: torch.Tensor, seq_len: int, batch: int = 16) -> float:
     """exp(mean next-token loss) over consecutive windows of the stream."""
     model.eval()
+    seq_len = min(seq_len, len(data) - 1)  # a held-out text shorter than one window is one window
     n = (len(data) - 1) // seq_len
     total, count = 0.0, 0
     for start in range(0, n, batch):
