@@ -26,6 +26,7 @@ from llmbuild.builder.export import export_graph, save_graph
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.package import check_output_dir, staging_dir
 from llmbuild.builder.plan import BuildPlan, make_plan
+from llmbuild.builder.quantize import quantize_model
 from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, CheckpointError, LLMBuildError
 from llmbuild.machine import native_isa
@@ -121,6 +122,9 @@ def build_engine(
             with _stage("load weights", timings, on_stage):
                 model = LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype, recipe.plugins)
                 load_weights(model, plan.checkpoint)
+            if recipe.quantization.weights != "none":
+                with _stage("quantize", timings, on_stage):
+                    quantize_model(model, recipe.quantization)
             with _stage("save weights", timings, on_stage):
                 save_file(model.state_dict(), rank / WEIGHTS, metadata={"format": "pt"})
                 cache.store("weights", weights_key, rank / WEIGHTS)
@@ -132,10 +136,13 @@ def build_engine(
                     shutil.copyfile(cached_file, rank / cached_file.name)
         else:
             with _stage("export", timings, on_stage):
-                # the graph never depends on weight values: uninitialised ones do when none were loaded
-                model = model or LlamaModel.empty(
-                    plan.checkpoint.config, recipe.limits.max_seq_len, dtype, recipe.plugins
-                )
+                # the graph never depends on weight values: zeros do when none were loaded
+                if model is None:
+                    model = LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype, recipe.plugins)
+                    for param in model.parameters():
+                        param.data.zero_()
+                    if recipe.quantization.weights != "none":
+                        quantize_model(model, recipe.quantization)
                 program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, dtype)
             if recipe.target.backend == "compiled":
                 with _stage("compile", timings, on_stage):

@@ -14,8 +14,11 @@ def unsupported_features(recipe: Recipe) -> list[str]:
         out.append(f"target.device={recipe.target.device} (cpu engines only so far)")
     if recipe.target.tensor_parallel != 1:
         out.append(f"target.tensor_parallel={recipe.target.tensor_parallel} (single-rank engines only so far)")
-    if recipe.quantization.weights != "none":
-        out.append(f"quantization.weights={recipe.quantization.weights}")
+    q = recipe.quantization
+    if q.weights not in ("none", "int8"):
+        out.append(f"quantization.weights={q.weights} (int8 only so far)")
+    if q.weights != "none" and q.method != "rtn":
+        out.append(f"quantization.method={q.method} (rtn only so far)")
     if recipe.quantization.kv_cache != "auto":
         out.append(f"quantization.kv_cache={recipe.quantization.kv_cache}")
     if recipe.quality.max_kl is not None or recipe.quality.min_top1 is not None:

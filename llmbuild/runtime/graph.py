@@ -73,4 +73,6 @@ def load_graph(rank_path: Path, backend: str) -> Graph:
         weights = load_file(rank_path / WEIGHTS)
     except (SafetensorError, OSError) as exc:
         raise EngineError(f"{rank_path / WEIGHTS}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    # safetensors packs tensors back to back; vectorized kernels want 64-byte aligned ones
+    weights = {n: t if t.data_ptr() % 64 == 0 else t.clone() for n, t in weights.items()}
     return CompiledGraph(rank_path, weights) if backend == "compiled" else EagerGraph(rank_path, weights)

@@ -49,3 +49,18 @@ def test_batched_input_shape_and_bad_inputs():
 def test_opcheck():
     q, s = quantize_int8(torch.randn(8, 64), torch.bfloat16)
     torch.library.opcheck(torch.ops.llmbuild.linear_int8.default, (torch.randn(2, 64).bfloat16(), q, s, None))
+
+
+def test_unaligned_weights_and_scales_take_the_safe_path():
+    # safetensors packs tensors back to back; aten's kernel crashes on unaligned pointers
+    q, s = quantize_int8(torch.randn(64, 256), torch.bfloat16)
+    w_buf = torch.empty(64 * 256 + 1, dtype=torch.int8)
+    w = w_buf[1:].view(64, 256)
+    w.copy_(q)
+    s_buf = torch.empty(65, dtype=torch.bfloat16)
+    s_odd = s_buf[1:]
+    s_odd.copy_(s)
+    x = torch.randn(3, 256).bfloat16()
+    expected = torch.ops.llmbuild.linear_int8(x, q, s, None)
+    torch.testing.assert_close(torch.ops.llmbuild.linear_int8(x, w, s, None), expected, atol=0.8, rtol=2**-6)
+    torch.testing.assert_close(torch.ops.llmbuild.linear_int8(x, q, s_odd, None), expected, atol=0.8, rtol=2**-6)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmbuild.builder.quantize import Int8Linear
 from llmbuild.errors import CheckpointError
 from llmbuild.model_config import ModelConfig, RopeConfig
 from llmbuild.plugins.rms_norm import add_rms_norm_ref, rms_norm_ref
@@ -50,7 +51,16 @@ def rope_tables(rope: RopeConfig, head_dim: int, max_len: int) -> tuple[torch.Te
     return emb.cos(), emb.sin()
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plugins: PluginsSection) -> torch.Tensor:
+def project(x: torch.Tensor, linear: nn.Linear | Int8Linear, plugins: PluginsSection) -> torch.Tensor:
+    """x @ W.T + b for an nn.Linear (linear plugin or aten) or a quantized linear (its plugin op)."""
+    if isinstance(linear, Int8Linear):
+        return torch.ops.llmbuild.linear_int8(x, linear.weight, linear.scales, linear.bias)
+    return project_weight(x, linear.weight, linear.bias, plugins)
+
+
+def project_weight(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plugins: PluginsSection
+) -> torch.Tensor:
     """x @ weight.T + bias through the linear plugin (decode-sized bf16 kernel) or aten."""
     if plugins.gemv:
         return torch.ops.llmbuild.linear(x, weight, bias)
@@ -100,7 +110,7 @@ class Attention(nn.Module):
         meta: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = project(x, self.qkv.weight, self.qkv.bias, self.plugins).split(self.split, dim=-1)
+        q, k, v = project(x, self.qkv, self.plugins).split(self.split, dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -109,7 +119,7 @@ class Attention(nn.Module):
         rope_fn = torch.ops.llmbuild.rope if self.plugins.fused_rope else rope_ref
         q, k = rope_fn(q, *rope), rope_fn(k, *rope)
         out = torch.ops.llmbuild.paged_attention(q, k, v, k_cache, v_cache, *meta, self.scale)
-        return project(out.reshape(t, self.num_heads * self.head_dim), self.o.weight, self.o.bias, self.plugins)
+        return project(out.reshape(t, self.num_heads * self.head_dim), self.o, self.plugins)
 
 
 class MLP(nn.Module):
@@ -121,9 +131,9 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = project(x, self.gate_up.weight, self.gate_up.bias, self.plugins)
+        gate_up = project(x, self.gate_up, self.plugins)
         act = torch.ops.llmbuild.swiglu(gate_up) if self.plugins.fused_swiglu else swiglu_ref(gate_up)
-        return project(act, self.down.weight, self.down.bias, self.plugins)
+        return project(act, self.down, self.plugins)
 
 
 class DecoderLayer(nn.Module):
@@ -195,8 +205,9 @@ class LlamaModel(nn.Module):
             h, residual = layer(h, residual, rope, kv_caches[2 * i], kv_caches[2 * i + 1], meta)
         assert residual is not None  # num_layers >= 1
         h, _ = self.norm.add(h[logits_indices], residual[logits_indices])
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return project(h, head, None, self.plugins).float()  # [N, vocab]
+        if self.lm_head is None:  # tied to the embedding
+            return project_weight(h, self.embed.weight, None, self.plugins).float()  # [N, vocab]
+        return project(h, self.lm_head, self.plugins).float()
 
 
 def hf_weight_target(cfg: ModelConfig, name: str) -> tuple[str, int, int] | None:

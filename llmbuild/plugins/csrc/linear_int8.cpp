@@ -4,6 +4,8 @@
 // (half the bytes of bf16, so up to twice the decode speed where memory bandwidth rules). Larger
 // batches (prefill) and fp32 activations dequantize the weight once per call and run a dense GEMM,
 // which is faster there than the weight-only kernel (see kDequantM).
+#include <cstdint>
+
 #include "ops.h"
 
 namespace llmbuild {
@@ -21,9 +23,13 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
               "linear_int8: scales must be [", w.size(0), "] in the activation dtype ", x.scalar_type());
   const auto x2d = x.reshape({-1, x.size(-1)});
   at::Tensor y;
-  // aten's kernel silently returns garbage when K is not a multiple of 16 (torch 2.13, measured)
-  if (x.scalar_type() == at::kBFloat16 && x2d.size(0) < kDequantM && w.size(1) % 16 == 0) {
-    y = at::_weight_int8pack_mm(x2d.contiguous(), w.contiguous(), scales.contiguous());
+  // aten's kernel (torch 2.13) silently returns garbage when K is not a multiple of 16 and crashes on
+  // weights or scales that are not 64-byte aligned (safetensors packs tensors back to back): measured
+  const bool aligned = reinterpret_cast<uintptr_t>(w.data_ptr()) % 64 == 0 &&
+                       reinterpret_cast<uintptr_t>(scales.data_ptr()) % 64 == 0;
+  if (x.scalar_type() == at::kBFloat16 && x2d.size(0) < kDequantM && w.size(1) % 16 == 0 && aligned &&
+      w.is_contiguous() && scales.is_contiguous()) {
+    y = at::_weight_int8pack_mm(x2d.contiguous(), w, scales);
     if (bias) y.add_(*bias);
   } else {
     y = at::linear(x2d, w.to(x.scalar_type()).mul_(scales.unsqueeze(1)), bias);
