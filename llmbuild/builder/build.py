@@ -5,14 +5,16 @@ Stages are timed into report.json; a stage that fails is named in the error with
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,15 @@ from llmbuild.builder.export import export_graph, save_graph
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.package import check_output_dir, staging_dir
 from llmbuild.builder.plan import BuildPlan, make_plan
+from llmbuild.builder.quality import (
+    EVAL_VERSION,
+    NUM_WINDOWS,
+    WINDOW,
+    Quality,
+    check_gate,
+    compare,
+    held_out_windows,
+)
 from llmbuild.builder.quantize import quantize_model
 from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, CheckpointError, LLMBuildError
@@ -52,6 +63,7 @@ from llmbuild.plugins.library import default_cache_dir
 from llmbuild.recipe import Recipe
 
 StageCallback = Callable[[str, float | None], None]
+QUALITY = "quality.json"
 """Called with (stage, None) when a stage starts and (stage, seconds) when it ends."""
 
 _OOM_HINT = "out of memory: free memory, or build a smaller model / a shorter limits.max_seq_len"
@@ -115,19 +127,34 @@ def build_engine(
         rank = stage / rank_dir(0)
         rank.mkdir()
         model: LlamaModel | None = None
-        if cached := cache.lookup("weights", weights_key, WEIGHTS):
+        quality: Quality | None = None
+        cached_quality = cache.lookup("weights", weights_key, QUALITY)
+        if (cached := cache.lookup("weights", weights_key, WEIGHTS)) and (
+            recipe.quantization.weights == "none" or cached_quality
+        ):
             with _stage("weights (cached)", timings, on_stage):
                 shutil.copyfile(cached, rank / WEIGHTS)
+                if cached_quality:
+                    quality = Quality(**json.loads(cached_quality.read_text()))
         else:
             with _stage("load weights", timings, on_stage):
                 model = LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype, recipe.plugins)
                 load_weights(model, plan.checkpoint)
             if recipe.quantization.weights != "none":
+                reference = copy.deepcopy(model)
                 with _stage("quantize", timings, on_stage):
                     quantize_model(model, recipe.quantization)
+                with _stage("quality", timings, on_stage):
+                    window = min(WINDOW, recipe.limits.max_seq_len)
+                    windows = held_out_windows(plan.checkpoint.path, NUM_WINDOWS, window)
+                    quality = compare(reference, model, windows)
+                    del reference
+                    _store_json(cache, "weights", weights_key, QUALITY, asdict(quality))
             with _stage("save weights", timings, on_stage):
                 save_file(model.state_dict(), rank / WEIGHTS, metadata={"format": "pt"})
                 cache.store("weights", weights_key, rank / WEIGHTS)
+        if quality is not None:
+            check_gate(recipe.quality, quality)  # before the slow stages: a failing build fails fast
         graph_files = (GRAPH, EXPORTED) if recipe.target.backend == "compiled" else (EXPORTED,)
         cached_graph = [p for name in graph_files if (p := cache.lookup("graph", graph_key, name))]
         if len(cached_graph) == len(graph_files):
@@ -162,8 +189,17 @@ def build_engine(
             manifest = _manifest(recipe, plan, target, graph_key, inputs, hash_tree(stage, skip=UNSEALED))
             manifest.save(stage)
         report = _report(plan, stage, timings, has_chat_template)
+        if quality is not None:
+            report["quality"] = {**asdict(quality), "held_out": "built-in (Python documentation prose)"}
         (stage / REPORT).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return BuildResult(out_dir, manifest, report)
+
+
+def _store_json(cache: BuildCache, kind: str, key: str, name: str, data: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        cache.store(kind, key, path)
 
 
 def _target(recipe: Recipe) -> Target:
@@ -186,6 +222,7 @@ def _weights_key(recipe: Recipe, plan: BuildPlan, inputs: Inputs) -> str:
             "dtype": plan.dtype,
             "quantization": recipe.quantization.model_dump(mode="json"),
             "max_seq_len": recipe.limits.max_seq_len,
+            "quality_eval": EVAL_VERSION,  # the cached quality metrics live beside the weights
         }
     )
 

@@ -3,6 +3,7 @@ engine builds, stores int8 weights and generates like the bf16 engine."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,17 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
+from llmbuild.builder.build import build_engine
 from llmbuild.builder.checkpoint import Checkpoint
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.quality import compare
 from llmbuild.builder.quantize import Int8Linear, quantize_model
 from llmbuild.builder.weights import load_weights
-from llmbuild.recipe import PluginsSection, QuantizationSection
+from llmbuild.errors import BuildError
+from llmbuild.recipe import PluginsSection, QuantizationSection, load_recipe
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
+from tests.conftest import write_recipe
 
 DEMO = Path(__file__).parents[2] / "models" / "demo"
 
@@ -80,3 +84,28 @@ def test_int8_engine_stores_int8_weights_and_generates_like_bf16(make_engine):
     a = [c.token_ids[0] for c in LLMEngine.from_dir(bf16).generate(prompts, params)]
     b = [c.token_ids[0] for c in LLMEngine.from_dir(int8).generate(prompts, params)]
     assert sum(x == y for x, y in zip(a, b, strict=True)) >= 0.85 * len(prompts)
+
+
+def test_quality_gate_reports_metrics_and_fails_the_build_when_missed(make_engine, build_cache, tmp_path):
+    engine = make_engine(
+        "demo-int8-gated",
+        DEMO,
+        model={"dtype": "bfloat16"},
+        quantization={"weights": "int8"},
+        quality={"min_top1": 0.5},
+    )
+    report = json.loads((engine / "report.json").read_text())["quality"]
+    assert report["top1_agreement"] > 0.9 and 0 < report["mean_kl"] < 0.02 and report["tokens"] > 1000
+    assert report["perplexity"] == pytest.approx(report["reference_perplexity"], rel=0.05)
+    for attempt in ("fresh", "cached"):  # the second build reuses the cached weights and their metrics
+        recipe = write_recipe(
+            tmp_path / f"strict-{attempt}.yaml",
+            DEMO,
+            model={"dtype": "bfloat16"},
+            quantization={"weights": "int8"},
+            quality={"max_kl": 1e-9, "min_top1": 0.9999},
+        )
+        out = tmp_path / f"engine-{attempt}"
+        with pytest.raises(BuildError, match=r"quality gate failed: mean KL .* > quality.max_kl 1e-09; top-1"):
+            build_engine(load_recipe(recipe), out, cache_dir=build_cache, use_cache=attempt == "cached")
+        assert not out.exists()
