@@ -155,7 +155,7 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
             for _ in requests
         ]
         if body.stream:
-            return _sse(_stream_completion(stream, requests, choices, rid, created, body))
+            return _sse(_stream_events(stream, requests, choices, rid, created, body, chat=False))
         await _collect(stream, choices, request)
         return JSONResponse(
             {
@@ -189,7 +189,7 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
         rid, created = protocol.new_id("chatcmpl"), protocol.now()
         choices = [_Choice(logprobs=LogprobsBuilder(_decode, chat=True) if body.logprobs else None) for _ in requests]
         if body.stream:
-            return _sse(_stream_chat(stream, requests, choices, rid, created, body))
+            return _sse(_stream_events(stream, requests, choices, rid, created, body, chat=True))
         await _collect(stream, choices, request)
         return JSONResponse(
             {
@@ -365,15 +365,22 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
         cached = sum(r.num_cached_tokens for r in firsts)
         return protocol.usage(prompt_tokens, sum(c.num_tokens for c in choices), cached)
 
-    async def _stream_completion(
-        stream: RequestStream, requests: list[EngineRequest], choices: list[_Choice], rid: str, created: int, body: Any
+    async def _stream_events(
+        stream: RequestStream,
+        requests: list[EngineRequest],
+        choices: list[_Choice],
+        rid: str,
+        created: int,
+        body: Any,
+        chat: bool,
     ) -> AsyncIterator[str]:
+        """SSE events of a streaming completion (chat: deltas after a role chunk; else text pieces)."""
         include_usage = body.include_usage
 
         def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
-            out = {
+            out: dict[str, Any] = {
                 "id": rid,
-                "object": "text_completion",
+                "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created,
                 "model": model_name,
                 "choices": choice_list,
@@ -383,72 +390,23 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
             return _event(out)
 
         try:
+            if chat:
+                for i in range(len(choices)):
+                    role = {"role": "assistant", "content": ""}
+                    yield chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
             async for index, out in stream:
                 c = choices[index]
                 _add(c, out)
                 # one chunk per token, even when its text is held back (a partial character or a
                 # possible stop-string prefix), so clients can count tokens and time each one
-                yield chunk(
-                    [
-                        {
-                            "index": index,
-                            "text": out.text,
-                            "logprobs": c.logprobs.take() if c.logprobs else None,
-                            "finish_reason": out.finish_reason,
-                        }
-                    ]
-                )
-            if include_usage:
-                yield chunk([], _usage(requests, choices, body.n))
-            yield "data: [DONE]\n\n"
-        except (EngineDeadError, RequestError) as exc:
-            yield _event(protocol.error_body(str(exc), "service_unavailable", None, 503))
-        finally:
-            stream.close()
-
-    async def _stream_chat(
-        stream: RequestStream, requests: list[EngineRequest], choices: list[_Choice], rid: str, created: int, body: Any
-    ) -> AsyncIterator[str]:
-        include_usage = body.include_usage
-
-        def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
-            out = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name,
-                "choices": choice_list,
-            }
-            if include_usage:
-                out["usage"] = usage
-            return _event(out)
-
-        try:
-            for i in range(len(choices)):
-                yield chunk(
-                    [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
-            async for index, out in stream:
-                c = choices[index]
-                _add(c, out)
-                delta = {"content": out.text} if out.text or not out.finish_reason else {}
-                yield chunk(
-                    [
-                        {
-                            "index": index,
-                            "delta": delta,
-                            "logprobs": c.logprobs.take() if c.logprobs else None,
-                            "finish_reason": out.finish_reason,
-                        }
-                    ]
-                )
+                piece: dict[str, Any] = {"index": index}
+                if chat:
+                    piece["delta"] = {"content": out.text} if out.text or not out.finish_reason else {}
+                else:
+                    piece["text"] = out.text
+                piece["logprobs"] = c.logprobs.take() if c.logprobs else None
+                piece["finish_reason"] = out.finish_reason
+                yield chunk([piece])
             if include_usage:
                 yield chunk([], _usage(requests, choices, body.n))
             yield "data: [DONE]\n\n"
