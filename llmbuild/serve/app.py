@@ -148,69 +148,50 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
         _check_common(body, body.logprobs)
         params = _sampling_params(body, body.max_tokens, body.logprobs)
         requests = await asyncio.to_thread(_make_requests, prompts, params, body)
-        stream = _submit(requests)
-        rid, created = protocol.new_id("cmpl"), protocol.now()
-        choices = [
-            _Choice(logprobs=LogprobsBuilder(_decode, chat=False) if body.logprobs is not None else None)
-            for _ in requests
-        ]
-        if body.stream:
-            return _sse(_stream_events(stream, requests, choices, rid, created, body, chat=False))
-        await _collect(stream, choices, request)
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model_name,
-                "choices": [
-                    {
-                        "index": i,
-                        "text": "".join(c.text),
-                        "logprobs": c.logprobs.body() if c.logprobs else None,
-                        "finish_reason": c.finish_reason,
-                    }
-                    for i, c in enumerate(choices)
-                ],
-                "usage": _usage(requests, choices, body.n),
-            }
-        )
+        return await _respond(request, body, requests, body.logprobs is not None, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request) -> Response:
         body = await _read(request, ChatCompletionRequest)
-        if body.top_logprobs is not None and body.top_logprobs > config.max_top_logprobs:
-            raise APIError(400, f"top_logprobs: at most {config.max_top_logprobs}", param="top_logprobs")
-        _check_common(body, None)
+        _check_common(body, body.num_logprobs, logprobs_param="top_logprobs")
         params = _sampling_params(body, body.requested_max_tokens, body.num_logprobs)
         ids = await asyncio.to_thread(_chat_prompt, body)
         requests = await asyncio.to_thread(_make_requests, [ids], params, body)
+        return await _respond(request, body, requests, body.logprobs, chat=True)
+
+    # --- request handling -------------------------------------------------------------------
+
+    async def _respond(
+        request: Request, body: Any, requests: list[EngineRequest], logprobs: bool, chat: bool
+    ) -> Response:
+        """Queue the requests; stream SSE events or answer with the whole completion."""
         stream = _submit(requests)
-        rid, created = protocol.new_id("chatcmpl"), protocol.now()
-        choices = [_Choice(logprobs=LogprobsBuilder(_decode, chat=True) if body.logprobs else None) for _ in requests]
+        rid, created = protocol.new_id("chatcmpl" if chat else "cmpl"), protocol.now()
+        choices = [_Choice(logprobs=LogprobsBuilder(_decode, chat) if logprobs else None) for _ in requests]
         if body.stream:
-            return _sse(_stream_events(stream, requests, choices, rid, created, body, chat=True))
+            return _sse(_stream_events(stream, requests, choices, rid, created, body, chat))
         await _collect(stream, choices, request)
+        results = []
+        for i, c in enumerate(choices):
+            text = "".join(c.text)
+            result: dict[str, Any] = {"index": i}
+            if chat:
+                result["message"] = {"role": "assistant", "content": text}
+            else:
+                result["text"] = text
+            result["logprobs"] = c.logprobs.body() if c.logprobs else None
+            result["finish_reason"] = c.finish_reason
+            results.append(result)
         return JSONResponse(
             {
                 "id": rid,
-                "object": "chat.completion",
+                "object": "chat.completion" if chat else "text_completion",
                 "created": created,
                 "model": model_name,
-                "choices": [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": "".join(c.text)},
-                        "logprobs": c.logprobs.body() if c.logprobs else None,
-                        "finish_reason": c.finish_reason,
-                    }
-                    for i, c in enumerate(choices)
-                ],
+                "choices": results,
                 "usage": _usage(requests, choices, body.n),
             }
         )
-
-    # --- request handling -------------------------------------------------------------------
 
     async def _read(request: Request, model: type[BaseModel]) -> Any:
         if state.draining:
@@ -239,7 +220,9 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
             message, param = protocol.describe_validation_error(exc)
             raise APIError(400, message, param=param) from None
 
-    def _check_common(body: protocol._GenerationRequest, logprobs: int | None) -> None:
+    def _check_common(
+        body: protocol._GenerationRequest, logprobs: int | None, logprobs_param: str = "logprobs"
+    ) -> None:
         if body.model is not None and body.model != model_name:
             raise APIError(
                 404,
@@ -250,7 +233,9 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
         if body.n > config.max_n:
             raise APIError(400, f"n: at most {config.max_n} (got {body.n})", param="n")
         if logprobs is not None and logprobs > config.max_top_logprobs:
-            raise APIError(400, f"logprobs: at most {config.max_top_logprobs} (got {logprobs})", param="logprobs")
+            raise APIError(
+                400, f"{logprobs_param}: at most {config.max_top_logprobs} (got {logprobs})", param=logprobs_param
+            )
         stops = body.stop_strings
         if len(stops) > config.max_stop:
             raise APIError(400, f"stop: at most {config.max_stop} stop sequences (got {len(stops)})", param="stop")
