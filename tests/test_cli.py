@@ -169,8 +169,8 @@ def test_compile_bad_checkpoint(capsys, broken_ckpt, tmp_path, target, how, frag
             ("quantization.group_size: must be one of 32, 64, 128",),
         ),
         (
-            yaml.safe_dump({"name": "x", "model": {"checkpoint": "c"}, "quantization": {"weights": "int4"}}),
-            ("not supported yet: quantization.weights=int4",),
+            yaml.safe_dump({"name": "x", "model": {"checkpoint": "c"}, "quantization": {"weights": "fp8"}}),
+            ("quantization.weights=fp8 needs a GPU target", "use int8 or int4 on cpu"),
         ),
     ],
 )

@@ -15,8 +15,6 @@ def unsupported_features(recipe: Recipe) -> list[str]:
     if recipe.target.tensor_parallel != 1:
         out.append(f"target.tensor_parallel={recipe.target.tensor_parallel} (single-rank engines only so far)")
     q = recipe.quantization
-    if q.weights not in ("none", "int8"):
-        out.append(f"quantization.weights={q.weights} (int8 only so far)")
     if q.weights != "none" and q.method != "rtn":
         out.append(f"quantization.method={q.method} (rtn only so far)")
     if recipe.quantization.kv_cache != "auto":

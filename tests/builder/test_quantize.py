@@ -1,5 +1,5 @@
-"""int8 weight quantization: the graph on the trained demo model stays close to bf16, and an int8
-engine builds, stores int8 weights and generates like the bf16 engine."""
+"""Weight quantization (int8, int4): the graph on the trained demo model stays close to bf16, and
+quantized engines build, store quantized weights and generate like the bf16 engine."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from llmbuild.builder.build import build_engine
 from llmbuild.builder.checkpoint import Checkpoint
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.quality import compare
-from llmbuild.builder.quantize import Int8Linear, quantize_model
+from llmbuild.builder.quantize import Int4Linear, Int8Linear, quantize_model
 from llmbuild.builder.weights import load_weights
-from llmbuild.errors import BuildError
+from llmbuild.errors import BuildError, RecipeError
 from llmbuild.recipe import PluginsSection, QuantizationSection, load_recipe
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
@@ -58,6 +58,25 @@ def test_int8_rtn_stays_close_to_bf16_on_held_out_text(windows):
     assert compare(reference, crude, windows).mean_kl > 5 * q.mean_kl
 
 
+def test_int4_rtn_stays_close_to_bf16_and_further_than_int8(windows):
+    reference, int8, int4 = demo_model(), demo_model(), demo_model()
+    quantize_model(int8, QuantizationSection(weights="int8"))
+    names = quantize_model(int4, QuantizationSection(weights="int4", group_size=64))
+    assert all(isinstance(int4.get_submodule(n), Int4Linear) for n in names) and len(names) == 16
+    q4, q8 = compare(reference, int4, windows), compare(reference, int8, windows)
+    assert q4.mean_kl < 0.1 and q4.top1_agreement > 0.8
+    assert q4.perplexity == pytest.approx(q4.reference_perplexity, rel=0.1)
+    assert q4.mean_kl > 2 * q8.mean_kl  # 16 levels lose more than 255: the metrics see it
+
+
+def test_int4_group_size_must_divide_every_quantized_layer():
+    # the demo MLP's input size is 704 = 11 x 64: group 128 cannot split it
+    with pytest.raises(RecipeError, match=r"group_size 128 .* layers\.0\.mlp\.down \(K=704\).*exclude"):
+        quantize_model(demo_model(), QuantizationSection(weights="int4", group_size=128))
+    names = quantize_model(demo_model(), QuantizationSection(weights="int4", group_size=128, exclude=("*.down",)))
+    assert len(names) == 12
+
+
 def test_exclude_patterns_keep_layers_in_model_dtype():
     model = demo_model()
     names = quantize_model(model, QuantizationSection(weights="int8", exclude=("layers.0.*", "*.down")))
@@ -84,6 +103,31 @@ def test_int8_engine_stores_int8_weights_and_generates_like_bf16(make_engine):
     a = [c.token_ids[0] for c in LLMEngine.from_dir(bf16).generate(prompts, params)]
     b = [c.token_ids[0] for c in LLMEngine.from_dir(int8).generate(prompts, params)]
     assert sum(x == y for x, y in zip(a, b, strict=True)) >= 0.85 * len(prompts)
+
+
+def test_int4_engine_stores_packed_weights_and_generates_like_bf16(make_engine):
+    bf16 = make_engine("demo-bf16", DEMO, model={"dtype": "bfloat16"})
+    int4 = make_engine(
+        "demo-int4",
+        DEMO,
+        model={"dtype": "bfloat16"},
+        quantization={"weights": "int4", "group_size": 64},
+        quality={"max_kl": 0.1, "min_top1": 0.8},
+    )
+    with safe_open(int4 / "rank0" / "weights.safetensors", "pt") as f:
+        w = f.get_tensor("layers.0.mlp.down.weight")
+        assert w.dtype == torch.uint8 and tuple(w.shape) == (256, 704 // 2)
+        assert f.get_tensor("layers.0.mlp.down.scales").shape == (256, 704 // 64)
+        assert f.get_tensor("layers.0.mlp.down.mins").dtype == torch.bfloat16
+    report = json.loads((int4 / "report.json").read_text())["quality"]
+    assert 0 < report["mean_kl"] < 0.1 and report["top1_agreement"] > 0.8
+    tok = AutoTokenizer.from_pretrained(DEMO)
+    ids = tok((DEMO / "validation.txt").read_text())["input_ids"]
+    prompts = [ids[i : i + 12] for i in range(0, 40 * 12, 12)]
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    a = [c.token_ids[0] for c in LLMEngine.from_dir(bf16).generate(prompts, params)]
+    b = [c.token_ids[0] for c in LLMEngine.from_dir(int4).generate(prompts, params)]
+    assert sum(x == y for x, y in zip(a, b, strict=True)) >= 0.75 * len(prompts)
 
 
 def test_quality_gate_reports_metrics_and_fails_the_build_when_missed(make_engine, build_cache, tmp_path):

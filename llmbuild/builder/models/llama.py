@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmbuild.builder.quantize import Int8Linear
+from llmbuild.builder.quantize import Int4Linear, Int8Linear
 from llmbuild.errors import CheckpointError
 from llmbuild.model_config import ModelConfig, RopeConfig
 from llmbuild.plugins.rms_norm import add_rms_norm_ref, rms_norm_ref
@@ -51,10 +51,12 @@ def rope_tables(rope: RopeConfig, head_dim: int, max_len: int) -> tuple[torch.Te
     return emb.cos(), emb.sin()
 
 
-def project(x: torch.Tensor, linear: nn.Linear | Int8Linear, plugins: PluginsSection) -> torch.Tensor:
+def project(x: torch.Tensor, linear: nn.Linear | Int8Linear | Int4Linear, plugins: PluginsSection) -> torch.Tensor:
     """x @ W.T + b for an nn.Linear (linear plugin or aten) or a quantized linear (its plugin op)."""
     if isinstance(linear, Int8Linear):
         return torch.ops.llmbuild.linear_int8(x, linear.weight, linear.scales, linear.bias)
+    if isinstance(linear, Int4Linear):
+        return torch.ops.llmbuild.linear_int4(x, linear.weight, linear.scales, linear.mins, linear.bias)
     return project_weight(x, linear.weight, linear.bias, plugins)
 
 

@@ -10,6 +10,7 @@ TORCH_LIBRARY(llmbuild, m) {
       "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cu_seqlens_q, float scale) -> Tensor");
   m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor w, Tensor scales, Tensor mins, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor positions, Tensor cos, Tensor sin) -> Tensor");
@@ -20,6 +21,7 @@ TORCH_LIBRARY_IMPL(llmbuild, CPU, m) {
   m.impl("paged_attention", &llmbuild::paged_attention);
   m.impl("linear", &llmbuild::linear);
   m.impl("linear_int8", &llmbuild::linear_int8);
+  m.impl("linear_int4", &llmbuild::linear_int4);
   m.impl("rms_norm", &llmbuild::rms_norm);
   m.impl("add_rms_norm", &llmbuild::add_rms_norm);
   m.impl("rope", &llmbuild::rope);
