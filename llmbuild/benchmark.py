@@ -100,9 +100,7 @@ def bench_offline(
     run_once(engines["engine"], 1, min(prompt_len, 16), 4, seed=99)  # warm-up
     rss_engine = peak_rss_mib()
     if compare_eager:
-        engines["eager"] = LLMEngine.from_dir(
-            engine_dir, backend="eager", verify=False, enable_prefix_caching=False
-        )
+        engines["eager"] = LLMEngine.from_dir(engine_dir, backend="eager", verify=False, enable_prefix_caching=False)
         run_once(engines["eager"], 1, min(prompt_len, 16), 4, seed=99)
     runs: list[Run] = []
     for rep in range(repeats):

@@ -498,8 +498,12 @@ def bench_serve(
 
     from llmbuild.load_generator import as_json, format_report, run_load
 
-    for name, value in [("--concurrency", concurrency), ("--requests", num_requests), ("--prompt-len", prompt_len),
-                        ("--max-tokens", max_tokens)]:
+    for name, value in [
+        ("--concurrency", concurrency),
+        ("--requests", num_requests),
+        ("--prompt-len", prompt_len),
+        ("--max-tokens", max_tokens),
+    ]:
         if value < 1:
             raise click.UsageError(f"{name} must be >= 1 (got {value})")
     try:

@@ -79,6 +79,8 @@ class Inputs(_Frozen):
     recipe_sha256: str
     checkpoint_sha256: str
     checkpoint_files: dict[str, str]
+    calibration_sha256: str | None = None
+    """Hash of the calibration text of an awq / gptq build."""
 
 
 class Manifest(_Frozen):

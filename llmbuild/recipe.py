@@ -115,7 +115,17 @@ class QuantizationSection(_Section):
             raise ValueError(f"method={self.method} needs weights int8, int4 or fp8 (weights is none)")
         if self.weights == "none" and self.calibration is not None:
             raise ValueError("calibration is set but weights is none: remove it or choose a weight format")
+        if self.weights == "fp8" and self.method != "rtn":
+            raise ValueError(f"method={self.method} applies to int8 and int4 weights; fp8 weights use method rtn")
+        if self.method == "rtn" and self.calibration is not None:
+            raise ValueError(
+                "calibration is used by method awq or gptq only (method is rtn): remove it or change method"
+            )
         return self
+
+    def calibration_or_default(self) -> CalibrationSection:
+        """The calibration section awq / gptq use: the recipe's, or the built-in text with defaults."""
+        return self.calibration or CalibrationSection()
 
 
 class QualitySection(_Section):
@@ -210,6 +220,10 @@ class Recipe(_Section):
                 "quantization.weights=fp8 needs a GPU target (fp8 GEMM runs on sm_89/sm_90); use int8 or int4 on cpu"
             )
         return self
+
+    def base_dir(self) -> Path:
+        """The directory relative paths in the recipe are resolved against (the recipe file's)."""
+        return self._base_dir
 
     def checkpoint_dir(self) -> Path:
         """The checkpoint directory, resolved against the recipe file's directory."""

@@ -52,6 +52,11 @@ def test_resolved_yaml_round_trips():
         ({"cuda_graphs": {"enabled": True}}, "cuda_graphs.enabled needs target.device=cuda"),
         ({"quantization": {"weights": "fp8"}}, "quantization.weights=fp8 needs a GPU target"),
         ({"quantization": {"method": "awq"}}, "method=awq needs weights int8, int4 or fp8"),
+        ({"quantization": {"weights": "int4", "calibration": {}}}, "calibration is used by method awq or gptq only"),
+        (
+            {"quantization": {"weights": "int4", "method": "gptq", "calibration": {"seq_len": 4}}},
+            "seq_len: must be >= 16",
+        ),
         ({"bogus": 1}, "bogus: unknown key"),
         ({"name": "has space"}, "name: must match pattern"),
     ],
@@ -92,7 +97,6 @@ def test_missing_recipe_file(tmp_path):
     [
         ({"target": {"device": "cuda"}}, "target.device=cuda"),
         ({"target": {"tensor_parallel": 2}}, "target.tensor_parallel=2"),
-        ({"quantization": {"weights": "int8", "method": "gptq"}}, "quantization.method=gptq"),
         ({"quantization": {"kv_cache": "int8"}}, "quantization.kv_cache=int8"),
         ({"quality": {"max_kl": 0.1}}, "quality gate"),
     ],

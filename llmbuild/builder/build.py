@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 import llmbuild
 from llmbuild.builder.cache import BuildCache
+from llmbuild.builder.calibration import calibration_path, calibration_windows, file_sha256
 from llmbuild.builder.compile import compile_graph
 from llmbuild.builder.export import export_graph, save_graph
 from llmbuild.builder.models.llama import LlamaModel
@@ -113,10 +114,12 @@ def build_engine(
         load_plugins(cache_root)
     with _stage("hash inputs", timings, on_stage):
         ckpt_files = plan.checkpoint.file_hashes()
+        calibration = _calibration_file(recipe)
         inputs = Inputs(
             recipe_sha256=sha256_json(recipe.model_dump(mode="json")),
             checkpoint_sha256=plan.checkpoint.combined_hash(ckpt_files),
             checkpoint_files=ckpt_files,
+            calibration_sha256=file_sha256(calibration) if calibration else None,
         )
     target = _target(recipe)
     graph_key = config_hash(recipe, plan, target)
@@ -142,8 +145,14 @@ def build_engine(
                 load_weights(model, plan.checkpoint)
             if recipe.quantization.weights != "none":
                 reference = copy.deepcopy(model)
-                with _stage("quantize", timings, on_stage):
-                    quantize_model(model, recipe.quantization)
+                calibration_ids = None
+                if calibration:
+                    with _stage("calibration data", timings, on_stage):
+                        calibration_ids = calibration_windows(
+                            recipe.quantization.calibration_or_default(), recipe.base_dir(), plan.checkpoint.path
+                        )
+                with _stage(f"quantize ({recipe.quantization.method})", timings, on_stage):
+                    quantize_model(model, recipe.quantization, calibration_ids)
                 with _stage("quality", timings, on_stage):
                     window = min(WINDOW, recipe.limits.max_seq_len)
                     windows = held_out_windows(plan.checkpoint.path, NUM_WINDOWS, window)
@@ -168,8 +177,9 @@ def build_engine(
                     model = LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype, recipe.plugins)
                     for param in model.parameters():
                         param.data.zero_()
-                    if recipe.quantization.weights != "none":
-                        quantize_model(model, recipe.quantization)
+                    if recipe.quantization.weights != "none":  # the layout only: round to nearest will do
+                        layout = recipe.quantization.model_copy(update={"method": "rtn", "calibration": None})
+                        quantize_model(model, layout)
                 program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, dtype)
             if recipe.target.backend == "compiled":
                 with _stage("compile", timings, on_stage):
@@ -191,6 +201,11 @@ def build_engine(
         report = _report(plan, stage, timings, has_chat_template)
         if quality is not None:
             report["quality"] = {**asdict(quality), "held_out": "built-in (Python documentation prose)"}
+        if calibration:
+            report["calibration"] = {
+                **recipe.quantization.calibration_or_default().model_dump(mode="json"),
+                "sha256": inputs.calibration_sha256,
+            }
         (stage / REPORT).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return BuildResult(out_dir, manifest, report)
 
@@ -200,6 +215,14 @@ def _store_json(cache: BuildCache, kind: str, key: str, name: str, data: dict[st
         path = Path(tmp) / name
         path.write_text(json.dumps(data, indent=1) + "\n")
         cache.store(kind, key, path)
+
+
+def _calibration_file(recipe: Recipe) -> Path | None:
+    """The calibration text of an awq / gptq recipe (checked to exist), else None."""
+    q = recipe.quantization
+    if q.weights == "none" or q.method == "rtn":
+        return None
+    return calibration_path(q.calibration_or_default(), recipe.base_dir())
 
 
 def _target(recipe: Recipe) -> Target:
@@ -221,6 +244,7 @@ def _weights_key(recipe: Recipe, plan: BuildPlan, inputs: Inputs) -> str:
             "checkpoint": inputs.checkpoint_sha256,
             "dtype": plan.dtype,
             "quantization": recipe.quantization.model_dump(mode="json"),
+            "calibration_text": inputs.calibration_sha256,
             "max_seq_len": recipe.limits.max_seq_len,
             "quality_eval": EVAL_VERSION,  # the cached quality metrics live beside the weights
         }
@@ -239,7 +263,8 @@ def config_hash(recipe: Recipe, plan: BuildPlan, target: Target) -> str:
             "kv_cache_dtype": plan.kv_cache_dtype,
             "limits": recipe.limits.model_dump(mode="json"),
             "block_size": recipe.kv_cache.block_size,
-            "quantization": recipe.quantization.model_dump(mode="json"),
+            # the graph depends on which layers are quantized to what, not on how the values were found
+            "quantization": recipe.quantization.model_dump(mode="json", include={"weights", "group_size", "exclude"}),
             "plugins": OP_VERSIONS,
             "graph_options": recipe.plugins.model_dump(mode="json"),
         }

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmbuild.builder.calibration import calibration_path
 from llmbuild.builder.checkpoint import Checkpoint
 from llmbuild.builder.support import check_supported
 from llmbuild.errors import RecipeError
@@ -42,6 +43,9 @@ def make_plan(recipe: Recipe, available_bytes: int | None = None) -> BuildPlan:
             f"not supported yet: sliding-window attention (window {ckpt.sliding_window} < limits.max_seq_len "
             f"{limits.max_seq_len}); set limits.max_seq_len <= {ckpt.sliding_window}"
         )
+    q = recipe.quantization
+    if q.weights != "none" and q.method != "rtn":
+        calibration_path(q.calibration_or_default(), recipe.base_dir())  # a missing text fails the plan, not the build
     dtype = ckpt.dtype if recipe.model.dtype == "auto" else recipe.model.dtype
     kv_dtype = dtype if recipe.quantization.kv_cache == "auto" else recipe.quantization.kv_cache
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()

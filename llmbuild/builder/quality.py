@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llmbuild.builder.models.llama import LlamaModel
+from llmbuild.builder.models.llama import LlamaModel, prefill_metadata
 from llmbuild.errors import BuildError
 from llmbuild.recipe import QualitySection
 
@@ -36,22 +36,13 @@ class Quality:
 def sequence_logits(model: LlamaModel, ids: torch.Tensor, block_size: int = 16) -> torch.Tensor:
     """fp32 logits [L, vocab] of one sequence, prefilled in one step through the paged graph."""
     cfg, n = model.cfg, len(ids)
-    blocks = math.ceil(n / block_size)
+    positions, meta, blocks = prefill_metadata(1, n, block_size)
     caches = [
         torch.zeros(blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=model.embed.weight.dtype)
         for _ in range(2 * cfg.num_layers)
     ]
     with torch.inference_mode():
-        return model(
-            ids,
-            torch.arange(n),
-            torch.arange(n),
-            torch.arange(blocks, dtype=torch.int32)[None],
-            torch.tensor([n], dtype=torch.int32),
-            torch.tensor([0, n], dtype=torch.int32),
-            torch.arange(n),
-            caches,
-        )
+        return model(ids, positions, *meta, torch.arange(n), caches)
 
 
 def compare(reference: LlamaModel, candidate: LlamaModel, windows: list[torch.Tensor]) -> Quality:

@@ -1,21 +1,27 @@
 """Weight quantization of a model graph: linear layers replaced by quantized ones, in place.
 
-Round to nearest (RTN): int8 with one scale per output row, int4 in groups of `group_size` columns
-(asymmetric: a scale and a min per group). `exclude` patterns (fnmatch, on our module names such as
-`layers.0.mlp.down` or `lm_head`) keep chosen layers in the model dtype. A tied lm_head shares the
-embedding matrix and always stays in the model dtype.
+Formats: int8 with one scale per output row (symmetric), int4 in groups of `group_size` columns
+(asymmetric: a scale and a min per group). Methods: round to nearest (rtn), AWQ (builder/awq.py:
+activation-aware per-channel scales and clipping ranges searched on calibration text) and GPTQ
+(builder/gptq.py: rounding with Hessian-based error compensation). `exclude` patterns (fnmatch, on
+our module names such as `layers.0.mlp.down` or `lm_head`) keep chosen layers in the model dtype;
+a tied lm_head shares the embedding matrix and always stays in the model dtype.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from llmbuild.errors import RecipeError
+
+if TYPE_CHECKING:
+    from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.plugins.linear_int4 import pack_int4, quantize_int4
-from llmbuild.plugins.linear_int8 import quantize_int8
 from llmbuild.recipe import QuantizationSection
 
 
@@ -25,13 +31,15 @@ class Int8Linear(nn.Module):
     weight: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        q, scales = quantize_int8(linear.weight.data, linear.weight.dtype)
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales)
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = q.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.llmbuild.linear_int8(x, self.weight, self.scales, self.bias)
 
 
 class Int4Linear(nn.Module):
@@ -41,37 +49,123 @@ class Int4Linear(nn.Module):
     scales: torch.Tensor
     mins: torch.Tensor
 
-    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        q, scales, mins = quantize_int4(linear.weight.data, group_size)
         self.register_buffer("weight", pack_int4(q))
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = q.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.llmbuild.linear_int4(x, self.weight, self.scales, self.mins, self.bias)
 
 
-def quantize_model(model: nn.Module, quantization: QuantizationSection) -> list[str]:
-    """Quantize every nn.Linear not excluded, in place; returns the names of the quantized layers."""
-    if quantization.weights not in ("int8", "int4") or quantization.method != "rtn":
-        raise NotImplementedError(f"weights={quantization.weights} method={quantization.method}")
-    chosen = [
-        (module, child_name, f"{name}.{child_name}" if name else child_name, child)
-        for name, module in model.named_modules()
-        for child_name, child in module.named_children()
-        if isinstance(child, nn.Linear)
-    ]
-    chosen = [c for c in chosen if not any(fnmatch.fnmatch(c[2], p) for p in quantization.exclude)]
+@dataclass(frozen=True)
+class Grid:
+    """A weight format's grid: w ~ q * scale + min, q in [qmin, qmax], one (scale, min) per `group` columns.
+
+    int8: symmetric (min 0), group = the whole row, scales in the model dtype. int4: asymmetric, the
+    range of each group spans 0, scales and mins in bf16. Values are rounded against the stored
+    (rounded) scale and min, so the grid quantized onto is the one the kernel multiplies with.
+    """
+
+    fmt: str
+    group: int
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(quantization: QuantizationSection, in_features: int, dtype: torch.dtype) -> Grid:
+        if quantization.weights == "int8":
+            return Grid("int8", in_features, dtype)
+        return Grid("int4", quantization.group_size, torch.bfloat16)
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self.fmt == "int8" else 15
+
+    def fit(self, w: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, min) [..., 1] in fp32 (rounded to the stored dtype) for groups w [..., group], with
+        the range shrunk by `clip` (<= 1; clipping search)."""
+        if self.fmt == "int8":
+            scale = (w.abs().amax(dim=-1, keepdim=True) * clip).clamp(min=1e-8) / 127
+            return scale.to(self.dtype).float(), torch.zeros_like(scale)
+        lo = w.amin(dim=-1, keepdim=True).clamp(max=0) * clip
+        hi = w.amax(dim=-1, keepdim=True).clamp(min=0) * clip
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        return scale.to(self.dtype).float(), lo.to(self.dtype).float()
+
+    def round(self, w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """q (float) of w on the grid (scale, min)."""
+        qmin = -self.qmax if self.fmt == "int8" else 0
+        return torch.round((w - low) / scale).clamp(qmin, self.qmax)
+
+    def fake(self, w: torch.Tensor, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """w [N, K] quantized and dequantized (fp32); `clip` broadcasts against [N, K / group, 1]."""
+        n, k = w.shape
+        g = w.float().reshape(n, k // self.group, self.group)
+        scale, low = self.fit(g, clip)
+        return (self.round(g, scale, low) * scale + low).reshape(n, k)
+
+    def module(
+        self, w: torch.Tensor, bias: torch.Tensor | None, clip: torch.Tensor | float = 1.0
+    ) -> Int8Linear | Int4Linear:
+        """The quantized module of weight w [N, K] (fp32 or model dtype)."""
+        n, k = w.shape
+        g = w.float().reshape(n, k // self.group, self.group)
+        scale, low = self.fit(g, clip)
+        if self.fmt == "int8":
+            q = self.round(g, scale, low).reshape(n, k).to(torch.int8)
+            return Int8Linear(q, scale.reshape(n).to(self.dtype), bias)
+        q, scales, mins = quantize_int4(w, self.group, scale[..., 0].to(self.dtype), low[..., 0].to(self.dtype))
+        return Int4Linear(q, scales, mins, bias)
+
+    def module_from_codes(self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias) -> nn.Module:
+        """The quantized module of codes q [N, K] (float) with per-group scale, min [N, K / group]."""
+        if self.fmt == "int8":
+            return Int8Linear(q.to(torch.int8), scale.reshape(-1).to(self.dtype), bias)
+        return Int4Linear(q.to(torch.uint8), scale.to(self.dtype), low.to(self.dtype), bias)
+
+
+def chosen_linears(model: nn.Module, quantization: QuantizationSection) -> dict[str, nn.Linear]:
+    """The linear layers to quantize, by our module name: every nn.Linear not excluded, in model order."""
+    chosen = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {n: m for n, m in chosen.items() if not any(fnmatch.fnmatch(n, p) for p in quantization.exclude)}
+
+
+def quantize_model(
+    model: LlamaModel, quantization: QuantizationSection, calibration: torch.Tensor | None = None
+) -> list[str]:
+    """Quantize every nn.Linear not excluded, in place; returns the names of the quantized layers.
+
+    awq and gptq need `calibration`, token windows [num_samples, seq_len] (builder/calibration.py).
+    """
+    if quantization.weights not in ("int8", "int4"):
+        raise NotImplementedError(f"weights={quantization.weights}")
+    chosen = chosen_linears(model, quantization)
     if quantization.weights == "int4":
         g = quantization.group_size
-        misfits = [f"{full} (K={child.in_features})" for _, _, full, child in chosen if child.in_features % max(g, 64)]
+        misfits = [f"{name} (K={m.in_features})" for name, m in chosen.items() if m.in_features % max(g, 64)]
         if misfits:
             raise RecipeError(
                 f"int4 with group_size {g} needs every quantized layer's input size to be a multiple of "
                 f"{max(g, 64)}; these are not: {', '.join(misfits[:4])}{' ...' if len(misfits) > 4 else ''} "
                 "— choose a smaller quantization.group_size or add them to quantization.exclude"
             )
-    for module, child_name, _, child in chosen:
-        new = Int8Linear(child) if quantization.weights == "int8" else Int4Linear(child, quantization.group_size)
-        setattr(module, child_name, new)
-    return [full for _, _, full, _ in chosen]
+    dtype = next(iter(chosen.values())).weight.dtype if chosen else torch.float32
+    grids = {name: Grid.of(quantization, m.in_features, dtype) for name, m in chosen.items()}
+    replacements: dict[str, nn.Module]
+    if quantization.method == "rtn":
+        replacements = {name: grids[name].module(m.weight.data, m.bias) for name, m in chosen.items()}
+    else:
+        if calibration is None:
+            raise ValueError(f"method={quantization.method} needs calibration token windows")
+        from llmbuild.builder.awq import awq_quantize
+        from llmbuild.builder.gptq import gptq_quantize
+
+        run = awq_quantize if quantization.method == "awq" else gptq_quantize
+        replacements = run(model, grids, calibration)
+    for name, new in replacements.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return list(chosen)

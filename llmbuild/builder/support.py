@@ -15,8 +15,6 @@ def unsupported_features(recipe: Recipe) -> list[str]:
     if recipe.target.tensor_parallel != 1:
         out.append(f"target.tensor_parallel={recipe.target.tensor_parallel} (single-rank engines only so far)")
     q = recipe.quantization
-    if q.weights != "none" and q.method != "rtn":
-        out.append(f"quantization.method={q.method} (rtn only so far)")
     if recipe.quantization.kv_cache != "auto":
         out.append(f"quantization.kv_cache={recipe.quantization.kv_cache}")
     if q.weights == "none" and (recipe.quality.max_kl is not None or recipe.quality.min_top1 is not None):

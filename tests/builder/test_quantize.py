@@ -12,25 +12,14 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from llmbuild.builder.build import build_engine
-from llmbuild.builder.checkpoint import Checkpoint
-from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.quality import compare
 from llmbuild.builder.quantize import Int4Linear, Int8Linear, quantize_model
-from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, RecipeError
-from llmbuild.recipe import PluginsSection, QuantizationSection, load_recipe
+from llmbuild.recipe import QuantizationSection, load_recipe
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
+from tests.builder.quantization_fixtures import DEMO, demo_model
 from tests.conftest import write_recipe
-
-DEMO = Path(__file__).parents[2] / "models" / "demo"
-
-
-def demo_model() -> LlamaModel:
-    ckpt = Checkpoint.open(DEMO)
-    model = LlamaModel.empty(ckpt.config, 512, torch.bfloat16, PluginsSection())
-    load_weights(model, ckpt)
-    return model
 
 
 def first_token_agreement(engine_a: Path, engine_b: Path) -> float:
@@ -129,6 +118,31 @@ def test_int4_engine_stores_packed_weights_and_generates_like_bf16(make_engine):
     assert 0 < report["mean_kl"] < 0.1 and report["top1_agreement"] > 0.8
     # 12-token prompts run the decode-sized (VNNI, int8 activations) path of the int4 op
     assert first_token_agreement(bf16, int4) >= 0.75
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_calibrated_int4_engines_record_their_calibration_and_generate_like_bf16(make_engine, method):
+    bf16 = make_engine("demo-bf16", DEMO, model={"dtype": "bfloat16"})
+    engine = make_engine(
+        f"demo-int4-{method}",
+        DEMO,
+        model={"dtype": "bfloat16"},
+        quantization={
+            "weights": "int4",
+            "group_size": 64,
+            "method": method,
+            "calibration": {"num_samples": 16, "seq_len": 256, "seed": 0},
+        },
+        quality={"max_kl": 0.05, "min_top1": 0.85},
+    )
+    report = json.loads((engine / "report.json").read_text())
+    assert report["calibration"]["dataset"] == "builtin" and report["calibration"]["num_samples"] == 16
+    assert len(report["calibration"]["sha256"]) == 64
+    assert f"quantize ({method})" in report["stages_seconds"]
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["inputs"]["calibration_sha256"] == report["calibration"]["sha256"]
+    assert 0 < report["quality"]["mean_kl"] < 0.05
+    assert first_token_agreement(bf16, engine) >= 0.75
 
 
 def test_quality_gate_reports_metrics_and_fails_the_build_when_missed(make_engine, build_cache, tmp_path):

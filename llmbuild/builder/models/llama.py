@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmbuild.builder.quantize import Int4Linear, Int8Linear
 from llmbuild.errors import CheckpointError
 from llmbuild.model_config import ModelConfig, RopeConfig
 from llmbuild.plugins.rms_norm import add_rms_norm_ref, rms_norm_ref
@@ -51,22 +50,25 @@ def rope_tables(rope: RopeConfig, head_dim: int, max_len: int) -> tuple[torch.Te
     return emb.cos(), emb.sin()
 
 
-def project(x: torch.Tensor, linear: nn.Linear | Int8Linear | Int4Linear, plugins: PluginsSection) -> torch.Tensor:
-    """x @ W.T + b for an nn.Linear (linear plugin or aten) or a quantized linear (its plugin op)."""
-    if isinstance(linear, Int8Linear):
-        return torch.ops.llmbuild.linear_int8(x, linear.weight, linear.scales, linear.bias)
-    if isinstance(linear, Int4Linear):
-        return torch.ops.llmbuild.linear_int4(x, linear.weight, linear.scales, linear.mins, linear.bias)
-    return project_weight(x, linear.weight, linear.bias, plugins)
-
-
-def project_weight(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plugins: PluginsSection
-) -> torch.Tensor:
+def project_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool) -> torch.Tensor:
     """x @ weight.T + bias through the linear plugin (decode-sized bf16 kernel) or aten."""
-    if plugins.gemv:
+    if gemv:
         return torch.ops.llmbuild.linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """A projection in the model dtype, through the linear plugin or aten (recipe `plugins.gemv`).
+
+    Quantization replaces these modules by quantized ones with the same call (builder/quantize.py).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, plugins: PluginsSection) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.gemv = plugins.gemv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project_weight(x, self.weight, self.bias, self.gemv)
 
 
 class RMSNorm(nn.Module):
@@ -97,8 +99,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split = (q, kv, kv)
-        self.qkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)
-        self.o = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv = Linear(cfg.hidden_size, q + 2 * kv, cfg.qkv_bias, plugins)
+        self.o = Linear(q, cfg.hidden_size, cfg.o_bias, plugins)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plugins) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plugins) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
@@ -112,7 +114,7 @@ class Attention(nn.Module):
         meta: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = project(x, self.qkv, self.plugins).split(self.split, dim=-1)
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -121,7 +123,7 @@ class Attention(nn.Module):
         rope_fn = torch.ops.llmbuild.rope if self.plugins.fused_rope else rope_ref
         q, k = rope_fn(q, *rope), rope_fn(k, *rope)
         out = torch.ops.llmbuild.paged_attention(q, k, v, k_cache, v_cache, *meta, self.scale)
-        return project(out.reshape(t, self.num_heads * self.head_dim), self.o, self.plugins)
+        return self.o(out.reshape(t, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -129,13 +131,13 @@ class MLP(nn.Module):
         super().__init__()
         self.plugins = plugins
         self.intermediate = cfg.intermediate_size
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, plugins)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, plugins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = project(x, self.gate_up, self.plugins)
+        gate_up = self.gate_up(x)
         act = torch.ops.llmbuild.swiglu(gate_up) if self.plugins.fused_swiglu else swiglu_ref(gate_up)
-        return project(act, self.down, self.plugins)
+        return self.down(act)
 
 
 class DecoderLayer(nn.Module):
@@ -171,7 +173,7 @@ class LlamaModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, plugins) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, plugins)
         self.max_seq_len = max_seq_len
         self.register_buffer("rope_cos", torch.empty(max_seq_len, cfg.head_dim))
         self.register_buffer("rope_sin", torch.empty(max_seq_len, cfg.head_dim))
@@ -208,8 +210,25 @@ class LlamaModel(nn.Module):
         assert residual is not None  # num_layers >= 1
         h, _ = self.norm.add(h[logits_indices], residual[logits_indices])
         if self.lm_head is None:  # tied to the embedding
-            return project_weight(h, self.embed.weight, None, self.plugins).float()  # [N, vocab]
-        return project(h, self.lm_head, self.plugins).float()
+            return project_weight(h, self.embed.weight, None, self.plugins.gemv).float()  # [N, vocab]
+        return self.lm_head(h).float()
+
+
+def prefill_metadata(
+    num_seqs: int, seq_len: int, block_size: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int]:
+    """(positions, attention metadata, KV blocks needed) for one step prefilling num_seqs whole sequences.
+
+    Sequence b owns blocks b*n .. b*n + n - 1 (n = blocks per sequence); the metadata tuple is
+    (slot_mapping, block_tables, seq_lens, cu_seqlens_q), as LlamaModel.forward takes them.
+    """
+    per_seq = math.ceil(seq_len / block_size)
+    positions = torch.arange(seq_len).repeat(num_seqs)
+    slot_mapping = (torch.arange(num_seqs)[:, None] * per_seq * block_size + torch.arange(seq_len)).flatten()
+    block_tables = torch.arange(num_seqs * per_seq, dtype=torch.int32).reshape(num_seqs, per_seq)
+    seq_lens = torch.full((num_seqs,), seq_len, dtype=torch.int32)
+    cu_seqlens_q = torch.arange(num_seqs + 1, dtype=torch.int32) * seq_len
+    return positions, (slot_mapping, block_tables, seq_lens, cu_seqlens_q), num_seqs * per_seq
 
 
 def hf_weight_target(cfg: ModelConfig, name: str) -> tuple[str, int, int] | None:
