@@ -7,13 +7,16 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
 import llmbuild
 from llmbuild.errors import LLMBuildError
+
+if TYPE_CHECKING:
+    from llmbuild.manifest import Manifest
 
 
 def _console(stderr: bool = False):
@@ -203,8 +206,20 @@ def inspect(engine: Path, as_json: bool) -> None:
 @cli.command()
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option("--no-smoke", is_flag=True, help="Skip the smoke generation.")
-def verify(engine: Path, no_smoke: bool) -> None:
-    """Re-hash every file of ENGINE, check it runs on this machine, and smoke-generate."""
+@click.option(
+    "--quality",
+    is_flag=True,
+    help="Re-run the quantization quality check: the engine against its unquantized checkpoint on the "
+    "held-out text; fails when the recipe's quality thresholds are missed.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    help="The checkpoint the engine was built from, for --quality (default: the path in report.json).",
+)
+def verify(engine: Path, no_smoke: bool, quality: bool, checkpoint: Path | None) -> None:
+    """Re-hash every file of ENGINE, check it runs on this machine, smoke-generate and (--quality)
+    re-check a quantized engine's quality against its checkpoint."""
     from llmbuild.errors import EngineError
     from llmbuild.manifest import Manifest, verify_files
     from llmbuild.runtime.engine import target_mismatch
@@ -217,11 +232,18 @@ def verify(engine: Path, no_smoke: bool) -> None:
     if reason:
         raise EngineError(f"{engine}: {reason}")
     out.print(f"[green]ok[/] target {manifest.target.device}/{manifest.target.machine} runs on this machine")
-    if no_smoke:
-        return
+    if not no_smoke:
+        _smoke_generate(engine, manifest)
+    if quality:
+        _verify_quality(engine, checkpoint)
+
+
+def _smoke_generate(engine: Path, manifest: Manifest) -> None:
+    from llmbuild.errors import EngineError
     from llmbuild.runtime.llm_engine import LLMEngine
     from llmbuild.runtime.sampling_params import SamplingParams
 
+    out = _console()
     start = time.perf_counter()
     llm = LLMEngine.from_dir(engine, verify=False)
     prompt = [manifest.model.bos_token_id or 0]
@@ -232,6 +254,27 @@ def verify(engine: Path, no_smoke: bool) -> None:
         f"[green]ok[/] smoke generation: 8 tokens in {time.perf_counter() - start:.2f} s "
         f"(load included): {done.token_ids}"
     )
+
+
+def _verify_quality(engine: Path, checkpoint: Path | None) -> None:
+    from llmbuild.builder.quality import engine_quality, gate_failures
+    from llmbuild.errors import EngineError
+    from llmbuild.manifest import REPORT
+    from llmbuild.recipe import load_recipe
+
+    out = _console()
+    q = engine_quality(engine, checkpoint)
+    report = engine / REPORT
+    built = json.loads(report.read_text()).get("quality") if report.is_file() else None
+    at_build = f" (at build: {built['mean_kl']:.4g}, {built['top1_agreement']:.4f})" if built else ""
+    out.print(
+        f"quality  mean KL {q.mean_kl:.4g}, top-1 agreement {q.top1_agreement:.4f}{at_build}; perplexity "
+        f"{q.perplexity:.2f} vs {q.reference_perplexity:.2f} unquantized, over {q.tokens} held-out tokens"
+    )
+    failures = gate_failures(load_recipe(engine / "recipe.yaml").quality, q)
+    if failures:
+        raise EngineError(f"{engine}: quality gate failed: {'; '.join(failures)}")
+    out.print("[green]ok[/] quality within the recipe's thresholds")
 
 
 @cli.command()

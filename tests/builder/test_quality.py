@@ -1,0 +1,61 @@
+"""The quality evaluation: the gate's thresholds, and `llmbuild verify --quality` re-running the
+build's check on a built engine (its own graph and weights against the checkpoint)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmbuild.builder.quality import Quality, engine_quality, gate_failures
+from llmbuild.cli import main
+from llmbuild.recipe import QualitySection
+from tests.builder.quantization_fixtures import DEMO
+
+
+@pytest.fixture(scope="module")
+def int8_engine(make_engine):
+    return make_engine("demo-int8", DEMO, model={"dtype": "bfloat16"}, quantization={"weights": "int8"})
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def test_gate_failures_name_each_missed_threshold():
+    q = Quality(reference_perplexity=10.0, perplexity=12.0, mean_kl=0.2, top1_agreement=0.5, tokens=100)
+    failures = gate_failures(QualitySection(max_kl=0.1, min_top1=0.8), q)
+    assert failures == ["mean KL 0.2 > quality.max_kl 0.1", "top-1 agreement 0.5000 < quality.min_top1 0.8"]
+    assert gate_failures(QualitySection(max_kl=0.3, min_top1=0.4), q) == []
+    assert gate_failures(QualitySection(), q) == []
+
+
+def test_engine_quality_reproduces_the_build_time_check(int8_engine):
+    built = json.loads((int8_engine / "report.json").read_text())["quality"]
+    again = engine_quality(int8_engine)
+    assert again.tokens == built["tokens"]
+    assert again.reference_perplexity == pytest.approx(built["reference_perplexity"], rel=1e-4)
+    assert again.mean_kl == pytest.approx(built["mean_kl"], rel=0.2)
+    assert again.top1_agreement == pytest.approx(built["top1_agreement"], abs=0.01)
+
+
+def test_verify_quality_prints_metrics_and_passes_the_recipes_gate(capsys, int8_engine):
+    code, out = run_cli(capsys, "verify", str(int8_engine), "--no-smoke", "--quality")
+    assert code == 0, out
+    assert "mean KL" in out and "(at build:" in out and "within the recipe's thresholds" in out
+
+
+def test_verify_quality_refuses_another_checkpoint_and_unquantized_engines(capsys, int8_engine, make_ckpt, make_engine):
+    other = make_ckpt("llama")
+    code, out = run_cli(capsys, "verify", str(int8_engine), "--no-smoke", "--quality", "--checkpoint", str(other))
+    assert code != 0 and "is not the one" in out and "sha256 differs" in out
+    code, out = run_cli(capsys, "verify", str(int8_engine), "--no-smoke", "--quality", "--checkpoint", "/nonexistent")
+    assert code != 0 and "checkpoint /nonexistent not found" in out
+    code, out = run_cli(capsys, "verify", str(make_engine("llama", other)), "--no-smoke", "--quality")
+    assert code != 0 and "not a quantized engine" in out
