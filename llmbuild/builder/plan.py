@@ -8,11 +8,13 @@ import torch
 
 from llmbuild.builder.calibration import calibration_path
 from llmbuild.builder.checkpoint import Checkpoint
+from llmbuild.builder.models.llama import linear_shapes
+from llmbuild.builder.quantize import check_group_fit, excluded, quantized_bytes
 from llmbuild.builder.support import check_supported
 from llmbuild.errors import RecipeError
 from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, plan_memory
-from llmbuild.model_config import DTYPES
-from llmbuild.recipe import Recipe
+from llmbuild.model_config import DTYPES, ModelConfig
+from llmbuild.recipe import QuantizationSection, Recipe
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,18 @@ class BuildPlan:
     kv_cache_dtype: str
     memory: MemoryPlan
     available_bytes: int
+
+
+def weight_bytes(cfg: ModelConfig, quantization: QuantizationSection, itemsize: int) -> int:
+    """Bytes of the engine's weights: parameters in the model dtype, quantized projections in their
+    format (checked to fit it: a misfit fails the plan, not the build)."""
+    total = cfg.num_params * itemsize
+    if quantization.weights in ("int8", "int4"):
+        chosen = {name: nk for name, nk in linear_shapes(cfg).items() if not excluded(name, quantization)}
+        check_group_fit({name: k for name, (_, k) in chosen.items()}, quantization)
+        for n, k in chosen.values():
+            total += quantized_bytes(n, k, quantization, itemsize) - n * k * itemsize
+    return total
 
 
 def make_plan(recipe: Recipe, available_bytes: int | None = None) -> BuildPlan:
@@ -51,7 +65,7 @@ def make_plan(recipe: Recipe, available_bytes: int | None = None) -> BuildPlan:
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     available = available_bytes if available_bytes is not None else available_memory_bytes()
     memory = plan_memory(
-        weight_bytes=cfg.num_params * itemsize,
+        weight_bytes=weight_bytes(cfg, q, itemsize),
         kv_bytes_per_token=cfg.kv_bytes_per_token(DTYPES[kv_dtype]),
         limits=limits,
         kv_cache=recipe.kv_cache,

@@ -130,7 +130,35 @@ class Grid:
 def chosen_linears(model: nn.Module, quantization: QuantizationSection) -> dict[str, nn.Linear]:
     """The linear layers to quantize, by our module name: every nn.Linear not excluded, in model order."""
     chosen = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    return {n: m for n, m in chosen.items() if not any(fnmatch.fnmatch(n, p) for p in quantization.exclude)}
+    return {n: m for n, m in chosen.items() if not excluded(n, quantization)}
+
+
+def excluded(name: str, quantization: QuantizationSection) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in quantization.exclude)
+
+
+def check_group_fit(in_features: dict[str, int], quantization: QuantizationSection) -> None:
+    """int4 packs 64 columns per block and groups `group_size` columns: every quantized K must fit both."""
+    if quantization.weights != "int4":
+        return
+    g = quantization.group_size
+    misfits = [f"{name} (K={k})" for name, k in in_features.items() if k % max(g, 64)]
+    if misfits:
+        raise RecipeError(
+            f"int4 with group_size {g} needs every quantized layer's input size to be a multiple of "
+            f"{max(g, 64)}; these are not: {', '.join(misfits[:4])}{' ...' if len(misfits) > 4 else ''} "
+            "— choose a smaller quantization.group_size or add them to quantization.exclude"
+        )
+
+
+def quantized_bytes(out_features: int, in_features: int, quantization: QuantizationSection, itemsize: int) -> int:
+    """Bytes of one projection's weight in the engine (bias excluded): codes plus scales (and mins)."""
+    n, k = out_features, in_features
+    if quantization.weights == "int8":
+        return n * k + n * itemsize
+    if quantization.weights == "int4":
+        return n * k // 2 + 2 * n * (k // quantization.group_size) * 2  # bf16 scales and mins
+    return n * k * itemsize
 
 
 def quantize_model(
@@ -143,15 +171,7 @@ def quantize_model(
     if quantization.weights not in ("int8", "int4"):
         raise NotImplementedError(f"weights={quantization.weights}")
     chosen = chosen_linears(model, quantization)
-    if quantization.weights == "int4":
-        g = quantization.group_size
-        misfits = [f"{name} (K={m.in_features})" for name, m in chosen.items() if m.in_features % max(g, 64)]
-        if misfits:
-            raise RecipeError(
-                f"int4 with group_size {g} needs every quantized layer's input size to be a multiple of "
-                f"{max(g, 64)}; these are not: {', '.join(misfits[:4])}{' ...' if len(misfits) > 4 else ''} "
-                "— choose a smaller quantization.group_size or add them to quantization.exclude"
-            )
+    check_group_fit({name: m.in_features for name, m in chosen.items()}, quantization)
     dtype = next(iter(chosen.values())).weight.dtype if chosen else torch.float32
     grids = {name: Grid.of(quantization, m.in_features, dtype) for name, m in chosen.items()}
     replacements: dict[str, nn.Module]

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from llmbuild.builder.build import build_engine
+from llmbuild.builder.plan import make_plan
 from llmbuild.builder.quality import compare
 from llmbuild.builder.quantize import Int4Linear, Int8Linear, quantize_model
 from llmbuild.errors import BuildError, RecipeError
@@ -168,3 +169,27 @@ def test_quality_gate_reports_metrics_and_fails_the_build_when_missed(make_engin
         with pytest.raises(BuildError, match=r"quality gate failed: mean KL .* > quality.max_kl 1e-09; top-1"):
             build_engine(load_recipe(recipe), out, cache_dir=build_cache, use_cache=attempt == "cached")
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "name,sections",
+    [  # the same engines as the tests above build
+        ("demo-int8", {"quantization": {"weights": "int8"}}),
+        (
+            "demo-int4",
+            {"quantization": {"weights": "int4", "group_size": 64}, "quality": {"max_kl": 0.1, "min_top1": 0.8}},
+        ),
+    ],
+)
+def test_plan_sizes_quantized_weights_as_the_engine_stores_them(make_engine, tmp_path, name, sections):
+    engine = make_engine(name, DEMO, model={"dtype": "bfloat16"}, **sections)
+    with safe_open(engine / "rank0" / "weights.safetensors", "pt") as f:
+        tensors = [f.get_tensor(k) for k in f.keys() if not k.startswith("rope_")]  # RoPE tables: not weights
+    recipe = write_recipe(tmp_path / "r.yaml", DEMO, model={"dtype": "bfloat16"}, **sections)
+    assert make_plan(load_recipe(recipe)).memory.weight_bytes == sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_int4_group_misfit_fails_the_plan(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", DEMO, quantization={"weights": "int4", "group_size": 128})
+    with pytest.raises(RecipeError, match=r"group_size 128 .* layers\.0\.mlp\.down \(K=704\)"):
+        make_plan(load_recipe(recipe))

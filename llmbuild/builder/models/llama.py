@@ -214,6 +214,20 @@ class LlamaModel(nn.Module):
         return self.lm_head(h).float()
 
 
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every projection, by module name (what quantization.exclude matches)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {}
+    for i in range(cfg.num_layers):
+        shapes[f"layers.{i}.attn.qkv"] = (q + 2 * kv, cfg.hidden_size)
+        shapes[f"layers.{i}.attn.o"] = (cfg.hidden_size, q)
+        shapes[f"layers.{i}.mlp.gate_up"] = (2 * cfg.intermediate_size, cfg.hidden_size)
+        shapes[f"layers.{i}.mlp.down"] = (cfg.hidden_size, cfg.intermediate_size)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.vocab_size, cfg.hidden_size)
+    return shapes
+
+
 def prefill_metadata(
     num_seqs: int, seq_len: int, block_size: int
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int]:
