@@ -4,6 +4,7 @@ quantized engines build, store quantized weights and generate like the bf16 engi
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,12 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from llmbuild.builder.build import build_engine
+from llmbuild.builder.models.llama import Linear
 from llmbuild.builder.plan import make_plan
 from llmbuild.builder.quality import compare
 from llmbuild.builder.quantize import Int4Linear, Int8Linear, quantize_model
 from llmbuild.errors import BuildError, RecipeError
+from llmbuild.plugins.linear_fp8 import linear_fp8_ref, quantize_fp8
 from llmbuild.recipe import QuantizationSection, load_recipe
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
@@ -193,3 +196,18 @@ def test_int4_group_misfit_fails_the_plan(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", DEMO, quantization={"weights": "int4", "group_size": 128})
     with pytest.raises(RecipeError, match=r"group_size 128 .* layers\.0\.mlp\.down \(K=704\)"):
         make_plan(load_recipe(recipe))
+
+
+def test_fp8_emulated_on_the_demo_model_sits_between_int8_and_int4(windows):
+    # fp8 engines need a GPU; on CPU the numerics are emulated: per-channel e4m3 weights and dynamic
+    # per-tensor e4m3 activations, products accumulated in fp32 (linear_fp8_ref)
+    reference, fp8, int8, int4 = demo_model(), demo_model(), demo_model(), demo_model()
+    for module in list(fp8.modules()):
+        if isinstance(module, Linear):
+            q, scales = quantize_fp8(module.weight.data, "channel")
+            module.forward = partial(linear_fp8_ref, q=q, scales=scales, bias=module.bias)
+    quantize_model(int8, QuantizationSection(weights="int8"))
+    quantize_model(int4, QuantizationSection(weights="int4", group_size=64))
+    kl = {name: compare(reference, m, windows).mean_kl for name, m in (("fp8", fp8), ("int8", int8), ("int4", int4))}
+    assert kl["int8"] < kl["fp8"] < kl["int4"]
+    assert kl["fp8"] < 0.02
