@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from llmbuild.builder.awq import search_clip, search_scale
-from llmbuild.builder.quality import compare, held_out_windows
+from llmbuild.builder.quality import compare
 from llmbuild.builder.quantize import Grid, Int4Linear, quantize_model
 from llmbuild.recipe import QuantizationSection
 from tests.builder.quantization_fixtures import (
-    DEMO,
     SMALL_CALIBRATION,
     demo_model,
     small_calibration,
@@ -19,11 +17,6 @@ from tests.builder.quantization_fixtures import (
 
 RTN = QuantizationSection(weights="int4", group_size=64)
 AWQ = QuantizationSection(weights="int4", group_size=64, method="awq", calibration=SMALL_CALIBRATION)
-
-
-@pytest.fixture(scope="module")
-def held_out() -> list[torch.Tensor]:
-    return held_out_windows(DEMO, 8, 256)
 
 
 def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from llmbuild.builder.gptq import gptq
-from llmbuild.builder.quality import compare, held_out_windows
+from llmbuild.builder.quality import compare
 from llmbuild.builder.quantize import Grid, Int4Linear, quantize_model
 from llmbuild.recipe import QuantizationSection
 from tests.builder.quantization_fixtures import (
-    DEMO,
     SMALL_CALIBRATION,
     demo_model,
     small_calibration,
@@ -19,11 +18,6 @@ from tests.builder.quantization_fixtures import (
 
 RTN = QuantizationSection(weights="int4", group_size=64)
 GPTQ = QuantizationSection(weights="int4", group_size=64, method="gptq", calibration=SMALL_CALIBRATION)
-
-
-@pytest.fixture(scope="module")
-def held_out() -> list[torch.Tensor]:
-    return held_out_windows(DEMO, 8, 256)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor) -> torch.Tensor:

@@ -8,24 +8,14 @@ import json
 import pytest
 
 from llmbuild.builder.quality import Quality, engine_quality, gate_failures
-from llmbuild.cli import main
 from llmbuild.recipe import QualitySection
 from tests.builder.quantization_fixtures import DEMO
+from tests.test_cli import run_cli
 
 
 @pytest.fixture(scope="module")
 def int8_engine(make_engine):
     return make_engine("demo-int8", DEMO, model={"dtype": "bfloat16"}, quantization={"weights": "int8"})
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out + err
 
 
 def test_gate_failures_name_each_missed_threshold():
@@ -46,16 +36,18 @@ def test_engine_quality_reproduces_the_build_time_check(int8_engine):
 
 
 def test_verify_quality_prints_metrics_and_passes_the_recipes_gate(capsys, int8_engine):
-    code, out = run_cli(capsys, "verify", str(int8_engine), "--no-smoke", "--quality")
-    assert code == 0, out
+    code, out, err = run_cli(capsys, "verify", str(int8_engine), "--no-smoke", "--quality")
+    assert code == 0, err
     assert "mean KL" in out and "(at build:" in out and "within the recipe's thresholds" in out
 
 
 def test_verify_quality_refuses_another_checkpoint_and_unquantized_engines(capsys, int8_engine, make_ckpt, make_engine):
     other = make_ckpt("llama")
-    code, out = run_cli(capsys, "verify", str(int8_engine), "--no-smoke", "--quality", "--checkpoint", str(other))
-    assert code != 0 and "is not the one" in out and "sha256 differs" in out
-    code, out = run_cli(capsys, "verify", str(int8_engine), "--no-smoke", "--quality", "--checkpoint", "/nonexistent")
-    assert code != 0 and "checkpoint /nonexistent not found" in out
-    code, out = run_cli(capsys, "verify", str(make_engine("llama", other)), "--no-smoke", "--quality")
-    assert code != 0 and "not a quantized engine" in out
+    code, out, err = run_cli(capsys, "verify", str(int8_engine), "--no-smoke", "--quality", "--checkpoint", str(other))
+    assert code != 0 and "is not the one" in err and "sha256 differs" in err
+    code, out, err = run_cli(
+        capsys, "verify", str(int8_engine), "--no-smoke", "--quality", "--checkpoint", "/nonexistent"
+    )
+    assert code != 0 and "checkpoint /nonexistent not found" in err
+    code, out, err = run_cli(capsys, "verify", str(make_engine("llama", other)), "--no-smoke", "--quality")
+    assert code != 0 and "not a quantized engine" in err
