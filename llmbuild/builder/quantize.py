@@ -21,7 +21,8 @@ from llmbuild.errors import RecipeError
 
 if TYPE_CHECKING:
     from llmbuild.builder.models.llama import LlamaModel
-from llmbuild.plugins.linear_int4 import pack_int4, quantize_int4
+from llmbuild.plugins.linear_int4 import int4_params, pack_int4, round_int4
+from llmbuild.plugins.linear_int8 import int8_scales, round_int8
 from llmbuild.recipe import QuantizationSection
 
 
@@ -88,17 +89,13 @@ class Grid:
         """(scale, min) [..., 1] in fp32 (rounded to the stored dtype) for groups w [..., group], with
         the range shrunk by `clip` (<= 1; clipping search)."""
         if self.fmt == "int8":
-            scale = (w.abs().amax(dim=-1, keepdim=True) * clip).clamp(min=1e-8) / 127
-            return scale.to(self.dtype).float(), torch.zeros_like(scale)
-        lo = w.amin(dim=-1, keepdim=True).clamp(max=0) * clip
-        hi = w.amax(dim=-1, keepdim=True).clamp(min=0) * clip
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        return scale.to(self.dtype).float(), lo.to(self.dtype).float()
+            scale = int8_scales(w, self.dtype, clip)
+            return scale, torch.zeros_like(scale)
+        return int4_params(w, clip)
 
     def round(self, w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """q (float) of w on the grid (scale, min)."""
-        qmin = -self.qmax if self.fmt == "int8" else 0
-        return torch.round((w - low) / scale).clamp(qmin, self.qmax)
+        return round_int8(w, scale) if self.fmt == "int8" else round_int4(w, scale, low)
 
     def fake(self, w: torch.Tensor, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
         """w [N, K] quantized and dequantized (fp32); `clip` broadcasts against [N, K / group, 1]."""
@@ -107,20 +104,16 @@ class Grid:
         scale, low = self.fit(g, clip)
         return (self.round(g, scale, low) * scale + low).reshape(n, k)
 
-    def module(
-        self, w: torch.Tensor, bias: torch.Tensor | None, clip: torch.Tensor | float = 1.0
-    ) -> Int8Linear | Int4Linear:
-        """The quantized module of weight w [N, K] (fp32 or model dtype)."""
+    def module(self, w: torch.Tensor, bias: torch.Tensor | None, clip: torch.Tensor | float = 1.0) -> nn.Module:
+        """The quantized module of weight w [N, K] (fp32 or model dtype), rounded to nearest."""
         n, k = w.shape
         g = w.float().reshape(n, k // self.group, self.group)
         scale, low = self.fit(g, clip)
-        if self.fmt == "int8":
-            q = self.round(g, scale, low).reshape(n, k).to(torch.int8)
-            return Int8Linear(q, scale.reshape(n).to(self.dtype), bias)
-        q, scales, mins = quantize_int4(w, self.group, scale[..., 0].to(self.dtype), low[..., 0].to(self.dtype))
-        return Int4Linear(q, scales, mins, bias)
+        return self.module_from_codes(self.round(g, scale, low).reshape(n, k), scale[..., 0], low[..., 0], bias)
 
-    def module_from_codes(self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias) -> nn.Module:
+    def module_from_codes(
+        self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None
+    ) -> nn.Module:
         """The quantized module of codes q [N, K] (float) with per-group scale, min [N, K / group]."""
         if self.fmt == "int8":
             return Int8Linear(q.to(torch.int8), scale.reshape(-1).to(self.dtype), bias)

@@ -22,6 +22,20 @@ GROUP_SIZES = (32, 64, 128)
 ACT_BLOCK = 32
 
 
+def int4_params(g: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, min) [..., 1] of groups g [..., group], rounded to bf16 (kept as fp32): the group's
+    range widened to include 0, shrunk by `clip` (<= 1; AWQ's clipping search)."""
+    lo = g.float().amin(dim=-1, keepdim=True).clamp(max=0) * clip
+    hi = g.float().amax(dim=-1, keepdim=True).clamp(min=0) * clip
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    return scale.to(torch.bfloat16).float(), lo.to(torch.bfloat16).float()
+
+
+def round_int4(w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Codes (float, 0..15) of w on the grid (scale, min), both broadcast against w."""
+    return torch.round((w.float() - low) / scale).clamp(0, 15)
+
+
 def quantize_int4(
     w: torch.Tensor, group_size: int, scales: torch.Tensor | None = None, mins: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,12 +48,10 @@ def quantize_int4(
         raise ValueError(f"int4 needs K ({k}) to be a multiple of group_size ({group_size}), one of {GROUP_SIZES}")
     g = w.float().reshape(n, k // group_size, group_size)
     if scales is None or mins is None:
-        lo = g.amin(dim=2).clamp(max=0)
-        hi = g.amax(dim=2).clamp(min=0)
-        scales = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16)
-        mins = lo.to(torch.bfloat16)
+        scale, low = int4_params(g)
+        scales, mins = scale[..., 0].to(torch.bfloat16), low[..., 0].to(torch.bfloat16)
     # round against the bf16 values the kernel will use, so the stored grid is the one quantized onto
-    q = torch.round((g - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15)
+    q = round_int4(g, scales.float()[..., None], mins.float()[..., None])
     return q.reshape(n, k).to(torch.uint8), scales, mins
 
 

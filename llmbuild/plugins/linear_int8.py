@@ -15,12 +15,21 @@ OP_NAME = "llmbuild::linear_int8"
 VERSION = 1
 
 
+def int8_scales(w: torch.Tensor, dtype: torch.dtype, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Symmetric scales [..., 1] of rows w [..., K], rounded to the stored dtype (kept as fp32), for
+    the range shrunk by `clip` (<= 1; AWQ's clipping search)."""
+    return ((w.float().abs().amax(dim=-1, keepdim=True) * clip).clamp(min=1e-8) / 127).to(dtype).float()
+
+
+def round_int8(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Codes (float, -127..127) of w on the grid of `scales` (broadcast against w)."""
+    return torch.round(w.float() / scales).clamp(-127, 127)
+
+
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-row symmetric int8 (round to nearest): (int8 [N, K], scales [N] in dtype)."""
-    w = w.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = torch.clamp(torch.round(w / scales[:, None]), -127, 127).to(torch.int8)
-    return q, scales.to(dtype)
+    """Per-output-row symmetric int8 (round to nearest against the stored scale): (int8 [N, K], scales [N] in dtype)."""
+    scales = int8_scales(w, dtype)
+    return round_int8(w, scales).to(torch.int8), scales[:, 0].to(dtype)
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
