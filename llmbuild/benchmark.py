@@ -82,21 +82,22 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_offline(
+def _measure(
+    engines: dict[str, LLMEngine],
     engine_dir: Path,
-    batches: tuple[int, ...] = (1, 16),
-    prompt_len: int = 128,
-    new_tokens: int = 128,
-    repeats: int = 3,
-    compare_eager: bool = False,
-) -> dict[str, Any]:
-    """Measure an engine; returns a JSON-able report (see `format_markdown`)."""
-    # no prefix caching: a repeated prompt must be prefilled again, or TTFT would measure the cache
-    engines = {"engine": LLMEngine.from_dir(engine_dir, enable_prefix_caching=False)}
+    batches: tuple[int, ...],
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    compare_eager: bool,
+) -> tuple[list[Run], float]:
+    """The runs of `engines["engine"]` (and of its eager backend, interleaved), and the engine's peak RSS."""
     manifest = engines["engine"].engine.manifest
     for b in batches:
         if b > manifest.limits.max_batch_size:
             raise ValueError(f"batch {b} exceeds the engine's max_batch_size {manifest.limits.max_batch_size}")
+    if compare_eager and manifest.target.tensor_parallel > 1:
+        raise ValueError("--compare-eager needs a single-rank engine: one process runs one tensor-parallel engine")
     run_once(engines["engine"], 1, min(prompt_len, 16), 4, seed=99)  # warm-up
     rss_engine = peak_rss_mib()
     if compare_eager:
@@ -109,6 +110,26 @@ def bench_offline(
                 ttft, decode, total = run_once(llm, b, prompt_len, new_tokens, seed=rep)
                 backend = llm.engine.backend if name == "engine" else "eager"
                 runs.append(Run(backend, b, ttft * 1e3, b * (new_tokens - 1) / decode, b * new_tokens / total))
+    return runs, rss_engine
+
+
+def bench_offline(
+    engine_dir: Path,
+    batches: tuple[int, ...] = (1, 16),
+    prompt_len: int = 128,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    compare_eager: bool = False,
+) -> dict[str, Any]:
+    """Measure an engine; returns a JSON-able report (see `format_markdown`)."""
+    # no prefix caching: a repeated prompt must be prefilled again, or TTFT would measure the cache
+    engines = {"engine": LLMEngine.from_dir(engine_dir, enable_prefix_caching=False)}
+    try:
+        runs, rss_engine = _measure(engines, engine_dir, batches, prompt_len, new_tokens, repeats, compare_eager)
+    finally:
+        for llm in engines.values():
+            llm.close()
+    manifest = engines["engine"].engine.manifest
     bandwidth = read_bandwidth_gbs()
     read_per_token = sum(
         t.numel() * t.element_size()

@@ -17,6 +17,7 @@ from llmbuild.errors import LLMBuildError
 
 if TYPE_CHECKING:
     from llmbuild.manifest import Manifest
+    from llmbuild.runtime.llm_engine import LLMEngine
 
 
 def _console(stderr: bool = False):
@@ -245,9 +246,9 @@ def _smoke_generate(engine: Path, manifest: Manifest) -> None:
 
     out = _console()
     start = time.perf_counter()
-    llm = LLMEngine.from_dir(engine, verify=False)
     prompt = [manifest.model.bos_token_id or 0]
-    (done,) = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    with LLMEngine.from_dir(engine, verify=False) as llm:
+        (done,) = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     if len(done.token_ids) != 8:
         raise EngineError(f"{engine}: smoke generation produced {len(done.token_ids)} tokens instead of 8")
     out.print(
@@ -324,14 +325,22 @@ def run(
 ) -> None:
     """Generate one completion with ENGINE in the terminal."""
     from llmbuild.runtime.llm_engine import LLMEngine
-    from llmbuild.runtime.sampling_params import SamplingParams
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
     if chat and prompt is None:
         raise click.UsageError("--chat needs --prompt")
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
-    llm = LLMEngine.from_dir(engine, backend=backend)
+    with LLMEngine.from_dir(engine, backend=backend) as llm:
+        _generate(llm, prompt, ids, chat, output_format, sampling)
+
+
+def _generate(
+    llm: LLMEngine, prompt: str | None, ids: list[int] | None, chat: bool, output_format: str, sampling: dict[str, Any]
+) -> None:
+    """`run`'s generation: sampling defaults from the engine, text streamed to stdout (or one JSON line)."""
+    from llmbuild.runtime.sampling_params import SamplingParams
+
     defaults = llm.engine.manifest.serve
     for key in ("max_tokens", "temperature", "top_p", "top_k"):
         if sampling[key] is None:

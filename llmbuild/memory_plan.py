@@ -16,7 +16,7 @@ from llmbuild.recipe import KVCacheSection, LimitsSection
 
 @dataclass(frozen=True, slots=True)
 class MemoryPlan:
-    """KV-cache sizing for one engine rank."""
+    """Weights and KV-cache sizing of an engine: all its ranks together (they share this machine)."""
 
     weight_bytes: int
     kv_bytes_per_token: int

@@ -96,7 +96,6 @@ def test_missing_recipe_file(tmp_path):
     "sections,feature",
     [
         ({"target": {"device": "cuda"}}, "target.device=cuda"),
-        ({"target": {"tensor_parallel": 2}}, "target.tensor_parallel=2"),
         ({"quantization": {"kv_cache": "int8"}}, "quantization.kv_cache=int8"),
         ({"quality": {"max_kl": 0.1}}, "quality gate"),
     ],

@@ -39,6 +39,7 @@ from llmbuild.builder.quality import (
     held_out_windows,
 )
 from llmbuild.builder.quantize import quantize_model
+from llmbuild.builder.shard import shard_state_dict
 from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, CheckpointError, LLMBuildError
 from llmbuild.machine import native_isa
@@ -62,6 +63,7 @@ from llmbuild.model_config import DTYPES
 from llmbuild.plugins import OP_VERSIONS, load_plugins
 from llmbuild.plugins.library import default_cache_dir
 from llmbuild.recipe import Recipe
+from llmbuild.tensor_parallel import rank_config
 
 StageCallback = Callable[[str, float | None], None]
 QUALITY = "quality.json"
@@ -126,17 +128,22 @@ def build_engine(
     weights_key = _weights_key(recipe, plan, inputs)
     dtype = DTYPES[plan.dtype]
 
+    tp = recipe.target.tensor_parallel
+    rank_cfg = rank_config(plan.checkpoint.config, tp)
+
     with staging_dir(out_dir) as stage:
-        rank = stage / rank_dir(0)
-        rank.mkdir()
+        ranks = [stage / rank_dir(r) for r in range(tp)]
+        for rank in ranks:
+            rank.mkdir()
         model: LlamaModel | None = None
         quality: Quality | None = None
         cached_quality = cache.lookup("weights", weights_key, QUALITY)
-        if (cached := cache.lookup("weights", weights_key, WEIGHTS)) and (
-            recipe.quantization.weights == "none" or cached_quality
-        ):
+        names = [f"{rank.name}.safetensors" for rank in ranks]
+        cached_weights = [p for name in names if (p := cache.lookup("weights", weights_key, name))]
+        if len(cached_weights) == tp and (recipe.quantization.weights == "none" or cached_quality):
             with _stage("weights (cached)", timings, on_stage):
-                shutil.copyfile(cached, rank / WEIGHTS)
+                for rank, cached in zip(ranks, cached_weights, strict=True):
+                    shutil.copyfile(cached, rank / WEIGHTS)
                 if cached_quality:
                     quality = Quality(**json.loads(cached_quality.read_text()))
         else:
@@ -159,9 +166,12 @@ def build_engine(
                     quality = compare(reference, model, windows)
                     del reference
                     _store_json(cache, "weights", weights_key, QUALITY, asdict(quality))
-            with _stage("save weights", timings, on_stage):
-                save_file(model.state_dict(), rank / WEIGHTS, metadata={"format": "pt"})
-                cache.store("weights", weights_key, rank / WEIGHTS)
+            with _stage("save weights" if tp == 1 else f"shard + save weights ({tp} ranks)", timings, on_stage):
+                state = model.state_dict()
+                for r, (rank, name) in enumerate(zip(ranks, names, strict=True)):
+                    save_file(shard_state_dict(state, model.cfg, tp, r), rank / WEIGHTS, metadata={"format": "pt"})
+                    cache.store("weights", weights_key, rank / WEIGHTS, name=name)
+                del state
         if quality is not None:
             check_gate(recipe.quality, quality)  # before the slow stages: a failing build fails fast
         graph_files = (GRAPH, EXPORTED) if recipe.target.backend == "compiled" else (EXPORTED,)
@@ -169,12 +179,12 @@ def build_engine(
         if len(cached_graph) == len(graph_files):
             with _stage("graph (cached)", timings, on_stage):
                 for cached_file in cached_graph:
-                    shutil.copyfile(cached_file, rank / cached_file.name)
+                    shutil.copyfile(cached_file, ranks[0] / cached_file.name)
         else:
             with _stage("export", timings, on_stage):
                 # the graph never depends on weight values: zeros do when none were loaded
-                if model is None:
-                    model = LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype, recipe.plugins)
+                if model is None or tp > 1:
+                    model = LlamaModel.empty(rank_cfg, recipe.limits.max_seq_len, dtype, recipe.plugins, tp)
                     for param in model.parameters():
                         param.data.zero_()
                     if recipe.quantization.weights != "none":  # the layout only: round to nearest will do
@@ -183,11 +193,14 @@ def build_engine(
                 program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, dtype)
             if recipe.target.backend == "compiled":
                 with _stage("compile", timings, on_stage):
-                    compile_graph(program, rank / GRAPH, cache_root / "inductor")
+                    compile_graph(program, ranks[0] / GRAPH, cache_root / "inductor", tp)
             with _stage("save graph", timings, on_stage):
-                save_graph(program, rank / EXPORTED)
+                save_graph(program, ranks[0] / EXPORTED)
             for name in graph_files:
-                cache.store("graph", graph_key, rank / name)
+                cache.store("graph", graph_key, ranks[0] / name)
+        for rank in ranks[1:]:  # every rank runs the same code on its own weights
+            for name in graph_files:
+                shutil.copyfile(ranks[0] / name, rank / name)
         with _stage("package", timings, on_stage):
             (stage / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
             (stage / TOKENIZER_DIR).mkdir()
@@ -237,7 +250,8 @@ def _target(recipe: Recipe) -> Target:
 
 
 def _weights_key(recipe: Recipe, plan: BuildPlan, inputs: Inputs) -> str:
-    """What the engine's weights file depends on: checkpoint bytes, dtype, quantization, RoPE table length."""
+    """What the engine's weights files depend on: checkpoint bytes, dtype, quantization, RoPE table
+    length, rank count."""
     return sha256_json(
         {
             "llmbuild": llmbuild.__version__,
@@ -246,6 +260,7 @@ def _weights_key(recipe: Recipe, plan: BuildPlan, inputs: Inputs) -> str:
             "quantization": recipe.quantization.model_dump(mode="json"),
             "calibration_text": inputs.calibration_sha256,
             "max_seq_len": recipe.limits.max_seq_len,
+            "tensor_parallel": recipe.target.tensor_parallel,
             "quality_eval": EVAL_VERSION,  # the cached quality metrics live beside the weights
         }
     )

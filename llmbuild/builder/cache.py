@@ -1,7 +1,7 @@
 """The build cache: outputs of expensive stages, keyed by exactly what they depend on.
 
     <cache>/builds/graph/<config hash>/{model,exported}.pt2      export + AOTInductor compile
-    <cache>/builds/weights/<weights key>/weights.safetensors     checkpoint -> engine dtype
+    <cache>/builds/weights/<weights key>/rank<r>.safetensors     checkpoint -> engine dtype, per rank
 
 The compiled graph never depends on weight values (they stay outside the .so), so a new checkpoint
 of the same architecture reuses it; the weights never depend on the target, so a new target reuses
@@ -27,13 +27,14 @@ class BuildCache:
         path = self.root / kind / key / name
         return path if self.read and path.is_file() else None
 
-    def store(self, kind: str, key: str, src: Path) -> None:
-        """Copy src into the cache under (kind, key), atomically."""
-        target = self.root / kind / key / src.name
+    def store(self, kind: str, key: str, src: Path, name: str | None = None) -> None:
+        """Copy src into the cache under (kind, key) as `name` (default: its own name), atomically."""
+        name = name or src.name
+        target = self.root / kind / key / name
         if target.is_file():
             return
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{src.name}.", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target.parent)
         os.close(fd)
         try:
             shutil.copyfile(src, tmp)

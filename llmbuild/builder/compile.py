@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 from torch.export import ExportedProgram
 from torch.export.pt2_archive._package import PT2ArchiveReader, PT2ArchiveWriter
@@ -23,16 +26,34 @@ INDUCTOR_CONFIGS = {
 _TRAILER = b"\n// Compile cmd\n"
 
 
-def compile_graph(program: ExportedProgram, path: Path, inductor_dir: Path) -> None:
+def compile_graph(program: ExportedProgram, path: Path, inductor_dir: Path, tp: int = 1) -> None:
     """Compile `program` with AOTInductor into the package file `path` (a .pt2 archive).
 
     `inductor_dir` is Inductor's working cache; its path ends up in the package (source comments,
     kernel names, debug info), so a fixed directory is what makes the bytes reproducible.
+    A tensor-parallel graph (tp > 1) is compiled against a stand-in process group of tp ranks.
     """
-    with torch.no_grad(), warnings.catch_warnings(), temporary_cache_dir(str(inductor_dir)):
+    with torch.no_grad(), warnings.catch_warnings(), temporary_cache_dir(str(inductor_dir)), _stand_in_group(tp):
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # torch-internal
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=INDUCTOR_CONFIGS)
     _normalize(path)
+
+
+@contextmanager
+def _stand_in_group(tp: int) -> Iterator[None]:
+    """A process group that only pretends to communicate, for the duration of a compile.
+
+    Inductor looks the all-reduces' group up by name while compiling (for its size); the real
+    group exists only at run time, in the runtime's worker processes.
+    """
+    if tp == 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=tp)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _normalize(path: Path) -> None:

@@ -15,6 +15,7 @@ from llmbuild.errors import RecipeError
 from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, plan_memory
 from llmbuild.model_config import DTYPES, ModelConfig
 from llmbuild.recipe import QuantizationSection, Recipe
+from llmbuild.tensor_parallel import rank_config, split_problems
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,14 @@ def make_plan(recipe: Recipe, available_bytes: int | None = None) -> BuildPlan:
             f"not supported yet: sliding-window attention (window {ckpt.sliding_window} < limits.max_seq_len "
             f"{limits.max_seq_len}); set limits.max_seq_len <= {ckpt.sliding_window}"
         )
+    tp = recipe.target.tensor_parallel
+    problems = split_problems(cfg, tp)
+    if problems:
+        raise RecipeError(
+            f"target.tensor_parallel={tp} cannot split this model: {'; '.join(problems)}; "
+            "choose a tensor_parallel that divides the head counts and intermediate_size"
+        )
+    rank_cfg = rank_config(cfg, tp)
     q = recipe.quantization
     if q.weights != "none" and q.method != "rtn":
         calibration_path(q.calibration_or_default(), recipe.base_dir())  # a missing text fails the plan, not the build
@@ -64,9 +73,16 @@ def make_plan(recipe: Recipe, available_bytes: int | None = None) -> BuildPlan:
     kv_dtype = dtype if recipe.quantization.kv_cache == "auto" else recipe.quantization.kv_cache
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     available = available_bytes if available_bytes is not None else available_memory_bytes()
+    try:
+        rank_weight_bytes = weight_bytes(rank_cfg, q, itemsize)
+    except RecipeError as exc:
+        if tp == 1:
+            raise
+        raise RecipeError(f"with target.tensor_parallel={tp}, {exc} (input sizes are per rank)") from None
+    # every rank of an engine runs on this machine: the plan sums them (replicated tensors count per rank)
     memory = plan_memory(
-        weight_bytes=weight_bytes(cfg, q, itemsize),
-        kv_bytes_per_token=cfg.kv_bytes_per_token(DTYPES[kv_dtype]),
+        weight_bytes=tp * rank_weight_bytes,
+        kv_bytes_per_token=tp * rank_cfg.kv_bytes_per_token(DTYPES[kv_dtype]),
         limits=limits,
         kv_cache=recipe.kv_cache,
         available_bytes=available,

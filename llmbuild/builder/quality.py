@@ -21,7 +21,7 @@ from llmbuild.builder.checkpoint import Checkpoint
 from llmbuild.builder.models.llama import LlamaModel, prefill_metadata
 from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, EngineError
-from llmbuild.manifest import RECIPE, REPORT, TOKENIZER_DIR
+from llmbuild.manifest import RECIPE, REPORT, TOKENIZER_DIR, Manifest
 from llmbuild.recipe import QualitySection, load_recipe
 from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.model_runner import allocate_kv_cache
@@ -153,6 +153,11 @@ def check_gate(gate: QualitySection, quality: Quality) -> None:
 def engine_quality(engine_dir: Path, checkpoint_dir: Path | None = None) -> Quality:
     """Re-run the build's quality evaluation on a built engine: its own graph and weights against
     the unquantized checkpoint it was built from (checked by hash), on the same held-out windows."""
+    if Manifest.load(engine_dir).target.tensor_parallel > 1:
+        raise EngineError(
+            f"{engine_dir}: --quality runs single-rank engines; verify the same recipe built with "
+            "target.tensor_parallel: 1 (a tensor-parallel build shards those very weights)"
+        )
     engine = Engine.load(engine_dir)
     manifest = engine.manifest
     if manifest.quantization.weights == "none":

@@ -12,8 +12,6 @@ def unsupported_features(recipe: Recipe) -> list[str]:
     out = []
     if recipe.target.device != "cpu":
         out.append(f"target.device={recipe.target.device} (cpu engines only so far)")
-    if recipe.target.tensor_parallel != 1:
-        out.append(f"target.tensor_parallel={recipe.target.tensor_parallel} (single-rank engines only so far)")
     q = recipe.quantization
     if recipe.quantization.kv_cache != "auto":
         out.append(f"quantization.kv_cache={recipe.quantization.kv_cache}")

@@ -35,8 +35,6 @@ def target_mismatch(manifest: Manifest, backend: str | None = None) -> str | Non
         return f"engine targets {target.machine} CPUs, this machine is {platform.machine()}; rebuild it here"
     if target.device == "cuda" and not torch.cuda.is_available():
         return "engine targets cuda but no GPU is available here; build a cpu engine for this machine"
-    if target.device == "cpu" and target.tensor_parallel != 1:
-        return f"engine has tensor_parallel={target.tensor_parallel}; this runtime runs single-rank engines only"
     missing = sorted(set(target.required_isa) - cpu_flags()) if backend == "compiled" else []
     if missing:
         return f"engine's compiled code needs CPU features this machine lacks: {', '.join(missing)}; rebuild it here"
@@ -70,6 +68,8 @@ class Engine:
         reason = target_mismatch(manifest, backend)
         if reason:
             raise EngineError(f"{path}: {reason}")
+        if not 0 <= rank < manifest.target.tensor_parallel:
+            raise EngineError(f"{path}: engine has ranks 0..{manifest.target.tensor_parallel - 1}, not rank {rank}")
         graph_file = f"{rank_dir(rank)}/{GRAPH if backend == 'compiled' else EXPORTED}"
         if graph_file not in manifest.files:
             kind = "compiled package" if backend == "compiled" else "exported program"

@@ -18,15 +18,18 @@ from pathlib import Path
 import torch
 
 from llmbuild.errors import EngineError, RequestError
+from llmbuild.manifest import Manifest
 from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, format_bytes, plan_memory
 from llmbuild.runtime.block_pool import BlockPool
 from llmbuild.runtime.detokenizer import IncrementalDetokenizer
 from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.model_runner import ModelRunner, allocate_kv_cache
+from llmbuild.runtime.rank_workers import RankWorkers
 from llmbuild.runtime.request import FinishReason, Request
 from llmbuild.runtime.sampler import Sampler, TokenLogprobs
 from llmbuild.runtime.sampling_params import SamplingParams
 from llmbuild.runtime.scheduler import Scheduler, SchedulerConfig
+from llmbuild.tensor_parallel import rank_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,19 +56,26 @@ class Completion:
 
 
 class LLMEngine:
-    """Requests in, tokens and text out; one `step()` runs one batched forward pass."""
+    """Requests in, tokens and text out; one `step()` runs one batched forward pass.
 
-    def __init__(self, engine: Engine, enable_prefix_caching: bool = True) -> None:
+    A tensor-parallel engine runs its other ranks in worker processes (`workers`); close() stops them.
+    """
+
+    def __init__(self, engine: Engine, enable_prefix_caching: bool = True, workers: RankWorkers | None = None) -> None:
         manifest = engine.manifest
         self.engine = engine
+        self.workers = workers
         self.limits = manifest.limits
         self.tokenizer = engine.load_tokenizer()
         self.memory = self._plan_memory(engine)
         eos = frozenset(manifest.model.eos_token_ids)
         block_size = manifest.kv_cache.block_size
         self.pool = BlockPool(self.memory.num_blocks, enable_prefix_caching)
-        caches = allocate_kv_cache(manifest.model, self.memory.num_blocks, block_size, engine.kv_cache_dtype)
-        self.runner = ModelRunner(engine.graph, caches, block_size, self.limits.max_seq_len)
+        rank_model = rank_config(manifest.model, manifest.target.tensor_parallel)
+        caches = allocate_kv_cache(rank_model, self.memory.num_blocks, block_size, engine.kv_cache_dtype)
+        if workers is not None:
+            workers.allocate(self.memory.num_blocks)
+        self.runner = ModelRunner(engine.graph, caches, block_size, self.limits.max_seq_len, workers)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch_size=self.limits.max_batch_size,
@@ -86,7 +96,32 @@ class LLMEngine:
     def from_dir(
         cls, path: str | Path, verify: bool = True, backend: str | None = None, enable_prefix_caching: bool = True
     ) -> LLMEngine:
-        return cls(Engine.load(path, verify=verify, backend=backend), enable_prefix_caching)
+        """Load an engine directory (starting worker processes for the other ranks of a tensor-parallel one)."""
+        tp = Manifest.load(Path(path)).target.tensor_parallel
+        if tp == 1:
+            return cls(Engine.load(path, verify=verify, backend=backend), enable_prefix_caching)
+        workers, engine = RankWorkers.launch(Path(path), tp, verify=verify, backend=backend)
+        try:
+            return cls(engine, enable_prefix_caching, workers)
+        except BaseException:
+            workers.stop()
+            raise
+
+    def close(self) -> None:
+        """Stop the worker processes of a tensor-parallel engine (idempotent; nothing to do otherwise)."""
+        if self.workers is not None:
+            self.workers.stop()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def keep_alive(self) -> None:
+        """Call while idle: raises EngineError if a worker process died; keeps waiting workers in touch."""
+        if self.workers is not None:
+            self.workers.keep_alive()
 
     def make_request(
         self,
@@ -200,9 +235,10 @@ class LLMEngine:
 
     def _plan_memory(self, engine: Engine) -> MemoryPlan:
         manifest = engine.manifest
+        tp = manifest.target.tensor_parallel
         plan = plan_memory(
-            weight_bytes=engine.weight_bytes,
-            kv_bytes_per_token=manifest.model.kv_bytes_per_token(engine.kv_cache_dtype),
+            weight_bytes=self.workers.weight_bytes if self.workers is not None else engine.weight_bytes,
+            kv_bytes_per_token=tp * rank_config(manifest.model, tp).kv_bytes_per_token(engine.kv_cache_dtype),
             limits=manifest.limits,
             kv_cache=manifest.kv_cache,
             available_bytes=available_memory_bytes(),

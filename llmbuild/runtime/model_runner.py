@@ -7,12 +7,16 @@ only the rows of sequences that sample a token come back as logits.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmbuild.model_config import ModelConfig
 from llmbuild.runtime.graph import Graph
 from llmbuild.runtime.scheduler import StepBatch
+
+if TYPE_CHECKING:
+    from llmbuild.runtime.rank_workers import RankWorkers
 
 
 def allocate_kv_cache(model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -25,17 +29,30 @@ def allocate_kv_cache(model: ModelConfig, num_blocks: int, block_size: int, dtyp
 
 
 class ModelRunner:
-    def __init__(self, graph: Graph, kv_caches: list[torch.Tensor], block_size: int, max_seq_len: int) -> None:
+    """Rank 0's runner; with `workers` (a tensor-parallel engine) every step runs on all ranks."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        max_seq_len: int,
+        workers: RankWorkers | None = None,
+    ) -> None:
         self.graph = graph
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.max_blocks_per_seq = math.ceil(max_seq_len / block_size)
+        self.workers = workers
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Run one step; returns fp32 logits [number of sampling sequences, vocab]."""
         inputs, num_rows = self.prepare(batch)
         with torch.inference_mode():
-            logits = self.graph(inputs, self.kv_caches)
+            if self.workers is None:
+                logits = self.graph(inputs, self.kv_caches)
+            else:
+                logits = self.workers.step(self.graph, inputs, self.kv_caches)
         return logits[:num_rows]
 
     def prepare(self, batch: StepBatch) -> tuple[tuple[torch.Tensor, ...], int]:

@@ -138,6 +138,8 @@ class AsyncEngine:
                 self._apply_commands(block=not llm.has_unfinished())
                 if self._stop.is_set():
                     break
+                if not llm.has_unfinished():
+                    llm.keep_alive()  # a tensor-parallel engine's workers: fail fast if one died
                 if llm.has_unfinished():
                     start = time.perf_counter()
                     model_before = llm.model_seconds

@@ -7,6 +7,8 @@ Numerics follow Hugging Face transformers (the test oracle): RMSNorm in fp32 cas
 the weight multiply, RoPE tables in fp32 cast to the activation dtype, logits returned in fp32.
 Norms, RoPE and SwiGLU run as fused plugin ops or as their torch references (recipe `plugins`);
 both round where transformers does.
+A tensor-parallel rank's graph is the same model at its rank's shapes (tensor_parallel.rank_config)
+with an all-reduce after each row-parallel projection (o, down).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from llmbuild.plugins.rms_norm import add_rms_norm_ref, rms_norm_ref
 from llmbuild.plugins.rope import rope_ref
 from llmbuild.plugins.swiglu import swiglu_ref
 from llmbuild.recipe import PluginsSection
+from llmbuild.tensor_parallel import GROUP_NAME
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -55,6 +58,13 @@ def project_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if gemv:
         return torch.ops.llmbuild.linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def all_reduce(x: torch.Tensor, tp: int) -> torch.Tensor:
+    """The sum of x over the tensor-parallel ranks (identity for one rank), as c10d ops in the graph."""
+    if tp == 1:
+        return x
+    return torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(x, "sum", GROUP_NAME))
 
 
 class Linear(nn.Linear):
@@ -93,9 +103,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, plugins: PluginsSection) -> None:
+    def __init__(self, cfg: ModelConfig, plugins: PluginsSection, tp: int) -> None:
         super().__init__()
         self.plugins = plugins
+        self.tp = tp
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split = (q, kv, kv)
@@ -123,13 +134,14 @@ class Attention(nn.Module):
         rope_fn = torch.ops.llmbuild.rope if self.plugins.fused_rope else rope_ref
         q, k = rope_fn(q, *rope), rope_fn(k, *rope)
         out = torch.ops.llmbuild.paged_attention(q, k, v, k_cache, v_cache, *meta, self.scale)
-        return self.o(out.reshape(t, self.num_heads * self.head_dim))
+        return all_reduce(self.o(out.reshape(t, self.num_heads * self.head_dim)), self.tp)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, plugins: PluginsSection) -> None:
+    def __init__(self, cfg: ModelConfig, plugins: PluginsSection, tp: int) -> None:
         super().__init__()
         self.plugins = plugins
+        self.tp = tp
         self.intermediate = cfg.intermediate_size
         self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, plugins)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, plugins)
@@ -137,16 +149,16 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
         act = torch.ops.llmbuild.swiglu(gate_up) if self.plugins.fused_swiglu else swiglu_ref(gate_up)
-        return self.down(act)
+        return all_reduce(self.down(act), self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, plugins: PluginsSection) -> None:
+    def __init__(self, cfg: ModelConfig, plugins: PluginsSection, tp: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
-        self.attn = Attention(cfg, plugins)
+        self.attn = Attention(cfg, plugins, tp)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
-        self.mlp = MLP(cfg, plugins)
+        self.mlp = MLP(cfg, plugins, tp)
 
     def forward(self, h, residual, rope, k_cache, v_cache, meta):
         """Residual-stream form: returns (this layer's output, the stream before it), so that every
@@ -161,17 +173,21 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Decoder-only transformer over a packed step; returns fp32 logits of the selected rows."""
+    """Decoder-only transformer over a packed step; returns fp32 logits of the selected rows.
+
+    With tp > 1, `cfg` is one rank's share (tensor_parallel.rank_config) and the graph all-reduces.
+    """
 
     rope_cos: torch.Tensor  # [max_seq_len, head_dim] fp32
     rope_sin: torch.Tensor
 
-    def __init__(self, cfg: ModelConfig, max_seq_len: int, plugins: PluginsSection) -> None:
+    def __init__(self, cfg: ModelConfig, max_seq_len: int, plugins: PluginsSection, tp: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tp = tp
         self.plugins = plugins
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, plugins) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, plugins, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, plugins)
         self.max_seq_len = max_seq_len
@@ -181,11 +197,16 @@ class LlamaModel(nn.Module):
 
     @classmethod
     def empty(
-        cls, cfg: ModelConfig, max_seq_len: int, dtype: torch.dtype, plugins: PluginsSection | None = None
+        cls,
+        cfg: ModelConfig,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        plugins: PluginsSection | None = None,
+        tp: int = 1,
     ) -> LlamaModel:
         """Allocate (uninitialised) weights in `dtype` without a throwaway init; RoPE tables stay fp32."""
         with torch.device("meta"):
-            model = cls(cfg, max_seq_len, plugins or PluginsSection())
+            model = cls(cfg, max_seq_len, plugins or PluginsSection(), tp)
         model = model.to(dtype).to_empty(device="cpu")
         model.rope_cos, model.rope_sin = rope_tables(cfg.rope, cfg.head_dim, max_seq_len)
         return model

@@ -1,0 +1,55 @@
+"""Split a built model's state dict into tensor-parallel ranks (see llmbuild/tensor_parallel.py).
+
+Works on the tensors of every weight format alike, because each shards along whole rows or whole
+input groups: column-parallel layers (qkv, gate_up) keep their ranks' output rows of every tensor
+(weight, scales, mins, bias); row-parallel layers (o, down) keep their ranks' input columns of the
+weight (packed int4: 64 columns are 32 whole bytes) and of per-group scales / mins, while per-row
+int8 scales stay whole. A row-parallel bias is added once: rank 0 holds it, the others hold zeros,
+so that every rank's graph has the same shapes (one compiled package serves them all).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmbuild.model_config import ModelConfig
+from llmbuild.tensor_parallel import kv_heads_of_rank
+
+
+def _column_rows(cfg: ModelConfig, tp: int, rank: int, module: str) -> torch.Tensor:
+    """Output rows of a column-parallel projection that rank `rank` keeps."""
+    if module == "attn.qkv":
+        d, q = cfg.head_dim, cfg.num_heads * cfg.head_dim
+        heads = cfg.num_heads // tp
+        kv = kv_heads_of_rank(cfg, tp, rank)
+        q_rows = torch.arange(rank * heads * d, (rank + 1) * heads * d)
+        k_rows = torch.arange(kv.start * d, kv.stop * d) + q
+        v_rows = k_rows + cfg.num_kv_heads * d
+        return torch.cat([q_rows, k_rows, v_rows])
+    inter = cfg.intermediate_size
+    share = inter // tp
+    gate = torch.arange(rank * share, (rank + 1) * share)
+    return torch.cat([gate, gate + inter])
+
+
+def shard_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s tensors of a full model's state dict (`cfg` the full model's config)."""
+    if tp == 1:
+        return state
+    out = {}
+    for name, t in state.items():
+        module, _, kind = name.rpartition(".")
+        layer_module = module.partition(".")[2].partition(".")[2] if module.startswith("layers.") else ""
+        if layer_module in ("attn.qkv", "mlp.gate_up"):
+            out[name] = t.index_select(0, _column_rows(cfg, tp, rank, layer_module))
+        elif layer_module in ("attn.o", "mlp.down"):
+            if kind == "bias":
+                out[name] = t.clone() if rank == 0 else torch.zeros_like(t)
+            elif t.dim() == 2:  # weight [N, K] (packed int4 [N, K/2]) or per-group scales / mins [N, K/group]
+                share = t.shape[1] // tp
+                out[name] = t[:, rank * share : (rank + 1) * share].contiguous()
+            else:  # per-row int8 scales: every rank's partial sums use the whole row's scale
+                out[name] = t.clone()
+        else:
+            out[name] = t
+    return out
