@@ -24,7 +24,8 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_runtime_and_serve_sources_do_not_import_builder():
     offenders = []
-    shared = [PACKAGE / f for f in ("manifest.py", "model_config.py", "memory_plan.py", "recipe.py", "errors.py", "tensor_parallel.py")]
+    shared_files = ("manifest.py", "model_config.py", "memory_plan.py", "recipe.py", "errors.py", "tensor_parallel.py")
+    shared = [PACKAGE / f for f in shared_files]
     for path in [
         *(PACKAGE / "runtime").rglob("*.py"),
         *(PACKAGE / "serve").rglob("*.py"),

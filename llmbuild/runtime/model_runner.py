@@ -48,12 +48,14 @@ class ModelRunner:
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Run one step; returns fp32 logits [number of sampling sequences, vocab]."""
         inputs, num_rows = self.prepare(batch)
+        return self.run(inputs)[:num_rows]
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The graph on prepared inputs (on every rank of a tensor-parallel engine); rank 0's logits."""
         with torch.inference_mode():
             if self.workers is None:
-                logits = self.graph(inputs, self.kv_caches)
-            else:
-                logits = self.workers.step(self.graph, inputs, self.kv_caches)
-        return logits[:num_rows]
+                return self.graph(inputs, self.kv_caches)
+            return self.workers.step(self.graph, inputs, self.kv_caches)
 
     def prepare(self, batch: StepBatch) -> tuple[tuple[torch.Tensor, ...], int]:
         """Packed graph inputs (manifest.GRAPH_INPUTS order, caches excluded) and the logit row count."""

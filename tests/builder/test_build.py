@@ -8,6 +8,7 @@ import torch
 import llmbuild
 from llmbuild.builder import build as build_module
 from llmbuild.builder.build import build_engine
+from llmbuild.builder.plan import make_plan
 from llmbuild.errors import BuildError, RecipeError
 from llmbuild.manifest import FORMAT_VERSION, Manifest, sha256_file
 from llmbuild.plugins import OP_VERSIONS
@@ -112,6 +113,21 @@ def test_max_seq_len_beyond_the_model_is_refused(make_ckpt, tmp_path):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", make_ckpt("llama"), limits={"max_seq_len": 4096}))
     with pytest.raises(RecipeError, match=r"limits.max_seq_len \(4096\) exceeds the model's max_position_embeddings"):
         build_engine(recipe, tmp_path / "e")
+
+
+def test_tensor_parallel_splits_are_checked_by_the_plan(make_ckpt, tmp_path):
+    ckpt = make_ckpt("llama")  # 4 heads, 2 kv heads, intermediate 128
+    recipe = write_recipe(tmp_path / "r.yaml", ckpt, target={"tensor_parallel": 3})
+    with pytest.raises(RecipeError, match=r"tensor_parallel=3 cannot split this model: num_attention_heads \(4\)"):
+        make_plan(load_recipe(recipe))
+    int4 = write_recipe(
+        tmp_path / "q.yaml",
+        ckpt,
+        target={"tensor_parallel": 2},
+        quantization={"weights": "int4", "group_size": 32},
+    )
+    with pytest.raises(RecipeError, match=r"with target.tensor_parallel=2, int4 .* layers\.0\.attn\.o \(K=32\)"):
+        make_plan(load_recipe(int4))
 
 
 def test_sliding_window_shorter_than_max_seq_len_is_not_supported_yet(make_ckpt, tmp_path):

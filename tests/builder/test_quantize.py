@@ -182,12 +182,16 @@ def test_quality_gate_reports_metrics_and_fails_the_build_when_missed(make_engin
             "demo-int4",
             {"quantization": {"weights": "int4", "group_size": 64}, "quality": {"max_kl": 0.1, "min_top1": 0.8}},
         ),
+        # as tests/runtime/test_rank_workers.py builds it: every rank's weights count
+        ("demo-int8-tp2", {"quantization": {"weights": "int8"}, "target": {"tensor_parallel": 2}}),
     ],
 )
 def test_plan_sizes_quantized_weights_as_the_engine_stores_them(make_engine, tmp_path, name, sections):
     engine = make_engine(name, DEMO, model={"dtype": "bfloat16"}, **sections)
-    with safe_open(engine / "rank0" / "weights.safetensors", "pt") as f:
-        tensors = [f.get_tensor(k) for k in f.keys() if not k.startswith("rope_")]  # RoPE tables: not weights
+    tensors = []
+    for weights in sorted(engine.glob("rank*/weights.safetensors")):
+        with safe_open(weights, "pt") as f:
+            tensors += [f.get_tensor(k) for k in f.keys() if not k.startswith("rope_")]  # RoPE tables: not weights
     recipe = write_recipe(tmp_path / "r.yaml", DEMO, model={"dtype": "bfloat16"}, **sections)
     assert make_plan(load_recipe(recipe)).memory.weight_bytes == sum(t.numel() * t.element_size() for t in tensors)
 

@@ -38,9 +38,7 @@ def teacher_forced_logits(llm: LLMEngine, prompt: list[int], forced: list[int]) 
     batch = llm.scheduler.schedule()
     assert batch.num_tokens == len(prompt)
     inputs, _ = llm.runner.prepare(batch)
-    all_rows = torch.arange(len(prompt))
-    with torch.inference_mode():
-        rows = [llm.runner.graph((*inputs[:-1], all_rows), llm.runner.kv_caches)]
+    rows = [llm.runner.run((*inputs[:-1], torch.arange(len(prompt))))]
     llm.scheduler.update(batch, [forced[0]])
     for token in forced[1:] + [0]:
         batch = llm.scheduler.schedule()
