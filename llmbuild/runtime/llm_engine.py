@@ -63,6 +63,8 @@ class LLMEngine:
 
     def __init__(self, engine: Engine, enable_prefix_caching: bool = True, workers: RankWorkers | None = None) -> None:
         manifest = engine.manifest
+        if manifest.target.tensor_parallel > 1 and workers is None:
+            raise EngineError(f"{engine.path}: a tensor-parallel engine runs all its ranks; use LLMEngine.from_dir")
         self.engine = engine
         self.workers = workers
         self.limits = manifest.limits

@@ -90,6 +90,8 @@ def test_each_rank_has_its_own_weights_and_the_same_code(tp2_engine):
     assert manifest.files["rank0/weights.safetensors"] != manifest.files["rank1/weights.safetensors"]
     with pytest.raises(EngineError, match="engine has ranks 0..1, not rank 2"):
         Engine.load(tp2_engine, rank=2)
+    with pytest.raises(EngineError, match="runs all its ranks; use LLMEngine.from_dir"):
+        LLMEngine(Engine.load(tp2_engine, rank=0))
 
 
 def test_a_rank_that_fails_to_load_is_named_and_nothing_is_left_running(tp2_engine, tmp_path):
