@@ -67,6 +67,8 @@ class Target(_Frozen):
     """CPU architecture (platform.machine()) the engine was built on, e.g. x86_64."""
     arch: str | None = None
     """GPU architecture, e.g. sm_90; None for cpu."""
+    cuda_version: str | None = None
+    """CUDA version of the torch build the engine was compiled with (torch.version.cuda); None for cpu."""
     required_isa: tuple[str, ...] = ()
     """CPU instruction-set extensions the engine's compiled code uses (empty: portable)."""
     tensor_parallel: int = Field(1, ge=1)

@@ -42,7 +42,7 @@ from llmbuild.builder.quantize import quantize_model
 from llmbuild.builder.shard import shard_state_dict
 from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, CheckpointError, LLMBuildError
-from llmbuild.machine import native_isa
+from llmbuild.machine import gpu_arch, native_isa
 from llmbuild.manifest import (
     EXPORTED,
     GRAPH,
@@ -239,9 +239,12 @@ def _calibration_file(recipe: Recipe) -> Path | None:
 
 
 def _target(recipe: Recipe) -> Target:
+    cuda = recipe.target.device == "cuda"
     return Target(
         device=recipe.target.device,
         machine=platform.machine(),
+        arch=(gpu_arch() if recipe.target.arch == "auto" else recipe.target.arch) if cuda else None,
+        cuda_version=torch.version.cuda if cuda else None,
         # AOTInductor compiles with -march=native: the package may use every extension of this CPU
         required_isa=native_isa() if recipe.target.backend == "compiled" else (),
         tensor_parallel=recipe.target.tensor_parallel,

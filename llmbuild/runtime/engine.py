@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from llmbuild.errors import EngineError
-from llmbuild.machine import cpu_flags
-from llmbuild.manifest import EXPORTED, GRAPH, RECIPE, TOKENIZER_DIR, Manifest, rank_dir, verify_files
+from llmbuild.machine import cpu_flags, gpu_arch
+from llmbuild.manifest import EXPORTED, GRAPH, RECIPE, TOKENIZER_DIR, Manifest, Target, rank_dir, verify_files
 from llmbuild.model_config import DTYPES
 from llmbuild.plugins import OP_VERSIONS, load_plugins
 from llmbuild.runtime.graph import Graph, load_graph
@@ -33,8 +33,10 @@ def target_mismatch(manifest: Manifest, backend: str | None = None) -> str | Non
         )
     if target.machine != platform.machine():
         return f"engine targets {target.machine} CPUs, this machine is {platform.machine()}; rebuild it here"
-    if target.device == "cuda" and not torch.cuda.is_available():
-        return "engine targets cuda but no GPU is available here; build a cpu engine for this machine"
+    if target.device == "cuda":
+        reason = gpu_mismatch(target, gpu_arch(), torch.version.cuda)
+        if reason:
+            return reason
     missing = sorted(set(target.required_isa) - cpu_flags()) if backend == "compiled" else []
     if missing:
         return f"engine's compiled code needs CPU features this machine lacks: {', '.join(missing)}; rebuild it here"
@@ -43,6 +45,23 @@ def target_mismatch(manifest: Manifest, backend: str | None = None) -> str | Non
         if have != version:
             now = f"version {have}" if have is not None else "no such op"
             return f"engine was built against plugin {op} version {version}, this runtime has {now}; rebuild the engine"
+    return None
+
+
+def gpu_mismatch(target: Target, arch: str | None, cuda_version: str | None) -> str | None:
+    """Why a cuda engine cannot run on a GPU of `arch` under a torch built for `cuda_version` (None: it can).
+
+    Compiled kernels (cubins) run only on the architecture they were built for.
+    """
+    if arch is None:
+        return "engine targets cuda but no GPU is available here; build a cpu engine for this machine"
+    if target.arch != arch:
+        return f"engine was built for {target.arch} GPUs, this GPU is {arch}; rebuild it with target.arch={arch}"
+    if target.cuda_version != cuda_version:
+        return (
+            f"engine was built with CUDA {target.cuda_version}, this runtime's torch has CUDA {cuda_version}; "
+            "rebuild the engine or install the torch build it was made with"
+        )
     return None
 
 

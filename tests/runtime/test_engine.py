@@ -5,8 +5,8 @@ import platform
 import pytest
 
 from llmbuild.errors import EngineError, RequestError
-from llmbuild.manifest import Manifest, verify_files
-from llmbuild.runtime.engine import Engine
+from llmbuild.manifest import Manifest, Target, verify_files
+from llmbuild.runtime.engine import Engine, gpu_mismatch
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
 from tests.conftest import edit_json
@@ -59,6 +59,25 @@ def test_engine_for_another_target_is_refused(engine_copy, change, message):
         Engine.load(engine_copy)
     assert message in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "built,here,message",
+    [
+        (("sm_90", "12.8"), ("sm_90", "12.8"), None),
+        (("sm_90", "12.8"), (None, None), "targets cuda but no GPU is available here"),
+        (
+            ("sm_90", "12.8"),
+            ("sm_80", "12.8"),
+            "built for sm_90 GPUs, this GPU is sm_80; rebuild it with target.arch=sm_80",
+        ),
+        (("sm_90", "12.8"), ("sm_90", "13.0"), "built with CUDA 12.8, this runtime's torch has CUDA 13.0"),
+    ],
+)
+def test_cuda_engines_run_only_on_their_gpu_arch_and_cuda(built, here, message):
+    target = Target(device="cuda", machine="x86_64", arch=built[0], cuda_version=built[1], backend="compiled")
+    reason = gpu_mismatch(target, *here)
+    assert reason is None if message is None else message in (reason or "")
 
 
 def test_not_an_engine(tmp_path):
