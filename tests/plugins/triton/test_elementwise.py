@@ -13,9 +13,6 @@ from llmbuild.plugins.rope import rope_ref
 from llmbuild.plugins.swiglu import swiglu_ref
 from llmbuild.plugins.triton import elementwise as triton_elementwise
 
-triton_elementwise = pytest.importorskip(
-    "llmbuild.plugins.triton.elementwise", reason="needs triton (pip install triton)"
-)
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 DTYPES = [torch.float32, torch.bfloat16]
 
