@@ -108,13 +108,7 @@ class RankWorkers:
         try:
             workers._group = group = workers._rendezvous(store, tp)
             torch.set_num_threads(threads)
-            engine, status = None, (0, "")
-            try:
-                engine = Engine.load(path, 0, verify=verify, backend=backend)
-                status = (engine.weight_bytes, "")
-            except EngineError as exc:
-                status = (0, str(exc))
-            statuses = _gather_status(group, status, tp)
+            engine, statuses = _load_rank(group, path, 0, tp, verify, backend)
             for rank, (_, error) in enumerate(statuses):
                 if error:
                     raise EngineError(error if rank == 0 else f"tensor-parallel rank {rank}: {error}")
@@ -208,11 +202,22 @@ class RankWorkers:
         torch.set_num_threads(self._threads_before)
 
 
-def _gather_status(group: dist.ProcessGroup, status: tuple[int, str], tp: int) -> list[tuple[int, str]]:
-    """Every rank's (weight bytes, load error or "") after loading its engine, on every rank."""
+def _load_rank(
+    group: dist.ProcessGroup, path: Path, rank: int, tp: int, verify: bool, backend: str | None
+) -> tuple[Engine | None, list[tuple[int, str]]]:
+    """Load this process's rank, then learn every rank's (weight bytes, load error or "").
+
+    Every rank takes part in the exchange, failed or not, so that none waits for one that gave up.
+    """
+    engine, status = None, (0, "")
+    try:
+        engine = Engine.load(path, rank, verify=verify, backend=backend)
+        status = (engine.weight_bytes, "")
+    except EngineError as exc:
+        status = (0, str(exc))
     statuses: list[tuple[int, str] | None] = [None] * tp
     dist.all_gather_object(statuses, status, group=group)
-    return [s for s in statuses if s is not None]
+    return engine, [s for s in statuses if s is not None]
 
 
 def _receive_step(group: dist.ProcessGroup, header: list[int], max_blocks_per_seq: int) -> tuple[torch.Tensor, ...]:
@@ -244,13 +249,7 @@ def _worker_main(path: str, verify: bool, backend: str | None, threads: int) -> 
     store.set(f"ready{rank}", "1")
     group = _join(store, rank, tp)
     try:
-        engine, status = None, (0, "")
-        try:
-            engine = Engine.load(path, rank, verify=verify, backend=backend)
-            status = (engine.weight_bytes, "")
-        except EngineError as exc:
-            status = (0, str(exc))
-        statuses = _gather_status(group, status, tp)  # every rank takes part, failed or not
+        engine, statuses = _load_rank(group, Path(path), rank, tp, verify, backend)
         if engine is None or any(error for _, error in statuses):
             return
         manifest = engine.manifest
