@@ -95,7 +95,7 @@ class Manifest(_Frozen):
     target: Target
     model: ModelConfig
     dtype: Literal["float32", "float16", "bfloat16"]
-    kv_cache_dtype: Literal["float32", "float16", "bfloat16"]
+    kv_cache_dtype: Literal["float32", "float16", "bfloat16", "int8"]
     limits: LimitsSection
     kv_cache: KVCacheSection
     quantization: QuantizationSection

@@ -96,11 +96,12 @@ class QuantizationSection(_Section):
     group_size: int = 128
     """Columns sharing one scale in int4 (32, 64 or 128)."""
     kv_cache: Literal["auto", "int8", "fp8"] = "auto"
-    """KV-cache dtype: `auto` = model dtype."""
+    """KV-cache dtype: `auto` = model dtype; int8 with per-kv-head scales calibrated on the calibration
+    text; fp8 (GPU only)."""
     exclude: tuple[str, ...] = ("lm_head",)
     """Weight name patterns (fnmatch) kept in model.dtype."""
     calibration: CalibrationSection | None = None
-    """Calibration data for awq / gptq."""
+    """Calibration data for awq / gptq weights and int8 KV-cache scales."""
 
     @field_validator("group_size")
     @classmethod
@@ -113,18 +114,27 @@ class QuantizationSection(_Section):
     def _consistent(self) -> QuantizationSection:
         if self.weights == "none" and self.method != "rtn":
             raise ValueError(f"method={self.method} needs weights int8, int4 or fp8 (weights is none)")
-        if self.weights == "none" and self.calibration is not None:
-            raise ValueError("calibration is set but weights is none: remove it or choose a weight format")
+        if self.calibration is not None and not self.calibrated:
+            raise ValueError(
+                "calibration is used by method awq or gptq and by kv_cache int8 (here: method rtn, kv_cache "
+                f"{self.kv_cache}): remove it, or change method or kv_cache"
+            )
         if self.weights == "fp8" and self.method != "rtn":
             raise ValueError(f"method={self.method} applies to int8 and int4 weights; fp8 weights use method rtn")
-        if self.method == "rtn" and self.calibration is not None:
-            raise ValueError(
-                "calibration is used by method awq or gptq only (method is rtn): remove it or change method"
-            )
         return self
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the build runs calibration text through the model (awq / gptq weights, int8 KV scales)."""
+        return (self.weights != "none" and self.method != "rtn") or self.kv_cache == "int8"
+
+    @property
+    def quantized(self) -> bool:
+        """Whether weights or the KV cache leave the model dtype (the quality gate applies)."""
+        return self.weights != "none" or self.kv_cache != "auto"
+
     def calibration_or_default(self) -> CalibrationSection:
-        """The calibration section awq / gptq use: the recipe's, or the built-in text with defaults."""
+        """The calibration section in use: the recipe's, or the built-in text with defaults."""
         return self.calibration or CalibrationSection()
 
 
@@ -219,6 +229,8 @@ class Recipe(_Section):
             raise ValueError(
                 "quantization.weights=fp8 needs a GPU target (fp8 GEMM runs on sm_89/sm_90); use int8 or int4 on cpu"
             )
+        if self.quantization.kv_cache == "fp8" and self.target.device == "cpu":
+            raise ValueError("quantization.kv_cache=fp8 needs a GPU target (target.device: cuda); use int8 on cpu")
         return self
 
     def base_dir(self) -> Path:

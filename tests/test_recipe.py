@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmbuild.builder.plan import make_plan
 from llmbuild.builder.support import check_supported
 from llmbuild.errors import RecipeError
 from llmbuild.recipe import load_recipe, parse_recipe
@@ -52,7 +53,11 @@ def test_resolved_yaml_round_trips():
         ({"cuda_graphs": {"enabled": True}}, "cuda_graphs.enabled needs target.device=cuda"),
         ({"quantization": {"weights": "fp8"}}, "quantization.weights=fp8 needs a GPU target"),
         ({"quantization": {"method": "awq"}}, "method=awq needs weights int8, int4 or fp8"),
-        ({"quantization": {"weights": "int4", "calibration": {}}}, "calibration is used by method awq or gptq only"),
+        (
+            {"quantization": {"weights": "int4", "calibration": {}}},
+            "calibration is used by method awq or gptq and by kv_cache int8 (here: method rtn, kv_cache auto)",
+        ),
+        ({"quantization": {"kv_cache": "fp8"}}, "quantization.kv_cache=fp8 needs a GPU target"),
         (
             {"quantization": {"weights": "int4", "method": "gptq", "calibration": {"seq_len": 4}}},
             "seq_len: must be >= 16",
@@ -66,6 +71,12 @@ def test_invalid_values_name_their_key_path(sections, message):
         parse(**sections)
     assert message in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+def test_int8_kv_cache_takes_a_calibration_section_without_weight_quantization():
+    recipe = parse(quantization={"kv_cache": "int8", "calibration": {"num_samples": 8}})
+    assert recipe.quantization.calibrated and recipe.quantization.quantized
+    assert recipe.quantization.calibration_or_default().num_samples == 8
 
 
 def test_missing_required_key():
@@ -96,7 +107,6 @@ def test_missing_recipe_file(tmp_path):
     "sections,feature",
     [
         ({"target": {"device": "cuda"}}, "target.device=cuda"),
-        ({"quantization": {"kv_cache": "int8"}}, "quantization.kv_cache=int8"),
         ({"quality": {"max_kl": 0.1}}, "quality gate"),
     ],
 )
@@ -112,3 +122,9 @@ def test_recipe_is_frozen():
     recipe = parse()
     with pytest.raises(ValueError):
         recipe.limits.max_seq_len = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_bundled_recipes_plan(path):
+    plan = make_plan(load_recipe(path))
+    assert plan.memory.num_blocks >= plan.memory.blocks_per_sequence

@@ -26,6 +26,7 @@ from llmbuild.builder.cache import BuildCache
 from llmbuild.builder.calibration import calibration_path, calibration_windows, file_sha256
 from llmbuild.builder.compile import compile_graph
 from llmbuild.builder.export import export_graph, save_graph
+from llmbuild.builder.kv_quant import kv_absmax, quantize_kv_cache
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.package import check_output_dir, staging_dir
 from llmbuild.builder.plan import BuildPlan, make_plan
@@ -59,7 +60,7 @@ from llmbuild.manifest import (
     sha256_json,
 )
 from llmbuild.memory_plan import MemoryPlan
-from llmbuild.model_config import DTYPES
+from llmbuild.model_config import DTYPES, KV_CACHE_DTYPES
 from llmbuild.plugins import OP_VERSIONS, load_plugins
 from llmbuild.plugins.library import default_cache_dir
 from llmbuild.recipe import Recipe
@@ -127,6 +128,7 @@ def build_engine(
     graph_key = config_hash(recipe, plan, target)
     weights_key = _weights_key(recipe, plan, inputs)
     dtype = DTYPES[plan.dtype]
+    q = recipe.quantization
 
     tp = recipe.target.tensor_parallel
     rank_cfg = rank_config(plan.checkpoint.config, tp)
@@ -140,7 +142,7 @@ def build_engine(
         cached_quality = cache.lookup("weights", weights_key, QUALITY)
         names = [f"{rank.name}.safetensors" for rank in ranks]
         cached_weights = [p for name in names if (p := cache.lookup("weights", weights_key, name))]
-        if len(cached_weights) == tp and (recipe.quantization.weights == "none" or cached_quality):
+        if len(cached_weights) == tp and (not q.quantized or cached_quality):
             with _stage("weights (cached)", timings, on_stage):
                 for rank, cached in zip(ranks, cached_weights, strict=True):
                     shutil.copyfile(cached, rank / WEIGHTS)
@@ -150,16 +152,22 @@ def build_engine(
             with _stage("load weights", timings, on_stage):
                 model = LlamaModel.empty(plan.checkpoint.config, recipe.limits.max_seq_len, dtype, recipe.plugins)
                 load_weights(model, plan.checkpoint)
-            if recipe.quantization.weights != "none":
+            if q.quantized:
                 reference = copy.deepcopy(model)
                 calibration_ids = None
                 if calibration:
                     with _stage("calibration data", timings, on_stage):
                         calibration_ids = calibration_windows(
-                            recipe.quantization.calibration_or_default(), recipe.base_dir(), plan.checkpoint.path
+                            q.calibration_or_default(), recipe.base_dir(), plan.checkpoint.path
                         )
-                with _stage(f"quantize ({recipe.quantization.method})", timings, on_stage):
-                    quantize_model(model, recipe.quantization, calibration_ids)
+                if q.weights != "none":
+                    with _stage(f"quantize ({q.method})", timings, on_stage):
+                        quantize_model(model, q, calibration_ids)
+                if q.kv_cache == "int8":
+                    assert calibration_ids is not None  # _calibration_file names a text for int8 KV
+                    with _stage("calibrate int8 KV cache", timings, on_stage):
+                        # the K/V of the final (quantized) weights: what the cache will hold
+                        quantize_kv_cache(model, kv_absmax(model, calibration_ids))
                 with _stage("quality", timings, on_stage):
                     window = min(WINDOW, recipe.limits.max_seq_len)
                     windows = held_out_windows(plan.checkpoint.path, NUM_WINDOWS, window)
@@ -187,10 +195,12 @@ def build_engine(
                     model = LlamaModel.empty(rank_cfg, recipe.limits.max_seq_len, dtype, recipe.plugins, tp)
                     for param in model.parameters():
                         param.data.zero_()
-                    if recipe.quantization.weights != "none":  # the layout only: round to nearest will do
-                        layout = recipe.quantization.model_copy(update={"method": "rtn", "calibration": None})
-                        quantize_model(model, layout)
-                program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, dtype)
+                    if q.weights != "none":  # the layout only: round to nearest will do
+                        quantize_model(model, q.model_copy(update={"method": "rtn", "calibration": None}))
+                    if q.kv_cache == "int8":
+                        quantize_kv_cache(model, torch.ones(rank_cfg.num_layers, 2, rank_cfg.num_kv_heads))
+                kv_dtype = KV_CACHE_DTYPES[plan.kv_cache_dtype]
+                program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, kv_dtype)
             if recipe.target.backend == "compiled":
                 with _stage("compile", timings, on_stage):
                     compile_graph(program, ranks[0] / GRAPH, cache_root / "inductor", tp)
@@ -231,9 +241,9 @@ def _store_json(cache: BuildCache, kind: str, key: str, name: str, data: dict[st
 
 
 def _calibration_file(recipe: Recipe) -> Path | None:
-    """The calibration text of an awq / gptq recipe (checked to exist), else None."""
+    """The calibration text of an awq / gptq / int8-KV recipe (checked to exist), else None."""
     q = recipe.quantization
-    if q.weights == "none" or q.method == "rtn":
+    if not q.calibrated:
         return None
     return calibration_path(q.calibration_or_default(), recipe.base_dir())
 

@@ -22,11 +22,11 @@ def example_step(
     head_dim: int,
     block_size: int,
     max_seq_len: int,
-    dtype: torch.dtype,
+    kv_dtype: torch.dtype,
 ) -> tuple:
     """A small, valid packed step (positional arguments of the graph, see manifest.GRAPH_INPUTS)."""
     max_blocks = math.ceil(max_seq_len / block_size)
-    kv = [torch.zeros(_BLOCKS, num_kv_heads, block_size, head_dim, dtype=dtype) for _ in range(2 * num_layers)]
+    kv = [torch.zeros(_BLOCKS, num_kv_heads, block_size, head_dim, dtype=kv_dtype) for _ in range(2 * num_layers)]
     return (
         torch.zeros(_T, dtype=torch.int64),
         torch.tensor([0, 1, 2, 0, 1, 0, 1], dtype=torch.int64),
@@ -39,10 +39,11 @@ def example_step(
     )
 
 
-def export_graph(model: LlamaModel, limits: LimitsSection, block_size: int, dtype: torch.dtype) -> ExportedProgram:
-    """Export one packed step with dynamic token, sequence, logit-row and cache-block dimensions."""
+def export_graph(model: LlamaModel, limits: LimitsSection, block_size: int, kv_dtype: torch.dtype) -> ExportedProgram:
+    """Export one packed step (KV caches of `kv_dtype`) with dynamic token, sequence, logit-row and
+    cache-block dimensions."""
     cfg = model.cfg
-    args = example_step(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, limits.max_seq_len, dtype)
+    args = example_step(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, limits.max_seq_len, kv_dtype)
     tokens = Dim("tokens", min=1, max=max(limits.max_num_tokens, _T))
     seqs = Dim("seqs", min=1, max=max(limits.max_batch_size, _B))
     rows = Dim("logit_rows", min=1, max=max(limits.max_num_tokens, _N))

@@ -13,7 +13,7 @@ from llmbuild.builder.quantize import check_group_fit, excluded, quantized_bytes
 from llmbuild.builder.support import check_supported
 from llmbuild.errors import RecipeError
 from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, plan_memory
-from llmbuild.model_config import DTYPES, ModelConfig
+from llmbuild.model_config import DTYPES, KV_CACHE_DTYPES, ModelConfig
 from llmbuild.recipe import QuantizationSection, Recipe
 from llmbuild.tensor_parallel import rank_config, split_problems
 
@@ -39,6 +39,8 @@ def weight_bytes(cfg: ModelConfig, quantization: QuantizationSection, itemsize: 
         check_group_fit({name: k for name, (_, k) in chosen.items()}, quantization)
         for n, k in chosen.values():
             total += quantized_bytes(n, k, quantization, itemsize) - n * k * itemsize
+    if quantization.kv_cache == "int8":  # fp32 K and V scales per kv head and layer
+        total += cfg.num_layers * 2 * cfg.num_kv_heads * 4
     return total
 
 
@@ -67,7 +69,7 @@ def make_plan(recipe: Recipe, available_bytes: int | None = None) -> BuildPlan:
         )
     rank_cfg = rank_config(cfg, tp)
     q = recipe.quantization
-    if q.weights != "none" and q.method != "rtn":
+    if q.calibrated:
         calibration_path(q.calibration_or_default(), recipe.base_dir())  # a missing text fails the plan, not the build
     dtype = ckpt.dtype if recipe.model.dtype == "auto" else recipe.model.dtype
     kv_dtype = dtype if recipe.quantization.kv_cache == "auto" else recipe.quantization.kv_cache
@@ -82,7 +84,7 @@ def make_plan(recipe: Recipe, available_bytes: int | None = None) -> BuildPlan:
     # every rank of an engine runs on this machine: the plan sums them (replicated tensors count per rank)
     memory = plan_memory(
         weight_bytes=tp * rank_weight_bytes,
-        kv_bytes_per_token=tp * rank_cfg.kv_bytes_per_token(DTYPES[kv_dtype]),
+        kv_bytes_per_token=tp * rank_cfg.kv_bytes_per_token(KV_CACHE_DTYPES[kv_dtype]),
         limits=limits,
         kv_cache=recipe.kv_cache,
         available_bytes=available,

@@ -46,7 +46,7 @@ def sequence_logits(model: LlamaModel, ids: torch.Tensor, block_size: int = 16) 
     cfg, n = model.cfg, len(ids)
     positions, meta, blocks = prefill_metadata(1, n, block_size)
     caches = [
-        torch.zeros(blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=model.embed.weight.dtype)
+        torch.zeros(blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=model.kv_cache_dtype())
         for _ in range(2 * cfg.num_layers)
     ]
     with torch.inference_mode():
@@ -160,7 +160,7 @@ def engine_quality(engine_dir: Path, checkpoint_dir: Path | None = None) -> Qual
         )
     engine = Engine.load(engine_dir)
     manifest = engine.manifest
-    if manifest.quantization.weights == "none":
+    if not manifest.quantization.quantized:
         raise EngineError(f"{engine_dir}: not a quantized engine: there is nothing to compare against its checkpoint")
     if checkpoint_dir is None:
         report = engine_dir / REPORT

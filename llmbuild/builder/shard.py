@@ -5,7 +5,8 @@ input groups: column-parallel layers (qkv, gate_up) keep their ranks' output row
 (weight, scales, mins, bias); row-parallel layers (o, down) keep their ranks' input columns of the
 weight (packed int4: 64 columns are 32 whole bytes) and of per-group scales / mins, while per-row
 int8 scales stay whole. A row-parallel bias is added once: rank 0 holds it, the others hold zeros,
-so that every rank's graph has the same shapes (one compiled package serves them all).
+so that every rank's graph has the same shapes (one compiled package serves them all). int8 KV
+scales go with their kv heads.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def shard_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, 
     for name, t in state.items():
         module, _, kind = name.rpartition(".")
         layer_module = module.partition(".")[2].partition(".")[2] if module.startswith("layers.") else ""
-        if layer_module in ("attn.qkv", "mlp.gate_up"):
+        if kind == "kv_scales":  # [2, H_kv]: the rank's kv heads
+            kv = kv_heads_of_rank(cfg, tp, rank)
+            out[name] = t[:, kv.start : kv.stop].contiguous()
+        elif layer_module in ("attn.qkv", "mlp.gate_up"):
             out[name] = t.index_select(0, _column_rows(cfg, tp, rank, layer_module))
         elif layer_module in ("attn.o", "mlp.down"):
             if kind == "bias":

@@ -13,10 +13,11 @@ def unsupported_features(recipe: Recipe) -> list[str]:
     if recipe.target.device != "cpu":
         out.append(f"target.device={recipe.target.device} (cpu engines only so far)")
     q = recipe.quantization
-    if recipe.quantization.kv_cache != "auto":
-        out.append(f"quantization.kv_cache={recipe.quantization.kv_cache}")
-    if q.weights == "none" and (recipe.quality.max_kl is not None or recipe.quality.min_top1 is not None):
-        out.append("quality gate (quality.max_kl / quality.min_top1) without quantization.weights: nothing to compare")
+    if not q.quantized and (recipe.quality.max_kl is not None or recipe.quality.min_top1 is not None):
+        out.append(
+            "quality gate (quality.max_kl / quality.min_top1) without quantization.weights or "
+            "quantization.kv_cache: nothing to compare"
+        )
     return out
 
 

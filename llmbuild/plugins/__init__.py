@@ -17,6 +17,7 @@ from llmbuild.plugins.library import load_library
 
 OP_VERSIONS: dict[str, int] = {
     paged_attention.OP_NAME: paged_attention.VERSION,
+    paged_attention.QUANTIZED_OP_NAME: paged_attention.QUANTIZED_VERSION,
     linear.OP_NAME: linear.VERSION,
     linear_int8.OP_NAME: linear_int8.VERSION,
     linear_int4.OP_NAME: linear_int4.VERSION,

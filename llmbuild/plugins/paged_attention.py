@@ -18,6 +18,12 @@ flat slot (block * block_size + offset) each new token writes.
 Cache layout: [num_blocks, num_kv_heads, block_size, head_dim], so one head of one block is
 contiguous. Grouped-query attention: query head h reads kv head h // (num_heads // num_kv_heads).
 
+`quantized_paged_attention` is the same op over an int8 cache: K and V are stored as
+round(x / scale) saturated to [-127, 127], one scale per kv head for K and one for V
+(kv_scales [2, H_kv] fp32, calibrated at build time: builder/kv_quant.py), and read back as
+int8 * scale. Every query attends to the cache's values, its own step's tokens included, so a
+prompt prefilled in one step or in chunks sees the same keys.
+
 NOTE: each layer passes its own cache tensors. Passing views of one stacked cache (cache[i]) into
 this mutating op miscompiles under dynamic shapes (pytorch issue 198068: every layer writes layer 0).
 """
@@ -29,6 +35,9 @@ import torch.nn.functional as F
 
 OP_NAME = "llmbuild::paged_attention"
 VERSION = 1
+QUANTIZED_OP_NAME = "llmbuild::quantized_paged_attention"
+QUANTIZED_VERSION = 1
+INT8_MAX = 127
 
 
 def check_inputs(
@@ -118,9 +127,65 @@ def paged_attention_ref(
     return out
 
 
+def quantize_kv(x: torch.Tensor, head_scales: torch.Tensor) -> torch.Tensor:
+    """int8 codes of x [..., H_kv, D] with one fp32 scale per kv head: round half to even, saturated."""
+    return (x.float() / head_scales[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def dequantize_kv(codes: torch.Tensor, head_scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The values int8 codes [..., H_kv, block_size, D] stand for, in `dtype` (scaled in fp32)."""
+    return (codes.float() * head_scales[:, None, None]).to(dtype)
+
+
+def quantized_paged_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_scales: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Torch reference over int8 caches: store the step's quantized K/V, then paged_attention_ref
+    on the dequantized caches (the step's own K/V included, as the cache holds them)."""
+    if k_cache.dtype != torch.int8 or v_cache.dtype != torch.int8:
+        raise ValueError(f"quantized_paged_attention: caches must be int8, got {k_cache.dtype}")
+    if kv_scales.shape != (2, k_cache.shape[1]) or kv_scales.dtype != torch.float32:
+        raise ValueError(
+            f"quantized_paged_attention: kv_scales must be float32 [2, {k_cache.shape[1]}], "
+            f"got {kv_scales.dtype} {tuple(kv_scales.shape)}"
+        )
+    k_scales, v_scales = kv_scales
+    k_codes, v_codes = quantize_kv(k, k_scales), quantize_kv(v, v_scales)
+    block_size = k_cache.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, :, offsets] = k_codes
+    v_cache[blocks, :, offsets] = v_codes
+    return paged_attention_ref(
+        q,
+        (k_codes.float() * k_scales[:, None]).to(q.dtype),
+        (v_codes.float() * v_scales[:, None]).to(q.dtype),
+        dequantize_kv(k_cache, k_scales, q.dtype),
+        dequantize_kv(v_cache, v_scales, q.dtype),
+        slot_mapping,
+        block_tables,
+        seq_lens,
+        cu_seqlens_q,
+        scale,
+    )
+
+
 def register_fake_kernel() -> None:
-    """Shape-only kernel for tracing (torch.export / AOTInductor)."""
+    """Shape-only kernels for tracing (torch.export / AOTInductor)."""
 
     @torch.library.register_fake(OP_NAME)
     def _fake(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale):
+        return torch.empty_like(q)
+
+    @torch.library.register_fake(QUANTIZED_OP_NAME)
+    def _fake_quantized(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, kv_scales, s):
         return torch.empty_like(q)

@@ -15,7 +15,7 @@ import torch
 from llmbuild.errors import EngineError
 from llmbuild.machine import cpu_flags, gpu_arch
 from llmbuild.manifest import EXPORTED, GRAPH, RECIPE, TOKENIZER_DIR, Manifest, Target, rank_dir, verify_files
-from llmbuild.model_config import DTYPES
+from llmbuild.model_config import DTYPES, KV_CACHE_DTYPES
 from llmbuild.plugins import OP_VERSIONS, load_plugins
 from llmbuild.runtime.graph import Graph, load_graph
 
@@ -104,7 +104,7 @@ class Engine:
 
     @cached_property
     def kv_cache_dtype(self) -> torch.dtype:
-        return DTYPES[self.manifest.kv_cache_dtype]
+        return KV_CACHE_DTYPES[self.manifest.kv_cache_dtype]
 
     @property
     def weight_bytes(self) -> int:

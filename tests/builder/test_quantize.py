@@ -184,6 +184,13 @@ def test_quality_gate_reports_metrics_and_fails_the_build_when_missed(make_engin
         ),
         # as tests/runtime/test_rank_workers.py builds it: every rank's weights count
         ("demo-int8-tp2", {"quantization": {"weights": "int8"}, "target": {"tensor_parallel": 2}}),
+        (
+            "demo-kv-int8-tp2",
+            {
+                "quantization": {"kv_cache": "int8", "calibration": {"num_samples": 16, "seq_len": 256}},
+                "target": {"tensor_parallel": 2},
+            },
+        ),
     ],
 )
 def test_plan_sizes_quantized_weights_as_the_engine_stores_them(make_engine, tmp_path, name, sections):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmbuild.plugins.paged_attention import paged_attention_ref
+from llmbuild.plugins.paged_attention import (
+    INT8_MAX,
+    paged_attention_ref,
+    quantize_kv,
+    quantized_paged_attention_ref,
+)
 
 H, HKV, D, BS, NUM_BLOCKS = 4, 2, 16, 4, 32
 
@@ -13,33 +18,36 @@ H, HKV, D, BS, NUM_BLOCKS = 4, 2, 16, 4, 32
 def dense_attention(q, k, v, scale):
     """q: [n, H, D] for the last n positions of a sequence whose full k, v are [L, H_kv, D]."""
     n, length = q.shape[0], k.shape[0]
-    k = k.repeat_interleave(H // HKV, dim=1).float()
-    v = v.repeat_interleave(H // HKV, dim=1).float()
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1).float()
+    v = v.repeat_interleave(group, dim=1).float()
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
     pos_q = torch.arange(length - n, length)[:, None]
     scores = scores.masked_fill(torch.arange(length)[None, :] > pos_q, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def make_case(dtype, ctx_lens=(5, 20, 12), new_tokens=(5, 1, 3), seed=0):
-    """A packed step mixing a fresh prompt, a decode and a continued chunk, with scattered blocks."""
+def make_case(dtype, ctx_lens=(5, 20, 12), new_tokens=(5, 1, 3), seed=0, heads=(H, HKV), num_blocks=NUM_BLOCKS):
+    """A packed step mixing a fresh prompt, a decode and a continued chunk, with scattered blocks
+    (heads: query and kv head counts)."""
+    h, hkv = heads
     g = torch.Generator().manual_seed(seed)
-    k_cache = torch.zeros(NUM_BLOCKS, HKV, BS, D, dtype=dtype)
+    k_cache = torch.zeros(num_blocks, hkv, BS, D, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
-    free = torch.randperm(NUM_BLOCKS, generator=g).tolist()  # non-contiguous block tables
-    max_blocks = 8
+    free = torch.randperm(num_blocks, generator=g).tolist()  # non-contiguous block tables
+    max_blocks = max(-(-length // BS) for length in ctx_lens) + 1
     tables, full_k, full_v, q_parts, k_new, v_new, slots = [], [], [], [], [], [], []
     for length, n in zip(ctx_lens, new_tokens, strict=True):
         blocks = [free.pop() for _ in range(-(-length // BS))]
         tables.append(blocks + [0] * (max_blocks - len(blocks)))
-        k = torch.randn(length, HKV, D, generator=g).to(dtype)
-        v = torch.randn(length, HKV, D, generator=g).to(dtype)
+        k = torch.randn(length, hkv, D, generator=g).to(dtype)
+        v = torch.randn(length, hkv, D, generator=g).to(dtype)
         for p in range(length - n):  # the already-cached prefix
             k_cache[blocks[p // BS], :, p % BS] = k[p]
             v_cache[blocks[p // BS], :, p % BS] = v[p]
         full_k.append(k)
         full_v.append(v)
-        q_parts.append(torch.randn(n, H, D, generator=g).to(dtype))
+        q_parts.append(torch.randn(n, h, D, generator=g).to(dtype))
         k_new.append(k[length - n :])
         v_new.append(v[length - n :])
         slots += [blocks[p // BS] * BS + p % BS for p in range(length - n, length)]
@@ -90,3 +98,70 @@ def test_bad_shapes_fail_with_a_message():
 def test_opcheck():
     args, *_ = make_case(torch.float32)
     torch.library.opcheck(torch.ops.llmbuild.paged_attention.default, (*args, D**-0.5))
+
+
+def int8_case(dtype, seed=0, **case):
+    """make_case with int8 caches: per-head scales from the absmax of the sequences' K and V."""
+    args, full_k, full_v, q_parts = make_case(dtype, seed=seed, **case)
+    k_all, v_all = torch.cat(full_k).float(), torch.cat(full_v).float()
+    kv_scales = torch.stack([k_all.abs().amax(dim=(0, 2)), v_all.abs().amax(dim=(0, 2))]) / INT8_MAX
+    caches = [
+        quantize_kv(cache.transpose(1, 2), head_scales).transpose(1, 2).contiguous()  # [blocks, bs, H_kv, D] view
+        for cache, head_scales in zip(args[3:5], kv_scales, strict=True)
+    ]
+    return (*args[:3], *caches, *args[5:]), kv_scales, full_k, full_v, q_parts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_op_matches_its_reference(dtype):
+    args, kv_scales, *_ = int8_case(dtype)
+    scale = D**-0.5
+    ref_args = [a.clone() for a in args]
+    expected = quantized_paged_attention_ref(*ref_args, kv_scales, scale)
+    out = torch.ops.llmbuild.quantized_paged_attention(*args, kv_scales, scale)
+    # both caches hold the same int8 codes afterwards, the step's tokens quantized identically
+    assert torch.equal(args[3], ref_args[3]) and torch.equal(args[4], ref_args[4])
+    cu = args[8].tolist()
+    prefill = [r for b in (0, 2) for r in range(cu[b], cu[b + 1])]  # SDPA on identical dequantized inputs
+    torch.testing.assert_close(out[prefill], expected[prefill], atol=0, rtol=0)
+    # the decode kernel scales in fp32 without rounding the dequantized cache to the activation dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[cu[1] : cu[2]].float(), expected[cu[1] : cu[2]].float(), atol=tol, rtol=tol)
+
+
+def test_quantized_op_is_close_to_exact_attention():
+    args, kv_scales, full_k, full_v, q_parts = int8_case(torch.float32)
+    scale = D**-0.5
+    out = torch.ops.llmbuild.quantized_paged_attention(*args, kv_scales, scale)
+    cu = args[8].tolist()
+    for b, (k, v, q) in enumerate(zip(full_k, full_v, q_parts, strict=True)):
+        exact = dense_attention(q, k, v, scale)
+        err = (out[cu[b] : cu[b + 1]] - exact).abs().max().item()
+        assert 0 < err < 0.03  # quantization error: present, and small against values of size ~1
+
+
+def test_quantized_writes_saturate_beyond_the_scale():
+    args, kv_scales, *_ = int8_case(torch.float32)
+    k = args[1].clone()
+    k[0, 0, :4] = torch.tensor([1e6, -1e6, 0.5 * kv_scales[0, 0].item(), 1.5 * kv_scales[0, 0].item()])
+    args = (args[0], k, *args[2:])
+    torch.ops.llmbuild.quantized_paged_attention(*args, kv_scales, D**-0.5)
+    slot = args[5][0].item()
+    codes = args[3][slot // BS, 0, slot % BS, :4].tolist()
+    assert codes == [127, -127, 0, 2]  # saturated both ways; halves round to even
+
+
+def test_quantized_op_rejects_bad_scales_and_caches():
+    args, kv_scales, *_ = int8_case(torch.float32)
+    with pytest.raises(RuntimeError, match=r"kv_scales must be contiguous float32 \[2, 2\]"):
+        torch.ops.llmbuild.quantized_paged_attention(*args, kv_scales[:, :1].contiguous(), 1.0)
+    with pytest.raises(ValueError, match=r"kv_scales must be float32 \[2, 2\]"):
+        quantized_paged_attention_ref(*args, kv_scales.double(), 1.0)
+    plain, *_ = make_case(torch.float32)
+    with pytest.raises(RuntimeError, match="caches must be int8"):
+        torch.ops.llmbuild.quantized_paged_attention(*plain, kv_scales, 1.0)
+
+
+def test_quantized_opcheck():
+    args, kv_scales, *_ = int8_case(torch.float32)
+    torch.library.opcheck(torch.ops.llmbuild.quantized_paged_attention.default, (*args, kv_scales, D**-0.5))

@@ -131,6 +131,8 @@ QUANTIZED = {
     "int8": {"weights": "int8"},
     # 704 / 2 = 352 MLP columns per rank fit no int4 group of 64: down stays bf16
     "int4": {"weights": "int4", "group_size": 64, "exclude": ["*.mlp.down"]},
+    # each rank keeps its kv heads' scales (2 of the demo's 4)
+    "kv-int8": {"kv_cache": "int8", "calibration": {"num_samples": 16, "seq_len": 256}},
 }
 
 

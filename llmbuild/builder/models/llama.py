@@ -103,6 +103,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    kv_scales: torch.Tensor | None  # [2, H_kv] fp32 K and V head scales of an int8 KV cache (builder/kv_quant.py)
+
     def __init__(self, cfg: ModelConfig, plugins: PluginsSection, tp: int) -> None:
         super().__init__()
         self.plugins = plugins
@@ -115,6 +117,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plugins) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plugins) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
+        self.register_buffer("kv_scales", None)
 
     def forward(
         self,
@@ -133,7 +136,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         rope_fn = torch.ops.llmbuild.rope if self.plugins.fused_rope else rope_ref
         q, k = rope_fn(q, *rope), rope_fn(k, *rope)
-        out = torch.ops.llmbuild.paged_attention(q, k, v, k_cache, v_cache, *meta, self.scale)
+        if self.kv_scales is None:
+            out = torch.ops.llmbuild.paged_attention(q, k, v, k_cache, v_cache, *meta, self.scale)
+        else:
+            out = torch.ops.llmbuild.quantized_paged_attention(
+                q, k, v, k_cache, v_cache, *meta, self.kv_scales, self.scale
+            )
         return all_reduce(self.o(out.reshape(t, self.num_heads * self.head_dim)), self.tp)
 
 
@@ -210,6 +218,12 @@ class LlamaModel(nn.Module):
         model = model.to(dtype).to_empty(device="cpu")
         model.rope_cos, model.rope_sin = rope_tables(cfg.rope, cfg.head_dim, max_seq_len)
         return model
+
+    def kv_cache_dtype(self) -> torch.dtype:
+        """int8 when the attention layers carry KV scales, else the model dtype."""
+        attn = self.layers[0].get_submodule("attn")
+        assert isinstance(attn, Attention)
+        return torch.int8 if attn.kv_scales is not None else self.embed.weight.dtype
 
     def forward(
         self,

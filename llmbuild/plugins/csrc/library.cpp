@@ -8,6 +8,10 @@ TORCH_LIBRARY(llmbuild, m) {
   m.def(
       "paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cu_seqlens_q, float scale) -> Tensor");
+  m.def(
+      "quantized_paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cu_seqlens_q, Tensor kv_scales, "
+      "float scale) -> Tensor");
   m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales, Tensor mins, Tensor? bias) -> Tensor");
@@ -19,6 +23,7 @@ TORCH_LIBRARY(llmbuild, m) {
 
 TORCH_LIBRARY_IMPL(llmbuild, CPU, m) {
   m.impl("paged_attention", &llmbuild::paged_attention);
+  m.impl("quantized_paged_attention", &llmbuild::quantized_paged_attention);
   m.impl("linear", &llmbuild::linear);
   m.impl("linear_int8", &llmbuild::linear_int8);
   m.impl("linear_int4", &llmbuild::linear_int4);

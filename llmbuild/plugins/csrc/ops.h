@@ -12,6 +12,12 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
                            at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                            const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q, double scale);
 
+// paged_attention over int8 caches; kv_scales [2, H_kv] fp32: per-kv-head K and V scales.
+at::Tensor quantized_paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                     const at::Tensor& cu_seqlens_q, const at::Tensor& kv_scales, double scale);
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,

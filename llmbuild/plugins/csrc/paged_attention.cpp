@@ -1,12 +1,17 @@
 // paged_attention: write the step's K/V at slot_mapping, then attend through block_tables.
+// quantized_paged_attention: the same over an int8 cache with per-kv-head scales.
 // Layout and metadata: see llmbuild/plugins/paged_attention.py.
 //
 // Decode tokens (one new token per sequence) run a block-walking kernel parallel over
 // (sequence, kv head); prompt chunks gather their context and use aten's SDPA, in the same
 // forms transformers uses (is_causal for a fresh prompt), so bf16 prefill matches it bit for bit.
+// An int8 cache is read as int8 by the decode kernel (half the bytes of bf16: decode attention is
+// bound by reading the cache), its head scales applied once to each score and to the output.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -25,9 +30,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "paged_attention: k/v must be [", t, ", ", hkv, ", ", d, "], got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(k_cache.size(3) == d, "paged_attention: cache head_dim ", k_cache.size(3), " != ", d);
   TORCH_CHECK(h % hkv == 0, "paged_attention: ", h, " query heads is not a multiple of ", hkv, " kv heads");
-  TORCH_CHECK(k_cache.scalar_type() == k.scalar_type() && v_cache.scalar_type() == v.scalar_type() &&
-                  q.scalar_type() == k.scalar_type(),
-              "paged_attention: q/k/v and cache dtypes must match");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && v.scalar_type() == k.scalar_type(),
+              "paged_attention: q, k and v dtypes must match");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention: caches must be contiguous");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
               "paged_attention: q/k/v head_dim must be contiguous");
@@ -42,29 +46,40 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt, "paged_attention: seq_lens must be int32");
 }
 
-template <typename scalar_t>
-void write_cache(const at::Tensor& src, at::Tensor& cache, const int64_t* slots) {
+// int8 cache: x / scale rounded half to even and saturated to [-127, 127], as quantize_kv does.
+template <typename scalar_t, typename cache_t>
+void write_cache(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, const float* head_scales) {
   // src: [T, H_kv, D] (row stride may exceed H_kv * D: a view into the fused qkv output)
   const auto t = src.size(0), hkv = src.size(1), d = src.size(2), bs = cache.size(2);
   const auto s0 = src.stride(0), s1 = src.stride(1);
   const scalar_t* in = src.data_ptr<scalar_t>();
-  scalar_t* out = cache.data_ptr<scalar_t>();
+  cache_t* out = cache.data_ptr<cache_t>();
   at::parallel_for(0, t, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t blk = slots[i] / bs, off = slots[i] % bs;
       for (int64_t h = 0; h < hkv; ++h) {
-        std::copy_n(in + i * s0 + h * s1, d, out + ((blk * hkv + h) * bs + off) * d);
+        const scalar_t* from = in + i * s0 + h * s1;
+        cache_t* to = out + ((blk * hkv + h) * bs + off) * d;
+        if constexpr (std::is_same_v<cache_t, int8_t>) {
+          const float s = head_scales[h];
+          for (int64_t e = 0; e < d; ++e) {
+            to[e] = static_cast<int8_t>(std::clamp(std::nearbyint(static_cast<float>(from[e]) / s), -127.f, 127.f));
+          }
+        } else {
+          std::copy_n(from, d, to);
+        }
       }
     }
   });
 }
 
 // One decode token of one sequence, for the `group` query heads that share kv head `g`.
-template <typename scalar_t>
-void decode_group(const scalar_t* q, int64_t q_head_stride, const scalar_t* k_cache, const scalar_t* v_cache,
+// k_scale / v_scale: the head's dequantization scales (1 for a plain cache).
+template <typename scalar_t, typename cache_t>
+void decode_group(const scalar_t* q, int64_t q_head_stride, const cache_t* k_cache, const cache_t* v_cache,
                   const int32_t* table, int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs,
-                  int64_t d, float scale, scalar_t* out, std::vector<float>& scores, std::vector<float>& qf,
-                  std::vector<float>& acc) {
+                  int64_t d, float scale, float k_scale, float v_scale, scalar_t* out, std::vector<float>& scores,
+                  std::vector<float>& qf, std::vector<float>& acc) {
   scores.resize(group * ctx_len);
   qf.resize(group * d);
   acc.assign(group * d, 0.f);
@@ -73,13 +88,13 @@ void decode_group(const scalar_t* q, int64_t q_head_stride, const scalar_t* k_ca
   }
   float* qp = qf.data();
   for (int64_t p = 0; p < ctx_len; ++p) {
-    const scalar_t* krow = k_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
+    const cache_t* krow = k_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
     for (int64_t j = 0; j < group; ++j) {
       const float* qj = qp + j * d;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t e = 0; e < d; ++e) dot += qj[e] * static_cast<float>(krow[e]);
-      scores[j * ctx_len + p] = dot * scale;
+      scores[j * ctx_len + p] = dot * k_scale * scale;
     }
   }
   for (int64_t j = 0; j < group; ++j) {
@@ -95,7 +110,7 @@ void decode_group(const scalar_t* q, int64_t q_head_stride, const scalar_t* k_ca
     for (int64_t p = 0; p < ctx_len; ++p) s[p] *= inv;
   }
   for (int64_t p = 0; p < ctx_len; ++p) {
-    const scalar_t* vrow = v_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
+    const cache_t* vrow = v_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
     for (int64_t j = 0; j < group; ++j) {
       const float w = scores[j * ctx_len + p];
       float* a = acc.data() + j * d;
@@ -104,14 +119,14 @@ void decode_group(const scalar_t* q, int64_t q_head_stride, const scalar_t* k_ca
     }
   }
   for (int64_t j = 0; j < group; ++j) {
-    for (int64_t e = 0; e < d; ++e) out[(g * group + j) * d + e] = static_cast<scalar_t>(acc[j * d + e]);
+    for (int64_t e = 0; e < d; ++e) out[(g * group + j) * d + e] = static_cast<scalar_t>(acc[j * d + e] * v_scale);
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename cache_t>
 void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const std::vector<int64_t>& seqs, const int32_t* tables, int64_t max_blocks, const int32_t* lens,
-                const int32_t* cu, double scale, at::Tensor& out) {
+                const int32_t* cu, double scale, const float* k_scales, const float* v_scales, at::Tensor& out) {
   const auto h = q.size(1), d = q.size(2), hkv = k_cache.size(1), bs = k_cache.size(2);
   const auto group = h / hkv;
   const int64_t items = static_cast<int64_t>(seqs.size()) * hkv;
@@ -121,9 +136,10 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
     std::vector<float> scores, qf, acc;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = seqs[it / hkv], g = it % hkv, row = cu[b];
-      decode_group<scalar_t>(qp + row * q.stride(0), q.stride(1), k_cache.data_ptr<scalar_t>(),
-                             v_cache.data_ptr<scalar_t>(), tables + b * max_blocks, lens[b], g, group, hkv, bs, d,
-                             static_cast<float>(scale), op + row * h * d, scores, qf, acc);
+      decode_group<scalar_t, cache_t>(qp + row * q.stride(0), q.stride(1), k_cache.data_ptr<cache_t>(),
+                                      v_cache.data_ptr<cache_t>(), tables + b * max_blocks, lens[b], g, group, hkv,
+                                      bs, d, static_cast<float>(scale), k_scales ? k_scales[g] : 1.f,
+                                      v_scales ? v_scales[g] : 1.f, op + row * h * d, scores, qf, acc);
     }
   });
 }
@@ -135,16 +151,49 @@ at::Tensor gather_context(const at::Tensor& cache, const at::Tensor& table_row, 
   return blocks.transpose(0, 1).reshape({1, cache.size(1), -1, cache.size(3)}).slice(2, 0, ctx_len);
 }
 
-}  // namespace
+// [1, H_kv, ctx_len, D] in the activation dtype: an int8 cache dequantized with its head scales
+// (in fp32, then rounded to the activation dtype: what dequantize_kv in paged_attention.py does).
+at::Tensor context(const at::Tensor& cache, const at::Tensor& table_row, int64_t ctx_len,
+                   const c10::optional<at::Tensor>& head_scales, at::ScalarType dtype) {
+  auto values = gather_context(cache, table_row, ctx_len);
+  if (!head_scales) return values;
+  return values.to(at::kFloat).mul(head_scales->view({1, -1, 1, 1})).to(dtype);
+}
 
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
-                           at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                           const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q, double scale) {
+// Both ops: kv_scales is [2, H_kv] fp32 (K row, V row) for an int8 cache, absent for a plain one.
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                  at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                  const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q, const c10::optional<at::Tensor>& kv_scales,
+                  double scale) {
   check_inputs(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q);
+  const bool int8 = kv_scales.has_value();
+  if (int8) {
+    TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar,
+                "quantized_paged_attention: caches must be int8, got ", k_cache.scalar_type());
+    TORCH_CHECK(kv_scales->scalar_type() == at::kFloat && kv_scales->is_contiguous() && kv_scales->dim() == 2 &&
+                    kv_scales->size(0) == 2 && kv_scales->size(1) == k_cache.size(1),
+                "quantized_paged_attention: kv_scales must be contiguous float32 [2, ", k_cache.size(1), "], got ",
+                kv_scales->sizes());
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == k.scalar_type() && v_cache.scalar_type() == v.scalar_type(),
+                "paged_attention: cache dtype ", k_cache.scalar_type(), " != k/v dtype ", k.scalar_type());
+  }
+  const float* k_scales = int8 ? kv_scales->data_ptr<float>() : nullptr;
+  const float* v_scales = int8 ? k_scales + k_cache.size(1) : nullptr;
+  c10::optional<at::Tensor> k_heads, v_heads;
+  if (int8) {
+    k_heads = (*kv_scales)[0];
+    v_heads = (*kv_scales)[1];
+  }
   const auto slots = slot_mapping.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "paged_attention_write", [&] {
-    write_cache<scalar_t>(k, k_cache, slots.data_ptr<int64_t>());
-    write_cache<scalar_t>(v, v_cache, slots.data_ptr<int64_t>());
+    if (int8) {
+      write_cache<scalar_t, int8_t>(k, k_cache, slots.data_ptr<int64_t>(), k_scales);
+      write_cache<scalar_t, int8_t>(v, v_cache, slots.data_ptr<int64_t>(), v_scales);
+    } else {
+      write_cache<scalar_t, scalar_t>(k, k_cache, slots.data_ptr<int64_t>(), nullptr);
+      write_cache<scalar_t, scalar_t>(v, v_cache, slots.data_ptr<int64_t>(), nullptr);
+    }
   });
 
   auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
@@ -159,8 +208,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     if (n == 1) {
       decodes.push_back(b);
     } else if (n > 1) {
-      auto keys = gather_context(k_cache, block_tables[b], ctx_len);
-      auto values = gather_context(v_cache, block_tables[b], ctx_len);
+      auto keys = context(k_cache, block_tables[b], ctx_len, k_heads, q.scalar_type());
+      auto values = context(v_cache, block_tables[b], ctx_len, v_heads, q.scalar_type());
       auto qb = q.slice(0, cu[b], cu[b + 1]).transpose(0, 1).unsqueeze(0);
       c10::optional<at::Tensor> mask;
       if (n < ctx_len) {  // a chunk continuing a cached prefix: query j sits at ctx_len - n + j
@@ -174,11 +223,31 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   if (!decodes.empty()) {
     const auto tables = block_tables.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_decode", [&] {
-      decode_all<scalar_t>(q, k_cache, v_cache, decodes, tables.data_ptr<int32_t>(), block_tables.size(1), lens, cu,
-                           scale, out);
+      if (int8) {
+        decode_all<scalar_t, int8_t>(q, k_cache, v_cache, decodes, tables.data_ptr<int32_t>(), block_tables.size(1),
+                                     lens, cu, scale, k_scales, v_scales, out);
+      } else {
+        decode_all<scalar_t, scalar_t>(q, k_cache, v_cache, decodes, tables.data_ptr<int32_t>(),
+                                       block_tables.size(1), lens, cu, scale, nullptr, nullptr, out);
+      }
     });
   }
   return out;
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                           at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                           const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q, double scale) {
+  return attend(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, c10::nullopt, scale);
+}
+
+at::Tensor quantized_paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                     const at::Tensor& cu_seqlens_q, const at::Tensor& kv_scales, double scale) {
+  return attend(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, kv_scales, scale);
 }
 
 }  // namespace llmbuild
