@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 
 @triton.jit
@@ -48,7 +49,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.shape[-1]
-    _rms_norm_kernel[(x.numel() // n,)](x, x, weight, out, out, n, eps, ADD=False, BLOCK=triton.next_power_of_2(n))
+    block = triton.next_power_of_2(n)
+    wrap_triton(_rms_norm_kernel)[(x.numel() // n,)](x, x, weight, out, out, n, eps, ADD=False, BLOCK=block)
     return out
 
 
@@ -60,7 +62,8 @@ def add_rms_norm(
     out, total = torch.empty_like(x), torch.empty_like(x)
     n = x.shape[-1]
     grid = (x.numel() // n,)
-    _rms_norm_kernel[grid](x, residual, weight, out, total, n, eps, ADD=True, BLOCK=triton.next_power_of_2(n))
+    block = triton.next_power_of_2(n)
+    wrap_triton(_rms_norm_kernel)[grid](x, residual, weight, out, total, n, eps, ADD=True, BLOCK=block)
     return out, total
 
 
@@ -82,7 +85,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     n = gate_up.shape[-1] // 2
     out = gate_up.new_empty((*gate_up.shape[:-1], n))
     block = min(1024, triton.next_power_of_2(n))
-    _swiglu_kernel[(gate_up.numel() // (2 * n), triton.cdiv(n, block))](gate_up, out, n, BLOCK=block)
+    wrap_triton(_swiglu_kernel)[(gate_up.numel() // (2 * n), triton.cdiv(n, block))](gate_up, out, n, BLOCK=block)
     return out
 
 
@@ -114,5 +117,6 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
     if d & (d - 1):
         raise ValueError(f"the Triton rope kernel needs a power-of-two head_dim (got {d})")
     out = torch.empty_like(x)
-    _rope_kernel[(t, heads)](x, positions, cos.contiguous(), sin.contiguous(), out, heads, D=d, HALF=d // 2)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    wrap_triton(_rope_kernel)[(t, heads)](x, positions, cos, sin, out, heads, D=d, HALF=d // 2)
     return out

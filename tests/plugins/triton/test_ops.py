@@ -1,0 +1,78 @@
+"""The Triton ops (plugins/triton/ops.py): the CPU ops' schemas, the kernels behind them, and one
+graph node each under torch.export (what AOTInductor lowers to the kernels on a GPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from llmbuild.plugins import load_plugins
+from llmbuild.plugins.paged_attention import quantized_paged_attention_ref
+from llmbuild.plugins.triton import ops  # noqa: F401  (registers torch.ops.llmbuild_triton)
+from tests.plugins.test_paged_attention import D, int8_case
+from tests.plugins.triton.test_elementwise import DEVICE
+
+OPS = ["paged_attention", "quantized_paged_attention", "rms_norm", "add_rms_norm", "rope", "swiglu"]
+
+
+def signature(op: torch._ops.OpOverloadPacket) -> tuple:
+    """Argument names, types and which are written; return types (alias set names aside)."""
+    schema = op.default._schema
+    args = [(a.name, str(a.type), bool(a.alias_info and a.alias_info.is_write)) for a in schema.arguments]
+    return args, [str(r.type) for r in schema.returns]
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_each_triton_op_has_the_schema_of_its_cpu_op(name):
+    load_plugins()
+    assert signature(getattr(torch.ops.llmbuild_triton, name)) == signature(getattr(torch.ops.llmbuild, name))
+
+
+def test_the_op_runs_the_kernels_and_mutates_the_caches_it_declares():
+    args, kv_scales, *_ = int8_case(torch.bfloat16, ctx_lens=(30, 9), new_tokens=(1, 9))
+    ref_args = [a.clone() for a in args]
+    expected = quantized_paged_attention_ref(*ref_args, kv_scales, D**-0.5)
+    args = [a.to(DEVICE) for a in args]
+    out = torch.ops.llmbuild_triton.quantized_paged_attention(*args, kv_scales.to(DEVICE), D**-0.5)
+    torch.testing.assert_close(out.cpu(), expected, atol=2e-2, rtol=2e-2)
+    assert torch.equal(args[3].cpu(), ref_args[3]) and torch.equal(args[4].cpu(), ref_args[4])
+
+
+EXPORT = textwrap.dedent(
+    """
+    import torch
+    from torch.export import Dim
+    import llmbuild.plugins.triton.ops  # registers torch.ops.llmbuild_triton
+
+    class Step(torch.nn.Module):
+        def forward(self, x, w, k, v, k_cache, v_cache, slots, tables, lens, cu):
+            h = torch.ops.llmbuild_triton.rms_norm(x, w, 1e-6).view(-1, 2, 16)
+            return torch.ops.llmbuild_triton.paged_attention(h, k, v, k_cache, v_cache, slots, tables, lens, cu, 0.25)
+
+    t = Dim("tokens", min=2, max=64)
+    args = (
+        torch.randn(5, 32), torch.ones(32), torch.randn(5, 1, 16), torch.randn(5, 1, 16),
+        torch.zeros(4, 1, 4, 16), torch.zeros(4, 1, 4, 16), torch.arange(5),
+        torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32),
+        torch.tensor([0, 5], dtype=torch.int32),
+    )
+    dims = ({0: t}, None, {0: t}, {0: t}, None, None, {0: t}, None, None, None)
+    ep = torch.export.export(Step(), args, dynamic_shapes=dims)
+    print(sorted({str(n.target) for n in ep.graph.nodes if n.op == "call_function"}))
+    """
+)
+
+
+def test_export_keeps_each_triton_op_as_one_node():
+    # without the interpreter: export traces the ops (fake tensors), nothing runs, no GPU needed
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", EXPORT], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    targets = result.stdout.strip().splitlines()[-1]
+    assert "llmbuild_triton.rms_norm.default" in targets and "llmbuild_triton.paged_attention.default" in targets
+    assert "triton_kernel_wrapper" not in targets  # lowered by AOTInductor, not by export

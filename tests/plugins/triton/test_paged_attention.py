@@ -1,0 +1,52 @@
+"""Triton paged attention (plugins/triton/paged_attention.py) against the ops' torch references, under
+the interpreter on CPU: packed steps mixing fresh prompts, decodes and continued chunks, partial
+last blocks, scattered block tables, GQA groups of 1, 2 and 4 (6 kv heads of 24: a group padded to
+a power of two is not), and the int8 cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmbuild.plugins.paged_attention import paged_attention_ref, quantized_paged_attention_ref
+from llmbuild.plugins.triton import paged_attention as triton_attention
+from tests.plugins.test_paged_attention import D, int8_case, make_case
+from tests.plugins.triton.test_elementwise import DEVICE
+
+STEPS = {
+    "mixed": {},  # a 5-token prompt, a decode at 20, a 3-token chunk continuing 9 cached
+    "decode-only": {"ctx_lens": (1, 7, 33, 4), "new_tokens": (1, 1, 1, 1)},
+    # 130 new tokens: several query tiles; 150 keys: several 64-position key tiles
+    "long-chunk": {"ctx_lens": (150, 9), "new_tokens": (130, 9), "num_blocks": 48},
+}
+HEADS = {"gqa2": (4, 2), "mha": (2, 2), "gqa4": (8, 2), "gqa3": (6, 2)}
+
+
+def on_device(args):
+    return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("heads", sorted(HEADS))
+@pytest.mark.parametrize("step", sorted(STEPS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_paged_attention_matches_the_reference(step, heads, dtype, tol):
+    args, *_ = make_case(dtype, heads=HEADS[heads], **STEPS[step])
+    ref_args = [a.clone() for a in args]
+    expected = paged_attention_ref(*ref_args, D**-0.5)
+    args = on_device(args)
+    out = triton_attention.paged_attention(*args, D**-0.5)
+    torch.testing.assert_close(out.cpu(), expected, atol=tol, rtol=tol)
+    assert torch.equal(args[3].cpu(), ref_args[3]) and torch.equal(args[4].cpu(), ref_args[4])  # K/V written
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_quantized_paged_attention_matches_the_reference(step, dtype, tol):
+    args, kv_scales, *_ = int8_case(dtype, **STEPS[step])
+    ref_args = [a.clone() for a in args]
+    expected = quantized_paged_attention_ref(*ref_args, kv_scales, D**-0.5)
+    args = on_device(args)
+    out = triton_attention.quantized_paged_attention(*args, kv_scales.to(DEVICE), D**-0.5)
+    # the same int8 codes: division rounded to nearest, then half to even, as torch does
+    assert torch.equal(args[3].cpu(), ref_args[3]) and torch.equal(args[4].cpu(), ref_args[4])
+    torch.testing.assert_close(out.cpu(), expected, atol=tol, rtol=tol)
