@@ -13,6 +13,7 @@ import torch
 from torch.library import triton_op
 
 from llmbuild.plugins.triton import elementwise
+from llmbuild.plugins.triton import linear_int4 as int4
 from llmbuild.plugins.triton import paged_attention as attention
 
 NAMESPACE = "llmbuild_triton"
@@ -76,3 +77,10 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
 @triton_op(f"{NAMESPACE}::swiglu", mutates_args=())
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return elementwise.swiglu(gate_up)
+
+
+@triton_op(f"{NAMESPACE}::linear_int4", mutates_args=())
+def linear_int4(
+    x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return int4.linear_int4(x, w, scales, mins, bias)

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from llmbuild.plugins import load_plugins
+from llmbuild.plugins.linear_int4 import linear_int4_ref, pack_int4, quantize_int4
 from llmbuild.plugins.paged_attention import quantized_paged_attention_ref
 from llmbuild.plugins.triton import ops  # noqa: F401  (registers torch.ops.llmbuild_triton)
 from tests.plugins.test_paged_attention import D, int8_case
 from tests.plugins.triton.test_elementwise import DEVICE
 
-OPS = ["paged_attention", "quantized_paged_attention", "rms_norm", "add_rms_norm", "rope", "swiglu"]
+OPS = ["paged_attention", "quantized_paged_attention", "rms_norm", "add_rms_norm", "rope", "swiglu", "linear_int4"]
 
 
 def signature(op: torch._ops.OpOverloadPacket) -> tuple:
@@ -76,3 +77,20 @@ def test_export_keeps_each_triton_op_as_one_node():
     targets = result.stdout.strip().splitlines()[-1]
     assert "llmbuild_triton.rms_norm.default" in targets and "llmbuild_triton.paged_attention.default" in targets
     assert "triton_kernel_wrapper" not in targets  # lowered by AOTInductor, not by export
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_int4_matches_the_reference(group, dtype, tol, bias):
+    g = torch.Generator().manual_seed(group)
+    n, k = 80, 256  # 80 rows: a second, partial tile of 64 output features
+    q, scales, mins = quantize_int4(torch.randn(n, k, generator=g), group)
+    w = pack_int4(q)
+    x = torch.randn(3, 7, k, generator=g).to(dtype)  # 21 rows: a partial tile of 16
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    expected = linear_int4_ref(x, w, scales, mins, b)
+    on = [t.to(DEVICE) if t is not None else None for t in (x, w, scales, mins, b)]
+    out = torch.ops.llmbuild_triton.linear_int4(*on)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out.cpu(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
