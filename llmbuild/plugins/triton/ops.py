@@ -33,9 +33,7 @@ def paged_attention(
     cu_seqlens_q: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    return attention.paged_attention(
-        q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale
-    )
+    return attention.attend(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, None, scale)
 
 
 @triton_op(f"{NAMESPACE}::quantized_paged_attention", mutates_args=_CACHES)
@@ -52,7 +50,7 @@ def quantized_paged_attention(
     kv_scales: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    return attention.quantized_paged_attention(
+    return attention.attend(
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, kv_scales, scale
     )
 

@@ -157,7 +157,7 @@ def _attention_kernel(
         tl.store(out_ptr + q_offsets, out, mask=valid[:, None] & d_mask[None, :])
 
 
-def _attend(
+def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -170,6 +170,8 @@ def _attend(
     kv_scales: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
+    """paged_attention (kv_scales None) or quantized_paged_attention (int8 caches, kv_scales [2, H_kv]
+    fp32): q [T, H, D], k/v [T, H_kv, D] with head_dim contiguous; mutates the caches."""
     t, h, d = q.shape
     _, hkv, block_size, _ = k_cache.shape
     b = seq_lens.shape[0]
@@ -195,36 +197,3 @@ def _attend(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT_FP32=q.dtype == torch.float32 or _INTERPRET,
     )  # fmt: skip
     return out
-
-
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """llmbuild::paged_attention: q [T, H, D], k/v [T, H_kv, D] (head_dim contiguous); mutates the caches."""
-    return _attend(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, None, scale)
-
-
-def quantized_paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    kv_scales: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """llmbuild::quantized_paged_attention: int8 caches with kv_scales [2, H_kv] fp32 (K row, V row)."""
-    return _attend(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, kv_scales, scale)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmbuild.plugins.paged_attention import paged_attention_ref, quantized_paged_attention_ref
-from llmbuild.plugins.triton import paged_attention as triton_attention
+from llmbuild.plugins.triton import ops  # noqa: F401  (registers torch.ops.llmbuild_triton)
 from tests.plugins.test_paged_attention import D, int8_case, make_case
 from tests.plugins.triton.test_elementwise import DEVICE
 
@@ -34,7 +34,7 @@ def test_paged_attention_matches_the_reference(step, heads, dtype, tol):
     ref_args = [a.clone() for a in args]
     expected = paged_attention_ref(*ref_args, D**-0.5)
     args = on_device(args)
-    out = triton_attention.paged_attention(*args, D**-0.5)
+    out = torch.ops.llmbuild_triton.paged_attention(*args, D**-0.5)
     torch.testing.assert_close(out.cpu(), expected, atol=tol, rtol=tol)
     assert torch.equal(args[3].cpu(), ref_args[3]) and torch.equal(args[4].cpu(), ref_args[4])  # K/V written
 
@@ -46,7 +46,7 @@ def test_quantized_paged_attention_matches_the_reference(step, dtype, tol):
     ref_args = [a.clone() for a in args]
     expected = quantized_paged_attention_ref(*ref_args, kv_scales, D**-0.5)
     args = on_device(args)
-    out = triton_attention.quantized_paged_attention(*args, kv_scales.to(DEVICE), D**-0.5)
+    out = torch.ops.llmbuild_triton.quantized_paged_attention(*args, kv_scales.to(DEVICE), D**-0.5)
     # the same int8 codes: division rounded to nearest, then half to even, as torch does
     assert torch.equal(args[3].cpu(), ref_args[3]) and torch.equal(args[4].cpu(), ref_args[4])
     torch.testing.assert_close(out.cpu(), expected, atol=tol, rtol=tol)
