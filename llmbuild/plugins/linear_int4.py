@@ -16,10 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmbuild.plugins.linear_int8 import quantize_activations_ref
+
 OP_NAME = "llmbuild::linear_int4"
 VERSION = 1
 GROUP_SIZES = (32, 64, 128)
-ACT_BLOCK = 32
 
 
 def int4_params(g: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +82,6 @@ def dequantize_int4(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -
 
 def linear_int4_ref(x, w, scales, mins, bias):
     return F.linear(x, dequantize_int4(w, scales, mins).to(x.dtype), bias)
-
-
-def quantize_activations_ref(x: torch.Tensor) -> torch.Tensor:
-    """The kernel's dynamic activation quantization (symmetric int8 per 32 columns), dequantized, fp32."""
-    xb = x.float().reshape(*x.shape[:-1], -1, ACT_BLOCK)
-    amax = xb.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    return (torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape)
 
 
 def linear_int4_vnni_ref(x, w, scales, mins, bias):

@@ -1,9 +1,11 @@
 """`llmbuild::linear_int8`: y = x @ dequant(w).T + bias for int8 weights with one scale per output row.
 
 Format: w int8 [N, K], scales [N] in the activation dtype, w_real[n, k] ~= w[n, k] * scales[n]
-(symmetric, round to nearest: `quantize_int8`). The CPU kernel (csrc/linear_int8.cpp) runs aten's
-int8-weight GEMM for decode-sized bf16 batches and dequantizes to a bf16/fp32 GEMM for larger
-ones (prefill), where a dense GEMM is faster. The reference dequantizes and runs aten's linear.
+(symmetric, round to nearest: `quantize_int8`). The CPU kernel (csrc/linear_int8.cpp) multiplies the
+weight bytes against int8-quantized activations (VNNI, one scale per 32 columns, as llama.cpp's Q8_0)
+for decode-sized batches, and dequantizes to a dense GEMM for larger ones (prefill). The reference
+dequantizes and runs aten's linear; `linear_int8_vnni_ref` adds the activation quantization, so the
+kernel's arithmetic can be checked exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 
 OP_NAME = "llmbuild::linear_int8"
 VERSION = 1
+ACT_BLOCK = 32
 
 
 def int8_scales(w: torch.Tensor, dtype: torch.dtype, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -38,6 +41,20 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def linear_int8_ref(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(x, dequantize_int8(q, scales).to(x.dtype), bias)
+
+
+def quantize_activations_ref(x: torch.Tensor) -> torch.Tensor:
+    """The VNNI kernels' dynamic activation quantization (symmetric int8 per 32 columns), dequantized, fp32."""
+    xb = x.float().reshape(*x.shape[:-1], -1, ACT_BLOCK)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape)
+
+
+def linear_int8_vnni_ref(x, q, scales, bias):
+    """What the VNNI path computes: quantized activations times the dequantized weight, in fp32."""
+    bias = None if bias is None else bias.float()
+    return F.linear(quantize_activations_ref(x), dequantize_int8(q, scales.float()), bias)
 
 
 def register_fake_kernel() -> None:

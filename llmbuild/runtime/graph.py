@@ -73,11 +73,4 @@ def load_graph(rank_path: Path, backend: str) -> Graph:
         weights = load_file(rank_path / WEIGHTS)
     except (SafetensorError, OSError) as exc:
         raise EngineError(f"{rank_path / WEIGHTS}: cannot read weights ({str(exc).splitlines()[0]})") from None
-    # safetensors packs tensors back to back, and aten's int8 kernel needs 64-byte aligned weights
-    # (our op falls back to a slow path otherwise). Copy only those, one at a time, so that memory
-    # never holds the whole engine twice.
-    for name, t in list(weights.items()):
-        if (t.dtype == torch.int8 or name.endswith(".scales")) and t.data_ptr() % 64:
-            weights[name] = t.clone()
-            del t
     return CompiledGraph(rank_path, weights) if backend == "compiled" else EagerGraph(rank_path, weights)

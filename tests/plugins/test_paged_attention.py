@@ -27,10 +27,13 @@ def dense_attention(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def make_case(dtype, ctx_lens=(5, 20, 12), new_tokens=(5, 1, 3), seed=0, heads=(H, HKV), num_blocks=NUM_BLOCKS):
+def make_case(
+    dtype, ctx_lens=(5, 20, 12), new_tokens=(5, 1, 3), seed=0, heads=(H, HKV), num_blocks=NUM_BLOCKS, head_dim=D
+):
     """A packed step mixing a fresh prompt, a decode and a continued chunk, with scattered blocks
     (heads: query and kv head counts)."""
     h, hkv = heads
+    D = head_dim
     g = torch.Generator().manual_seed(seed)
     k_cache = torch.zeros(num_blocks, hkv, BS, D, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
@@ -83,6 +86,20 @@ def test_matches_dense_attention_on_a_mixed_step(dtype, tol, impl):
     torch.testing.assert_close(written, args[1])
 
 
+@pytest.mark.parametrize("head_dim", [16, 64, 24])  # 24: no multiple of 16, the portable decode kernel
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_decode_batch_matches_dense_attention(head_dim, dtype, tol):
+    # contexts around the decode kernel's 16-position vectors: 1, exactly 16, one past, several
+    ctx = (1, 16, 17, 40, 97)
+    args, full_k, full_v, q_parts = make_case(
+        dtype, ctx_lens=ctx, new_tokens=(1,) * len(ctx), heads=(8, 2), num_blocks=64, head_dim=head_dim
+    )
+    scale = head_dim**-0.5
+    out = torch.ops.llmbuild.paged_attention(*args, scale)
+    for b, (k, v, q) in enumerate(zip(full_k, full_v, q_parts, strict=True)):
+        torch.testing.assert_close(out[b : b + 1].float(), dense_attention(q, k, v, scale), atol=tol, rtol=tol)
+
+
 def test_bad_shapes_fail_with_a_message():
     args, *_ = make_case(torch.float32)
     bad = list(args)
@@ -127,6 +144,18 @@ def test_quantized_op_matches_its_reference(dtype):
     # the decode kernel scales in fp32 without rounding the dequantized cache to the activation dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out[cu[1] : cu[2]].float(), expected[cu[1] : cu[2]].float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("head_dim", [64, 24])
+def test_quantized_decode_batch_matches_its_reference(head_dim):
+    ctx = (1, 16, 17, 40, 97)
+    args, kv_scales, *_ = int8_case(
+        torch.float32, ctx_lens=ctx, new_tokens=(1,) * len(ctx), heads=(8, 2), num_blocks=64, head_dim=head_dim
+    )
+    scale = head_dim**-0.5
+    expected = quantized_paged_attention_ref(*[a.clone() for a in args], kv_scales, scale)
+    out = torch.ops.llmbuild.quantized_paged_attention(*args, kv_scales, scale)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_quantized_op_is_close_to_exact_attention():

@@ -14,6 +14,7 @@
 
 #include <cstring>
 
+#include "dequantize_gemm.h"
 #include "ops.h"
 #include "vnni.h"
 
@@ -128,7 +129,7 @@ void int4_rows(const Int8Activations& a, int64_t m0, const uint8_t* w, const uin
 template <int G, class T>
 void int4_vnni(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& mins,
                const c10::optional<at::Tensor>& bias, at::Tensor& y) {
-  const Int8Activations a = quantize_activations(x, G);
+  const Int8Activations a = quantize_activations(x, G, Order::kInt4);
   const auto* wp = w.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   const auto* mp = reinterpret_cast<const uint16_t*>(mins.data_ptr());
@@ -207,27 +208,6 @@ void dequantize_rows(const at::Tensor& w, const at::Tensor& scales, const at::Te
   });
 }
 
-// Larger batches: dense GEMMs over panels of the weight dequantized into a cache-sized buffer, so the
-// dequantized weight never travels to memory. Computes y.T panel by panel (contiguous rows).
-template <class T>
-at::Tensor dequantize_gemm(const at::Tensor& x2d, const at::Tensor& w, const at::Tensor& scales,
-                           const at::Tensor& mins, const c10::optional<at::Tensor>& bias) {
-  const int64_t N = w.size(0), K = w.size(1) * 2;
-  const int64_t panel = std::max<int64_t>(64, (int64_t{1} << 20) / (K * static_cast<int64_t>(sizeof(T))) / 64 * 64);
-  auto buffer = at::empty({std::min(panel, N), K}, x2d.options());
-  auto yt = at::empty({N, x2d.size(0)}, x2d.options());
-  const auto xt = x2d.t();
-  for (int64_t n0 = 0; n0 < N; n0 += panel) {
-    const int64_t n1 = std::min(n0 + panel, N);
-    auto dense = buffer.narrow(0, 0, n1 - n0);
-    dequantize_rows<T>(w, scales, mins, n0, n1, dense);
-    auto out = yt.narrow(0, n0, n1 - n0);
-    at::mm_out(out, dense, xt);
-  }
-  if (bias) yt.add_(bias->unsqueeze(1));
-  return yt.t().contiguous();
-}
-
 }  // namespace
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& mins,
@@ -261,8 +241,13 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       run_vnni<c10::BFloat16>(x2d, w, scales, mins, bias, y, group_size);
     }
   } else {
-    y = x.scalar_type() == at::kFloat ? dequantize_gemm<float>(x2d, w, scales, mins, bias)
-                                      : dequantize_gemm<c10::BFloat16>(x2d, w, scales, mins, bias);
+    y = x.scalar_type() == at::kFloat
+            ? dequantize_gemm<float>(x2d, N, bias, [&](int64_t n0, int64_t n1, at::Tensor& out) {
+                dequantize_rows<float>(w, scales, mins, n0, n1, out);
+              })
+            : dequantize_gemm<c10::BFloat16>(x2d, N, bias, [&](int64_t n0, int64_t n1, at::Tensor& out) {
+                dequantize_rows<c10::BFloat16>(w, scales, mins, n0, n1, out);
+              });
   }
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;

@@ -8,6 +8,9 @@
 // An int8 cache is read as int8 by the decode kernel (half the bytes of bf16: decode attention is
 // bound by reading the cache), its head scales applied once to each score and to the output.
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -73,51 +76,155 @@ void write_cache(const at::Tensor& src, at::Tensor& cache, const int64_t* slots,
   });
 }
 
-// One decode token of one sequence, for the `group` query heads that share kv head `g`.
-// k_scale / v_scale: the head's dequantization scales (1 for a plain cache).
-template <typename scalar_t, typename cache_t>
-void decode_group(const scalar_t* q, int64_t q_head_stride, const cache_t* k_cache, const cache_t* v_cache,
-                  const int32_t* table, int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs,
-                  int64_t d, float scale, float k_scale, float v_scale, scalar_t* out, std::vector<float>& scores,
-                  std::vector<float>& qf, std::vector<float>& acc) {
-  scores.resize(group * ctx_len);
-  qf.resize(group * d);
-  acc.assign(group * d, 0.f);
-  for (int64_t j = 0; j < group; ++j) {
-    for (int64_t e = 0; e < d; ++e) qf[j * d + e] = static_cast<float>(q[(g * group + j) * q_head_stride + e]);
+// Per-thread buffers of the decode kernel, reused across the (sequence, kv head) items of a thread.
+struct DecodeScratch {
+  std::vector<float> scores, q, acc;
+};
+
+#if defined(__AVX512F__)
+
+// Head sizes up to which a K/V row is held in registers by the vectorized decode kernel.
+constexpr int64_t kMaxVecD = 256;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// exp(x) for x <= 0 (scores minus their maximum): x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
+// for an exact product), exp(r) by its degree-7 Taylor polynomial (relative error < 1e-8), times 2^n.
+// Below -87.3 the result is taken as 0.
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
+// The vectorized decode kernel: qf [group, d] (scaled queries), scores [group, ctx_len] scratch,
+// acc [group, d] zeroed; each K and V row is loaded and converted once for the whole query group.
+template <typename cache_t>
+void decode_group_avx512(const float* qf, const cache_t* k_cache, const cache_t* v_cache, const int32_t* table,
+                         int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs, int64_t d, float* scores,
+                         float* acc) {
+  const int64_t nv = d / 16;
+  __m512 row[kMaxVecD / 16];
+  for (int64_t p = 0; p < ctx_len; ++p) {
+    const cache_t* krow = k_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
+    for (int64_t i = 0; i < nv; ++i) row[i] = load16(krow + 16 * i);
+    for (int64_t j = 0; j < group; ++j) {
+      __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qf + j * d), row[0]);
+      for (int64_t i = 1; i < nv; ++i) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + j * d + 16 * i), row[i], dot);
+      scores[j * ctx_len + p] = _mm512_reduce_add_ps(dot);
+    }
   }
-  float* qp = qf.data();
+  for (int64_t j = 0; j < group; ++j) {
+    float* sj = scores + j * ctx_len;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t p = 0; p < ctx_len; p += 16) {
+      const __mmask16 m = ctx_len - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (ctx_len - p)) - 1);
+      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, sj + p));
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t p = 0; p < ctx_len; p += 16) {
+      const __mmask16 m = ctx_len - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (ctx_len - p)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sj + p), top)));
+      _mm512_mask_storeu_ps(sj + p, m, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t p = 0; p < ctx_len; p += 16) {
+      const __mmask16 m = ctx_len - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (ctx_len - p)) - 1);
+      _mm512_mask_storeu_ps(sj + p, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sj + p), inv));
+    }
+  }
+  for (int64_t p = 0; p < ctx_len; ++p) {
+    const cache_t* vrow = v_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
+    for (int64_t i = 0; i < nv; ++i) row[i] = load16(vrow + 16 * i);
+    for (int64_t j = 0; j < group; ++j) {
+      const __m512 w = _mm512_set1_ps(scores[j * ctx_len + p]);
+      float* a = acc + j * d;
+      for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(a + 16 * i, _mm512_fmadd_ps(w, row[i], _mm512_loadu_ps(a + 16 * i)));
+    }
+  }
+}
+
+#endif
+
+// The portable decode kernel, same arguments as decode_group_avx512.
+template <typename cache_t>
+void decode_group_scalar(const float* qf, const cache_t* k_cache, const cache_t* v_cache, const int32_t* table,
+                         int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs, int64_t d, float* scores,
+                         float* acc) {
   for (int64_t p = 0; p < ctx_len; ++p) {
     const cache_t* krow = k_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
     for (int64_t j = 0; j < group; ++j) {
-      const float* qj = qp + j * d;
+      const float* qj = qf + j * d;
       float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
       for (int64_t e = 0; e < d; ++e) dot += qj[e] * static_cast<float>(krow[e]);
-      scores[j * ctx_len + p] = dot * k_scale * scale;
+      scores[j * ctx_len + p] = dot;
     }
   }
   for (int64_t j = 0; j < group; ++j) {
-    float* s = scores.data() + j * ctx_len;
+    float* sj = scores + j * ctx_len;
     float mx = -INFINITY;
-    for (int64_t p = 0; p < ctx_len; ++p) mx = std::max(mx, s[p]);
+    for (int64_t p = 0; p < ctx_len; ++p) mx = std::max(mx, sj[p]);
     float sum = 0.f;
     for (int64_t p = 0; p < ctx_len; ++p) {
-      s[p] = std::exp(s[p] - mx);
-      sum += s[p];
+      sj[p] = std::exp(sj[p] - mx);
+      sum += sj[p];
     }
     const float inv = 1.f / sum;
-    for (int64_t p = 0; p < ctx_len; ++p) s[p] *= inv;
+    for (int64_t p = 0; p < ctx_len; ++p) sj[p] *= inv;
   }
   for (int64_t p = 0; p < ctx_len; ++p) {
     const cache_t* vrow = v_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
     for (int64_t j = 0; j < group; ++j) {
       const float w = scores[j * ctx_len + p];
-      float* a = acc.data() + j * d;
-#pragma omp simd
-      for (int64_t e = 0; e < d; ++e) a[e] += w * static_cast<float>(vrow[e]);
+      for (int64_t e = 0; e < d; ++e) acc[j * d + e] += w * static_cast<float>(vrow[e]);
     }
   }
+}
+
+// One decode token of one sequence, for the `group` query heads that share kv head `g`.
+// k_scale / v_scale: the head's dequantization scales (1 for a plain cache).
+template <typename scalar_t, typename cache_t>
+void decode_group(const scalar_t* q, int64_t q_head_stride, const cache_t* k_cache, const cache_t* v_cache,
+                  const int32_t* table, int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs,
+                  int64_t d, float scale, float k_scale, float v_scale, scalar_t* out, DecodeScratch& scratch) {
+  scratch.scores.resize(group * ctx_len);
+  scratch.q.resize(group * d);
+  scratch.acc.assign(group * d, 0.f);
+  float* qf = scratch.q.data();
+  float* acc = scratch.acc.data();
+  // the K scale and the softmax scale folded into the query
+  for (int64_t j = 0; j < group; ++j) {
+    for (int64_t e = 0; e < d; ++e) {
+      qf[j * d + e] = static_cast<float>(q[(g * group + j) * q_head_stride + e]) * scale * k_scale;
+    }
+  }
+  bool done = false;
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<cache_t, double>) {
+    if (d % 16 == 0 && d <= kMaxVecD) {
+      decode_group_avx512(qf, k_cache, v_cache, table, ctx_len, g, group, hkv, bs, d, scratch.scores.data(), acc);
+      done = true;
+    }
+  }
+#endif
+  if (!done) decode_group_scalar(qf, k_cache, v_cache, table, ctx_len, g, group, hkv, bs, d, scratch.scores.data(), acc);
   for (int64_t j = 0; j < group; ++j) {
     for (int64_t e = 0; e < d; ++e) out[(g * group + j) * d + e] = static_cast<scalar_t>(acc[j * d + e] * v_scale);
   }
@@ -133,13 +240,13 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   const scalar_t* qp = q.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf, acc;
+    DecodeScratch scratch;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = seqs[it / hkv], g = it % hkv, row = cu[b];
       decode_group<scalar_t, cache_t>(qp + row * q.stride(0), q.stride(1), k_cache.data_ptr<cache_t>(),
                                       v_cache.data_ptr<cache_t>(), tables + b * max_blocks, lens[b], g, group, hkv,
                                       bs, d, static_cast<float>(scale), k_scales ? k_scales[g] : 1.f,
-                                      v_scales ? v_scales[g] : 1.f, op + row * h * d, scores, qf, acc);
+                                      v_scales ? v_scales[g] : 1.f, op + row * h * d, scratch);
     }
   });
 }

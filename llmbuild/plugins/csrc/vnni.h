@@ -19,12 +19,16 @@ namespace llmbuild {
 
 constexpr int64_t kActBlock = 32;
 
-// Quantized rows are stored in steps of 128 columns with the 2nd and 3rd 32-column blocks swapped
-// (0-31, 64-95, 32-63, 96-127), zero-padded to a multiple of 128: the order in which a 64-byte load of
-// packed int4 weights (two 64-column blocks) yields its low and high nibbles.
+// Quantized rows are zero-padded to a multiple of 128 columns. For int4 weights they are stored in steps
+// of 128 columns with the 2nd and 3rd 32-column blocks swapped (0-31, 64-95, 32-63, 96-127): the order
+// in which a 64-byte load of packed int4 weights (two 64-column blocks) yields its low and high nibbles.
+// For int8 weights they keep column order.
 constexpr int64_t kStep = 128;
 
-inline int64_t stored_column(int64_t k) {
+enum class Order { kColumns, kInt4 };
+
+inline int64_t stored_column(int64_t k, Order order) {
+  if (order == Order::kColumns) return k;
   const int64_t block = (k % kStep) / kActBlock;
   const int64_t swapped = block == 1 ? 2 : block == 2 ? 1 : block;
   return k - (k % kStep) + swapped * kActBlock + k % kActBlock;
@@ -43,7 +47,7 @@ struct Int8Activations {
 
 // x: [M, K] contiguous bf16 or fp32, K % group == 0 and group % 32 == 0. group_sum serves the
 // weights' zero points.
-inline Int8Activations quantize_activations(const at::Tensor& x, int64_t group) {
+inline Int8Activations quantize_activations(const at::Tensor& x, int64_t group, Order order) {
   Int8Activations a;
   a.M = x.size(0);
   a.K = x.size(1);
@@ -62,7 +66,7 @@ inline Int8Activations quantize_activations(const at::Tensor& x, int64_t group) 
       const float scale = amax / 127.f;
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       int32_t sum = 0;
-      const int64_t at = m * a.Kp + stored_column(b);
+      const int64_t at = m * a.Kp + stored_column(b, order);
       for (int64_t i = 0; i < kActBlock; ++i) {
         a.q[at + i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
         sum += a.q[at + i];
