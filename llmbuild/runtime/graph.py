@@ -14,10 +14,10 @@ from typing import Protocol
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from llmbuild.errors import EngineError
 from llmbuild.manifest import EXPORTED, GRAPH, WEIGHTS
+from llmbuild.runtime.weights import load_weights
 
 
 class Graph(Protocol):
@@ -70,7 +70,7 @@ class CompiledGraph:
 def load_graph(rank_path: Path, backend: str) -> Graph:
     """Load a rank's weights and its graph for `backend` ('eager' or 'compiled')."""
     try:
-        weights = load_file(rank_path / WEIGHTS)
+        weights = load_weights(rank_path / WEIGHTS)
     except (SafetensorError, OSError) as exc:
         raise EngineError(f"{rank_path / WEIGHTS}: cannot read weights ({str(exc).splitlines()[0]})") from None
     return CompiledGraph(rank_path, weights) if backend == "compiled" else EagerGraph(rank_path, weights)
