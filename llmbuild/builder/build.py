@@ -40,6 +40,7 @@ from llmbuild.builder.quality import (
     held_out_windows,
 )
 from llmbuild.builder.quantize import quantize_model
+from llmbuild.builder.retarget import retarget
 from llmbuild.builder.shard import shard_state_dict
 from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, CheckpointError, LLMBuildError
@@ -201,6 +202,7 @@ def build_engine(
                         quantize_kv_cache(model, torch.ones(rank_cfg.num_layers, 2, rank_cfg.num_kv_heads))
                 kv_dtype = KV_CACHE_DTYPES[plan.kv_cache_dtype]
                 program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, kv_dtype)
+                program = retarget(program, recipe.target.device)
             if recipe.target.backend == "compiled":
                 with _stage("compile", timings, on_stage):
                     compile_graph(program, ranks[0] / GRAPH, cache_root / "inductor", tp)

@@ -11,6 +11,8 @@ def unsupported_features(recipe: Recipe) -> list[str]:
     """One entry per recipe setting this version cannot build yet."""
     out = []
     if recipe.target.device != "cpu":
+        # the graph retargets to the Triton kernels (builder/retarget.py); compiling and running it on a GPU
+        # is not verified yet
         out.append(f"target.device={recipe.target.device} (cpu engines only so far)")
     q = recipe.quantization
     if not q.quantized and (recipe.quality.max_kl is not None or recipe.quality.min_top1 is not None):

@@ -1,0 +1,86 @@
+"""Bind an exported graph's plugin ops to the kernels of its target device.
+
+Model graphs call the plugin ops by name in the `llmbuild` namespace, whose kernels are the C++ CPU
+ones (plugins/csrc). A cuda engine runs the Triton twins registered under `llmbuild_triton` with the
+same schemas (plugins/triton/ops.py, schemas tested equal), so the builder swaps each call's target
+after export, as TensorRT binds a plugin to a device's implementation at build time; the graph's
+shapes, mutations and weights stay as exported. The projection op, a CPU decode kernel, becomes
+aten's linear (cuBLAS on a GPU) with the same arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.export import ExportedProgram
+
+from llmbuild.errors import RecipeError
+
+CPU_NAMESPACE = "llmbuild"
+CUDA_NAMESPACE = "llmbuild_triton"
+
+# llmbuild op -> the op a cuda graph calls instead (same arguments, same meaning)
+_CUDA_SAME_SCHEMA = (
+    "paged_attention",
+    "quantized_paged_attention",
+    "rms_norm",
+    "add_rms_norm",
+    "rope",
+    "swiglu",
+    "linear_int4",
+)
+
+
+def cuda_ops() -> dict[torch._ops.OpOverload, torch._ops.OpOverload]:
+    """The swap table for cuda targets (importing the Triton ops registers them)."""
+    import llmbuild.plugins.triton.ops  # noqa: F401  (registers torch.ops.llmbuild_triton)
+
+    table = {
+        getattr(torch.ops.llmbuild, name).default: getattr(torch.ops.llmbuild_triton, name).default
+        for name in _CUDA_SAME_SCHEMA
+    }
+    table[torch.ops.llmbuild.linear.default] = torch.ops.aten.linear.default
+    return table
+
+
+def missing_cuda_kernels(program: ExportedProgram) -> list[str]:
+    """The llmbuild ops of the graph that have no cuda kernel yet."""
+    table = cuda_ops()
+    return sorted({str(op) for op in _plugin_targets(program) if op not in table})
+
+
+def retarget(program: ExportedProgram, device: str) -> ExportedProgram:
+    """The program with its plugin ops bound to `device`'s kernels (in place; cpu: unchanged)."""
+    if device == "cpu":
+        return program
+    if device != "cuda":
+        raise RecipeError(f"target.device={device}: no kernels for it (cpu or cuda)")
+    missing = missing_cuda_kernels(program)
+    if missing:
+        raise RecipeError(f"target.device=cuda: no cuda kernel yet for {', '.join(missing)}; build for cpu")
+    table = cuda_ops()
+    graph = program.graph_module.graph
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in table:
+            node.target = table[node.target]
+        elif _is_functionalized(node.target) and node.args and node.args[0] in table:
+            node.args = (table[node.args[0]], *node.args[1:])
+    program.graph_module.recompile()
+    return program
+
+
+def _is_functionalized(target: object) -> bool:
+    """auto_functionalized(_v2): how a functional graph calls an op that mutates its inputs."""
+    return getattr(target, "__name__", "").startswith("auto_functionalized")
+
+
+def _plugin_targets(program: ExportedProgram) -> list[torch._ops.OpOverload]:
+    ops = []
+    for node in program.graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.args[0] if _is_functionalized(node.target) and node.args else node.target
+        if isinstance(target, torch._ops.OpOverload) and target.namespace == CPU_NAMESPACE:
+            ops.append(target)
+    return ops
