@@ -5,8 +5,10 @@
 // Decode tokens (one new token per sequence) run a block-walking kernel parallel over
 // (sequence, kv head); prompt chunks gather their context and use aten's SDPA, in the same
 // forms transformers uses (is_causal for a fresh prompt), so bf16 prefill matches it bit for bit.
+// With AVX-512 the decode kernel loads and converts each K/V row once for the query heads of its group
+// (16 values per instruction) and takes exp in vectors; a portable loop serves other head sizes.
 // An int8 cache is read as int8 by the decode kernel (half the bytes of bf16: decode attention is
-// bound by reading the cache), its head scales applied once to each score and to the output.
+// bound by reading the cache), its K scale folded into the query and its V scale applied to the output.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
