@@ -15,9 +15,6 @@ from torch.export import ExportedProgram
 
 from llmbuild.errors import RecipeError
 
-CPU_NAMESPACE = "llmbuild"
-CUDA_NAMESPACE = "llmbuild_triton"
-
 # llmbuild op -> the op a cuda graph calls instead (same arguments, same meaning)
 _CUDA_SAME_SCHEMA = (
     "paged_attention",
@@ -42,45 +39,32 @@ def cuda_ops() -> dict[torch._ops.OpOverload, torch._ops.OpOverload]:
     return table
 
 
-def missing_cuda_kernels(program: ExportedProgram) -> list[str]:
-    """The llmbuild ops of the graph that have no cuda kernel yet."""
-    table = cuda_ops()
-    return sorted({str(op) for op in _plugin_targets(program) if op not in table})
-
-
 def retarget(program: ExportedProgram, device: str) -> ExportedProgram:
     """The program with its plugin ops bound to `device`'s kernels (in place; cpu: unchanged)."""
     if device == "cpu":
         return program
     if device != "cuda":
         raise RecipeError(f"target.device={device}: no kernels for it (cpu or cuda)")
-    missing = missing_cuda_kernels(program)
+    table = cuda_ops()
+    calls = [(node, _called_op(node)) for node in program.graph_module.graph.nodes if node.op == "call_function"]
+    plugin_calls = [
+        (node, op) for node, op in calls if isinstance(op, torch._ops.OpOverload) and op.namespace == "llmbuild"
+    ]
+    missing = sorted({str(op) for _, op in plugin_calls if op not in table})
     if missing:
         raise RecipeError(f"target.device=cuda: no cuda kernel yet for {', '.join(missing)}; build for cpu")
-    table = cuda_ops()
-    graph = program.graph_module.graph
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target in table:
-            node.target = table[node.target]
-        elif _is_functionalized(node.target) and node.args and node.args[0] in table:
-            node.args = (table[node.args[0]], *node.args[1:])
+    for node, op in plugin_calls:
+        if node.target is op:
+            node.target = table[op]
+        else:  # the op is the first argument of auto_functionalized
+            node.args = (table[op], *node.args[1:])
     program.graph_module.recompile()
     return program
 
 
-def _is_functionalized(target: object) -> bool:
-    """auto_functionalized(_v2): how a functional graph calls an op that mutates its inputs."""
-    return getattr(target, "__name__", "").startswith("auto_functionalized")
-
-
-def _plugin_targets(program: ExportedProgram) -> list[torch._ops.OpOverload]:
-    ops = []
-    for node in program.graph_module.graph.nodes:
-        if node.op != "call_function":
-            continue
-        target = node.args[0] if _is_functionalized(node.target) and node.args else node.target
-        if isinstance(target, torch._ops.OpOverload) and target.namespace == CPU_NAMESPACE:
-            ops.append(target)
-    return ops
+def _called_op(node: torch.fx.Node) -> object:
+    """The op a call runs: its target, or for auto_functionalized(_v2) (how a functional graph calls an op
+    that mutates its inputs) the op it wraps."""
+    if getattr(node.target, "__name__", "").startswith("auto_functionalized") and node.args:
+        return node.args[0]
+    return node.target

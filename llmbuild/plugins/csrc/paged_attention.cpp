@@ -100,6 +100,9 @@ inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
+// The first min(n, 16) lanes.
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
 // exp(x) for x <= 0 (scores minus their maximum): x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
 // for an exact product), exp(r) by its degree-7 Taylor polynomial (relative error < 1e-8), times 2^n.
 // Below -87.3 the result is taken as 0.
@@ -135,20 +138,20 @@ void decode_group_avx512(const float* qf, const cache_t* k_cache, const cache_t*
     float* sj = scores + j * ctx_len;
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int64_t p = 0; p < ctx_len; p += 16) {
-      const __mmask16 m = ctx_len - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (ctx_len - p)) - 1);
+      const __mmask16 m = first_lanes(ctx_len - p);
       mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, sj + p));
     }
     const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t p = 0; p < ctx_len; p += 16) {
-      const __mmask16 m = ctx_len - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (ctx_len - p)) - 1);
+      const __mmask16 m = first_lanes(ctx_len - p);
       const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sj + p), top)));
       _mm512_mask_storeu_ps(sj + p, m, e);
       sum = _mm512_add_ps(sum, e);
     }
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
     for (int64_t p = 0; p < ctx_len; p += 16) {
-      const __mmask16 m = ctx_len - p >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (ctx_len - p)) - 1);
+      const __mmask16 m = first_lanes(ctx_len - p);
       _mm512_mask_storeu_ps(sj + p, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sj + p), inv));
     }
   }
