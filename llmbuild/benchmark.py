@@ -55,11 +55,11 @@ def run_once(llm: LLMEngine, batch: int, prompt_len: int, new_tokens: int, seed:
     return first - start, end - first, end - start
 
 
-def read_bandwidth_gbs(samples: int = 5) -> float:
-    """Best read bandwidth over a 1 GiB buffer (torch sum with all threads), GB/s."""
-    buf = torch.ones(2**28, dtype=torch.float32)
+def read_bandwidth_gbs(device: torch.device | str = "cpu", samples: int = 5) -> float:
+    """Best read bandwidth of `device`'s memory over a 1 GiB buffer (a torch sum, all threads), GB/s."""
+    buf = torch.ones(2**28, dtype=torch.float32, device=device)
     buf.sum()
-    best = min(_timed(buf.sum) for _ in range(samples))
+    best = min(_timed(lambda: buf.sum().item()) for _ in range(samples))  # item(): wait for a GPU
     return buf.numel() * 4 / best / 1e9
 
 
@@ -120,20 +120,30 @@ def bench_offline(
     new_tokens: int = 128,
     repeats: int = 3,
     compare_eager: bool = False,
+    cuda_graphs: bool | None = None,
 ) -> dict[str, Any]:
-    """Measure an engine; returns a JSON-able report (see `format_markdown`)."""
+    """Measure an engine; returns a JSON-able report (see `format_markdown`). `cuda_graphs` overrides a
+    cuda engine's own setting."""
     # no prefix caching: a repeated prompt must be prefilled again, or TTFT would measure the cache
-    engines = {"engine": LLMEngine.from_dir(engine_dir, enable_prefix_caching=False)}
+    engines = {"engine": LLMEngine.from_dir(engine_dir, enable_prefix_caching=False, cuda_graphs=cuda_graphs)}
     try:
         runs, rss_engine = _measure(engines, engine_dir, batches, prompt_len, new_tokens, repeats, compare_eager)
     finally:
         for llm in engines.values():
             llm.close()
-    manifest = engines["engine"].engine.manifest
-    bandwidth = read_bandwidth_gbs()
+    engine = engines["engine"].engine
+    manifest = engine.manifest
+    bandwidth = read_bandwidth_gbs(engine.device)
+    gpu = {}
+    if engine.device.type == "cuda":
+        gpu = {
+            "gpu": torch.cuda.get_device_name(engine.device),
+            "cuda_graphs": engines["engine"].runner.decode_graphs is not None,
+            "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated(engine.device) / 2**20),
+        }
     read_per_token = sum(
         t.numel() * t.element_size()
-        for name, t in engines["engine"].engine.graph.weights.items()
+        for name, t in engine.graph.weights.items()
         if "embed" not in name or manifest.model.tie_word_embeddings
     )
     return {
@@ -152,6 +162,7 @@ def bench_offline(
         "weight_bytes_read_per_token": read_per_token,
         "decode_ceiling_tok_s": round(bandwidth * 1e9 / read_per_token, 1),
         "peak_rss_mib": {"engine": round(rss_engine), "process": round(peak_rss_mib())},
+        **gpu,
         "runs": [asdict(r) for r in runs],
         "summary": summarize(runs),
     }
@@ -187,6 +198,11 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"read bandwidth {report['read_bandwidth_gbs']} GB/s, {report['weight_bytes_read_per_token'] / 1e9:.3f} GB "
         f"of weights per token: batch-1 decode ceiling {report['decode_ceiling_tok_s']} tok/s; peak RSS "
         f"{report['peak_rss_mib']['engine']} MiB (engine alone), {report['peak_rss_mib']['process']} MiB (process)",
+    ]
+    if "gpu" in report:
+        graphs = "on" if report["cuda_graphs"] else "off"
+        lines += ["", f"GPU {report['gpu']}, CUDA graphs {graphs}, peak GPU memory {report['peak_gpu_memory_mib']} MiB"]
+    lines += [
         "",
         "| backend | batch | TTFT ms (min / med) | decode tok/s (best / med) | total tok/s (best / med) |",
         "|---|---|---|---|---|",

@@ -397,6 +397,11 @@ def bench() -> None:
 @click.option("--new-tokens", type=int, default=128, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--compare-eager", is_flag=True, help="Also run the engine's exported program, interleaved.")
+@click.option(
+    "--cuda-graphs/--no-cuda-graphs",
+    default=None,
+    help="Replay decode steps as CUDA graphs or not (cuda engines; default: the engine's cuda_graphs.enabled).",
+)
 @click.option("--threads", type=int, help="torch threads (default: all cores).")
 @click.option("--out", type=click.Path(path_type=Path), help="Write OUT.json and OUT.md.")
 def bench_offline(
@@ -406,6 +411,7 @@ def bench_offline(
     new_tokens: int,
     repeats: int,
     compare_eager: bool,
+    cuda_graphs: bool | None,
     threads: int | None,
     out: Path | None,
 ) -> None:
@@ -417,7 +423,7 @@ def bench_offline(
 
     if threads:
         torch.set_num_threads(threads)
-    report = measure(engine, tuple(batches), prompt_len, new_tokens, repeats, compare_eager)
+    report = measure(engine, tuple(batches), prompt_len, new_tokens, repeats, compare_eager, cuda_graphs)
     text = format_markdown(report)
     click.echo(text)
     if out:

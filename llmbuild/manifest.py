@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmbuild.errors import EngineError
 from llmbuild.model_config import ModelConfig
-from llmbuild.recipe import KVCacheSection, LimitsSection, QuantizationSection, ServeSection
+from llmbuild.recipe import CudaGraphsSection, KVCacheSection, LimitsSection, QuantizationSection, ServeSection
 
 FORMAT_VERSION: Literal[1] = 1
 MANIFEST = "manifest.json"
@@ -95,13 +95,15 @@ class Manifest(_Frozen):
     target: Target
     model: ModelConfig
     dtype: Literal["float32", "float16", "bfloat16"]
-    kv_cache_dtype: Literal["float32", "float16", "bfloat16", "int8"]
+    kv_cache_dtype: Literal["float32", "float16", "bfloat16", "int8", "fp8"]
     limits: LimitsSection
     kv_cache: KVCacheSection
     quantization: QuantizationSection
     plugins: dict[str, int]
     """Custom op name -> version the graph was built against."""
     serve: ServeSection
+    cuda_graphs: CudaGraphsSection = CudaGraphsSection()
+    """Decode batch sizes the runtime captures as CUDA graphs at load (cuda engines)."""
     config_hash: str
     """Hash of every field that changes the built artifact (the build-cache key, with the input hashes)."""
     inputs: Inputs

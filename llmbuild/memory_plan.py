@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
+import torch
+
 from llmbuild.errors import LLMBuildError
 from llmbuild.recipe import KVCacheSection, LimitsSection
 
@@ -78,8 +80,11 @@ def plan_memory(
     )
 
 
-def available_memory_bytes() -> int:
-    """MemAvailable of this machine (Linux), else the physical memory size."""
+def available_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """For a GPU its whole memory (the weights on it are subtracted by plan_memory); for the cpu
+    MemAvailable of this machine (Linux), else the physical memory size."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
     try:
         with open("/proc/meminfo") as f:
             for line in f:

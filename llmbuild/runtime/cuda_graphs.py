@@ -12,14 +12,17 @@ buffers, padded to the bucket with dummy sequences:
 A dummy row writes its K/V into the scratch block (one block beyond those the block pool hands
 out) and attends to that one token, so padding never touches a real sequence's cache.
 
-What is here is the bucket choice and the padding, tested on CPU against real engines; the capture
-and replay join them with the cuda target (issue 6), where they can be run.
+`DecodeGraphs` captures one graph per bucket at load (largest first, all in one memory pool) and
+replays them. The bucket choice, the padding and the captured buffers are tested on CPU against real
+engines, with a stand-in capture that re-runs the step on the captured buffers; the CUDA capture
+itself runs only on a GPU (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -53,3 +56,72 @@ def pad_decode_step(inputs: tuple[torch.Tensor, ...], bucket: int, scratch_block
         torch.arange(bucket + 1, dtype=cu_seqlens.dtype),  # one token per sequence
         torch.arange(bucket, dtype=rows.dtype),
     )
+
+
+Step = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
+"""The engine graph on one step's inputs (caches bound): logits [rows, vocab]."""
+Capture = Callable[[Step, tuple[torch.Tensor, ...], Any], tuple[Callable[[], None], torch.Tensor, Any]]
+"""(step, static inputs, memory pool) -> (replay, static logits, memory pool for the next capture)."""
+
+
+def capture_cuda_graph(
+    step: Step, static: tuple[torch.Tensor, ...], pool: Any
+) -> tuple[Callable[[], None], torch.Tensor, Any]:
+    """Capture `step` on the buffers `static` as a CUDA graph sharing the memory pool `pool`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(static)  # warm-up outside the capture: lazy initialisation (cuBLAS handles, autotuned kernels)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        logits = step(static)
+    return graph.replay, logits, graph.pool()
+
+
+class DecodeGraphs:
+    """One captured decode step per bucket; `replay` runs a step through the smallest that holds it."""
+
+    def __init__(
+        self,
+        step: Step,
+        batch_sizes: Sequence[int],
+        max_blocks_per_seq: int,
+        scratch_block: int,
+        block_size: int,
+        device: torch.device,
+        capture: Capture = capture_cuda_graph,
+    ) -> None:
+        self.batch_sizes = sorted(batch_sizes)
+        self.scratch_block = scratch_block
+        self.block_size = block_size
+        empty = (
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0, max_blocks_per_seq, dtype=torch.int32),
+            torch.zeros(0, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32),
+            torch.zeros(0, dtype=torch.int64),
+        )
+        self._graphs: dict[int, tuple[Callable[[], None], tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        pool = None
+        # largest first: the smaller graphs' activations fit in the memory the largest one left in the pool
+        for bucket in reversed(self.batch_sizes):
+            static = tuple(t.to(device) for t in pad_decode_step(empty, bucket, scratch_block, block_size))
+            replay, logits, pool = capture(step, static, pool)
+            self._graphs[bucket] = (replay, static, logits)
+
+    def replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The step's logits from a captured graph (valid until the next replay), or None when no graph
+        fits it (a step with prompt tokens, or more sequences than the largest bucket)."""
+        num_seqs = inputs[0].shape[0]
+        bucket = bucket_for(self.batch_sizes, num_seqs)
+        if bucket is None or not is_decode_step(inputs):
+            return None
+        replay, static, logits = self._graphs[bucket]
+        padded = pad_decode_step(inputs, bucket, self.scratch_block, self.block_size)
+        for buffer, value in zip(static, padded, strict=True):
+            buffer.copy_(value, non_blocking=True)
+        replay()
+        return logits[:num_seqs]

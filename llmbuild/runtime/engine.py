@@ -96,7 +96,13 @@ class Engine:
         if verify:
             verify_files(path, manifest, only=(rank_dir(rank), TOKENIZER_DIR, RECIPE))
         load_plugins()
-        return cls(path, manifest, rank, backend, load_graph(path / rank_dir(rank), backend))
+        graph = load_graph(path / rank_dir(rank), backend, manifest.target.device)
+        return cls(path, manifest, rank, backend, graph)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live and the graph runs: the cpu, or the first GPU for a cuda engine."""
+        return torch.device(self.manifest.target.device)
 
     @cached_property
     def dtype(self) -> torch.dtype:

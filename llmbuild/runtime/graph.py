@@ -67,10 +67,10 @@ class CompiledGraph:
         return self._run([*inputs, *kv_caches])[0]
 
 
-def load_graph(rank_path: Path, backend: str) -> Graph:
-    """Load a rank's weights and its graph for `backend` ('eager' or 'compiled')."""
+def load_graph(rank_path: Path, backend: str, device: str = "cpu") -> Graph:
+    """Load a rank's weights onto `device` and its graph for `backend` ('eager' or 'compiled')."""
     try:
-        weights = load_weights(rank_path / WEIGHTS)
+        weights = load_weights(rank_path / WEIGHTS, device)
     except (SafetensorError, OSError) as exc:
         raise EngineError(f"{rank_path / WEIGHTS}: cannot read weights ({str(exc).splitlines()[0]})") from None
     return CompiledGraph(rank_path, weights) if backend == "compiled" else EagerGraph(rank_path, weights)

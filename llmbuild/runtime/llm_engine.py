@@ -61,7 +61,14 @@ class LLMEngine:
     A tensor-parallel engine runs its other ranks in worker processes (`workers`); close() stops them.
     """
 
-    def __init__(self, engine: Engine, enable_prefix_caching: bool = True, workers: RankWorkers | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        enable_prefix_caching: bool = True,
+        workers: RankWorkers | None = None,
+        cuda_graphs: bool | None = None,
+    ) -> None:
+        """`cuda_graphs` overrides the engine's `cuda_graphs.enabled` (cuda engines; cpu ones have none)."""
         manifest = engine.manifest
         if manifest.target.tensor_parallel > 1 and workers is None:
             raise EngineError(f"{engine.path}: a tensor-parallel engine runs all its ranks; use LLMEngine.from_dir")
@@ -74,10 +81,17 @@ class LLMEngine:
         block_size = manifest.kv_cache.block_size
         self.pool = BlockPool(self.memory.num_blocks, enable_prefix_caching)
         rank_model = rank_config(manifest.model, manifest.target.tensor_parallel)
-        caches = allocate_kv_cache(rank_model, self.memory.num_blocks, block_size, engine.kv_cache_dtype)
+        graphs = manifest.cuda_graphs.enabled if cuda_graphs is None else cuda_graphs
+        graphs = graphs and engine.device.type == "cuda" and workers is None
+        # with CUDA graphs, one block beyond the pool's takes the padding rows' K/V (runtime/cuda_graphs.py)
+        num_blocks = self.memory.num_blocks + (1 if graphs else 0)
+        caches = allocate_kv_cache(rank_model, num_blocks, block_size, engine.kv_cache_dtype, engine.device)
         if workers is not None:
             workers.allocate(self.memory.num_blocks)
         self.runner = ModelRunner(engine.graph, caches, block_size, self.limits.max_seq_len, workers)
+        if graphs:
+            buckets = tuple(b for b in manifest.cuda_graphs.batch_sizes if b <= self.limits.max_batch_size)
+            self.runner.capture_decode_graphs(buckets or (self.limits.max_batch_size,), self.memory.num_blocks)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch_size=self.limits.max_batch_size,
@@ -96,12 +110,19 @@ class LLMEngine:
 
     @classmethod
     def from_dir(
-        cls, path: str | Path, verify: bool = True, backend: str | None = None, enable_prefix_caching: bool = True
+        cls,
+        path: str | Path,
+        verify: bool = True,
+        backend: str | None = None,
+        enable_prefix_caching: bool = True,
+        cuda_graphs: bool | None = None,
     ) -> LLMEngine:
         """Load an engine directory (starting worker processes for the other ranks of a tensor-parallel one)."""
         tp = Manifest.load(Path(path)).target.tensor_parallel
         if tp == 1:
-            return cls(Engine.load(path, verify=verify, backend=backend), enable_prefix_caching)
+            return cls(
+                Engine.load(path, verify=verify, backend=backend), enable_prefix_caching, cuda_graphs=cuda_graphs
+            )
         workers, engine = RankWorkers.launch(Path(path), tp, verify=verify, backend=backend)
         try:
             return cls(engine, enable_prefix_caching, workers)
@@ -243,7 +264,7 @@ class LLMEngine:
             kv_bytes_per_token=tp * rank_config(manifest.model, tp).kv_bytes_per_token(engine.kv_cache_dtype),
             limits=manifest.limits,
             kv_cache=manifest.kv_cache,
-            available_bytes=available_memory_bytes(),
+            available_bytes=available_memory_bytes(engine.device),
         )
         if plan.num_blocks < plan.blocks_per_sequence:
             raise EngineError(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmbuild.model_config import ModelConfig
+from llmbuild.runtime.cuda_graphs import Capture, DecodeGraphs, capture_cuda_graph
 from llmbuild.runtime.graph import Graph
 from llmbuild.runtime.scheduler import StepBatch
 
@@ -19,13 +20,15 @@ if TYPE_CHECKING:
     from llmbuild.runtime.rank_workers import RankWorkers
 
 
-def allocate_kv_cache(model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
+def allocate_kv_cache(
+    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
     """One K and one V tensor per layer, each [num_blocks, num_kv_heads, block_size, head_dim].
 
     NOTE: separate tensors per layer, never views of one stacked tensor (pytorch issue 198068).
     """
     shape = (num_blocks, model.num_kv_heads, block_size, model.head_dim)
-    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * model.num_layers)]
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * model.num_layers)]
 
 
 class ModelRunner:
@@ -41,9 +44,21 @@ class ModelRunner:
     ) -> None:
         self.graph = graph
         self.kv_caches = kv_caches
+        self.device = kv_caches[0].device
         self.block_size = block_size
         self.max_blocks_per_seq = math.ceil(max_seq_len / block_size)
         self.workers = workers
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(
+        self, batch_sizes: tuple[int, ...], scratch_block: int, capture: Capture = capture_cuda_graph
+    ) -> None:
+        """Capture decode steps of each batch size; padding rows write only into the cache block
+        `scratch_block`, which the block pool never hands out."""
+        with torch.inference_mode():
+            self.decode_graphs = DecodeGraphs(
+                self._step, batch_sizes, self.max_blocks_per_seq, scratch_block, self.block_size, self.device, capture
+            )
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Run one step; returns fp32 logits [number of sampling sequences, vocab]."""
@@ -53,9 +68,18 @@ class ModelRunner:
     def run(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The graph on prepared inputs (on every rank of a tensor-parallel engine); rank 0's logits."""
         with torch.inference_mode():
+            if self.decode_graphs is not None:
+                logits = self.decode_graphs.replay(inputs)
+                if logits is not None:
+                    return logits
             if self.workers is None:
-                return self.graph(inputs, self.kv_caches)
+                return self._step(inputs)
             return self.workers.step(self.graph, inputs, self.kv_caches)
+
+    def _step(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if self.device.type != "cpu":
+            inputs = tuple(t.to(self.device, non_blocking=True) for t in inputs)
+        return self.graph(inputs, self.kv_caches)
 
     def prepare(self, batch: StepBatch) -> tuple[tuple[torch.Tensor, ...], int]:
         """Packed graph inputs (manifest.GRAPH_INPUTS order, caches excluded) and the logit row count."""

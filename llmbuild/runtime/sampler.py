@@ -34,6 +34,7 @@ class Sampler:
         """logits: [len(requests), vocab] fp32 -> one token id per request."""
         if all(r.params.greedy and not self._adjusts_logits(r) for r in requests):
             return logits.argmax(dim=-1).tolist()
+        logits = logits.cpu()  # the requests' generators are CPU generators
         tokens = []
         for row, request in zip(logits, requests, strict=True):
             params = request.params

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmbuild.runtime.cuda_graphs import bucket_for, is_decode_step, pad_decode_step
+from llmbuild.runtime.cuda_graphs import DecodeGraphs, bucket_for, is_decode_step, pad_decode_step
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
 
@@ -67,3 +67,62 @@ def test_only_decode_steps_pad(llama_engine):
     decode = decode_inputs(llm, [[9, 10]])
     with pytest.raises(ValueError, match="to a decode bucket 1"):
         pad_decode_step(decode, 1, 0, 16)
+
+
+class RerunCapture:
+    """The CPU stand-in for a CUDA graph capture: a replay re-runs the step on the captured buffers
+    and writes the captured logits tensor, which is what a graph replay does on a GPU."""
+
+    def __init__(self) -> None:
+        self.captured: list[int] = []
+        self.replays = 0
+
+    def __call__(self, step, static, pool):
+        logits = step(static)
+        self.captured.append(static[0].shape[0])
+
+        def replay() -> None:
+            self.replays += 1
+            logits.copy_(step(static))
+
+        return replay, logits, pool
+
+
+def test_decode_graphs_generate_what_plain_steps_generate(make_ckpt, make_engine):
+    engine = make_engine("llama-compiled", make_ckpt("llama"), target={"backend": "compiled"})
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 40)), [3, 4], [11, 12, 13]]
+    # sequences finish at different steps, so decode batches of 4, 3, 2 and 1 sequences all occur
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 9, 6, 12)]
+
+    def generate(llm: LLMEngine) -> list[list[int]]:
+        requests = [llm.make_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        for request in requests:
+            llm.add_request(request)
+        while llm.has_unfinished():
+            llm.step()
+        return [list(r.output_token_ids) for r in requests]
+
+    expected = generate(LLMEngine.from_dir(engine))
+    llm = LLMEngine.from_dir(engine)
+    scratch = llm.memory.num_blocks
+    llm.runner.kv_caches = [torch.cat([c, torch.zeros_like(c[:1])]) for c in llm.runner.kv_caches]
+    capture = RerunCapture()
+    llm.runner.capture_decode_graphs((1, 2, 3), scratch, capture=capture)
+    assert capture.captured == [3, 2, 1]  # largest first
+    assert generate(llm) == expected
+    # decode steps 1-2 have 4 sequences, more than the largest bucket: no graph; then 3 steps each of 3, 2, 1
+    assert capture.replays == 3 + 3 + 3
+
+
+def test_a_step_with_prompt_tokens_or_too_many_sequences_is_not_replayed(llama_engine):
+    llm = LLMEngine.from_dir(llama_engine)
+    capture = RerunCapture()
+    step = lambda inputs: torch.zeros(inputs[0].shape[0], 4)  # noqa: E731
+    graphs = DecodeGraphs(step, (1, 2), 4, 0, 16, torch.device("cpu"), capture)
+    llm.add_request(llm.make_request([5, 6, 7], SamplingParams(max_tokens=4)))
+    prefill, _ = llm.runner.prepare(llm.scheduler.schedule())
+    assert graphs.replay(prefill) is None
+    llm.step()
+    decode = decode_inputs(llm, [[9, 10], [11, 12]])  # 3 sequences
+    assert graphs.replay(decode) is None
+    assert capture.replays == 0
