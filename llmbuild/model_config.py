@@ -16,8 +16,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-KV_CACHE_DTYPES: dict[str, torch.dtype] = {**DTYPES, "int8": torch.int8}
-"""What a KV cache may hold: the model dtypes, or int8 codes with per-head scales."""
+KV_CACHE_DTYPES: dict[str, torch.dtype] = {**DTYPES, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+"""What a KV cache may hold: the model dtypes, or int8 / fp8 (e4m3) codes with per-head scales."""
 
 
 class RopeConfig(BaseModel):

@@ -95,13 +95,15 @@ class QuantizationSection(_Section):
     """Quantization algorithm: round-to-nearest, activation-aware scaling, or Hessian-based GPTQ."""
     group_size: int = 128
     """Columns sharing one scale in int4 (32, 64 or 128)."""
+    fp8_scales: Literal["channel", "tensor"] = "channel"
+    """fp8 weights: one scale per output row (`channel`) or one per matrix (`tensor`)."""
     kv_cache: Literal["auto", "int8", "fp8"] = "auto"
-    """KV-cache dtype: `auto` = model dtype; int8 with per-kv-head scales calibrated on the calibration
-    text; fp8 (GPU only)."""
+    """KV-cache dtype: `auto` = model dtype; int8, or fp8 e4m3 (GPU only), with per-kv-head scales
+    calibrated on the calibration text."""
     exclude: tuple[str, ...] = ("lm_head",)
     """Weight name patterns (fnmatch) kept in model.dtype."""
     calibration: CalibrationSection | None = None
-    """Calibration data for awq / gptq weights and int8 KV-cache scales."""
+    """Calibration data for awq / gptq weights and int8 / fp8 KV-cache scales."""
 
     @field_validator("group_size")
     @classmethod
@@ -116,17 +118,19 @@ class QuantizationSection(_Section):
             raise ValueError(f"method={self.method} needs weights int8, int4 or fp8 (weights is none)")
         if self.calibration is not None and not self.calibrated:
             raise ValueError(
-                "calibration is used by method awq or gptq and by kv_cache int8 (here: method rtn, kv_cache "
+                "calibration is used by method awq or gptq and by kv_cache int8 or fp8 (here: method rtn, kv_cache "
                 f"{self.kv_cache}): remove it, or change method or kv_cache"
             )
+        if self.fp8_scales != "channel" and self.weights != "fp8":
+            raise ValueError(f"fp8_scales={self.fp8_scales} applies to fp8 weights (weights is {self.weights})")
         if self.weights == "fp8" and self.method != "rtn":
             raise ValueError(f"method={self.method} applies to int8 and int4 weights; fp8 weights use method rtn")
         return self
 
     @property
     def calibrated(self) -> bool:
-        """Whether the build runs calibration text through the model (awq / gptq weights, int8 KV scales)."""
-        return (self.weights != "none" and self.method != "rtn") or self.kv_cache == "int8"
+        """Whether the build runs calibration text through the model (awq / gptq weights, KV-cache scales)."""
+        return (self.weights != "none" and self.method != "rtn") or self.kv_cache in ("int8", "fp8")
 
     @property
     def quantized(self) -> bool:

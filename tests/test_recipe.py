@@ -3,10 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from llmbuild.builder.plan import make_plan
-from llmbuild.builder.support import check_supported
+from llmbuild.builder.support import check_supported, unsupported_features
 from llmbuild.errors import RecipeError
 from llmbuild.recipe import load_recipe, parse_recipe
 
@@ -55,7 +56,7 @@ def test_resolved_yaml_round_trips():
         ({"quantization": {"method": "awq"}}, "method=awq needs weights int8, int4 or fp8"),
         (
             {"quantization": {"weights": "int4", "calibration": {}}},
-            "calibration is used by method awq or gptq and by kv_cache int8 (here: method rtn, kv_cache auto)",
+            "calibration is used by method awq or gptq and by kv_cache int8 or fp8 (here: method rtn, kv_cache auto)",
         ),
         ({"quantization": {"kv_cache": "fp8"}}, "quantization.kv_cache=fp8 needs a GPU target"),
         (
@@ -106,7 +107,6 @@ def test_missing_recipe_file(tmp_path):
 @pytest.mark.parametrize(
     "sections,feature",
     [
-        ({"target": {"device": "cuda"}}, "target.device=cuda"),
         ({"quality": {"max_kl": 0.1}}, "quality gate"),
     ],
 )
@@ -116,6 +116,18 @@ def test_later_features_are_rejected_not_ignored(sections, feature):
         check_supported(recipe)
     assert str(exc.value).startswith("not supported yet: ")
     assert feature in str(exc.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_cuda_recipe_needs_a_gpu_on_the_build_machine():
+    with pytest.raises(RecipeError, match="target.device=cuda needs a GPU on the build machine"):
+        check_supported(parse(target={"device": "cuda"}))
+
+
+def test_tensor_parallel_cuda_engines_are_rejected_by_name():
+    assert unsupported_features(parse(target={"device": "cuda", "tensor_parallel": 2})) == [
+        "target.tensor_parallel > 1 with target.device=cuda (tensor-parallel engines are cpu only)"
+    ]
 
 
 def test_recipe_is_frozen():

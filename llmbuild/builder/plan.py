@@ -34,12 +34,12 @@ def weight_bytes(cfg: ModelConfig, quantization: QuantizationSection, itemsize: 
     """Bytes of the engine's weights: parameters in the model dtype, quantized projections in their
     format (checked to fit it: a misfit fails the plan, not the build)."""
     total = cfg.num_params * itemsize
-    if quantization.weights in ("int8", "int4"):
+    if quantization.weights in ("int8", "int4", "fp8"):
         chosen = {name: nk for name, nk in linear_shapes(cfg).items() if not excluded(name, quantization)}
         check_group_fit({name: k for name, (_, k) in chosen.items()}, quantization)
         for n, k in chosen.values():
             total += quantized_bytes(n, k, quantization, itemsize) - n * k * itemsize
-    if quantization.kv_cache == "int8":  # fp32 K and V scales per kv head and layer
+    if quantization.kv_cache in ("int8", "fp8"):  # fp32 K and V scales per kv head and layer
         total += cfg.num_layers * 2 * cfg.num_kv_heads * 4
     return total
 

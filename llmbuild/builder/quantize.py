@@ -21,6 +21,7 @@ from llmbuild.errors import RecipeError
 
 if TYPE_CHECKING:
     from llmbuild.builder.models.llama import LlamaModel
+from llmbuild.plugins.linear_fp8 import quantize_fp8
 from llmbuild.plugins.linear_int4 import int4_params, pack_int4, round_int4
 from llmbuild.plugins.linear_int8 import int8_scales, round_int8
 from llmbuild.recipe import QuantizationSection
@@ -41,6 +42,23 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.llmbuild.linear_int8(x, self.weight, self.scales, self.bias)
+
+
+class Fp8Linear(nn.Module):
+    """float8_e4m3fn weight [N, K] with fp32 scales ([N] or [1]), run by the linear_fp8 plugin op."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = q.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.llmbuild.linear_fp8(x, self.weight, self.scales, self.bias)
 
 
 class Int4Linear(nn.Module):
@@ -151,6 +169,8 @@ def quantized_bytes(out_features: int, in_features: int, quantization: Quantizat
         return n * k + n * itemsize
     if quantization.weights == "int4":
         return n * k // 2 + 2 * n * (k // quantization.group_size) * 2  # bf16 scales and mins
+    if quantization.weights == "fp8":
+        return n * k + (n if quantization.fp8_scales == "channel" else 1) * 4  # fp32 scales
     return n * k * itemsize
 
 
@@ -161,13 +181,18 @@ def quantize_model(
 
     awq and gptq need `calibration`, token windows [num_samples, seq_len] (builder/calibration.py).
     """
-    if quantization.weights not in ("int8", "int4"):
+    if quantization.weights not in ("int8", "int4", "fp8"):
         raise NotImplementedError(f"weights={quantization.weights}")
     chosen = chosen_linears(model, quantization)
+    if quantization.weights == "fp8":  # round to nearest only (the recipe allows no other method)
+        replacements: dict[str, nn.Module] = {
+            name: Fp8Linear(*quantize_fp8(m.weight.data, quantization.fp8_scales), m.bias) for name, m in chosen.items()
+        }
+        _replace(model, replacements)
+        return list(chosen)
     check_group_fit({name: m.in_features for name, m in chosen.items()}, quantization)
     dtype = next(iter(chosen.values())).weight.dtype if chosen else torch.float32
     grids = {name: Grid.of(quantization, m.in_features, dtype) for name, m in chosen.items()}
-    replacements: dict[str, nn.Module]
     if quantization.method == "rtn":
         replacements = {name: grids[name].module(m.weight.data, m.bias) for name, m in chosen.items()}
     else:
@@ -178,7 +203,11 @@ def quantize_model(
 
         run = awq_quantize if quantization.method == "awq" else gptq_quantize
         replacements = run(model, grids, calibration)
-    for name, new in replacements.items():
+    _replace(model, replacements)
+    return list(chosen)
+
+
+def _replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    for name, new in modules.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    return list(chosen)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmbuild.plugins import linear, linear_int4, linear_int8, paged_attention, rms_norm, rope, swiglu
+from llmbuild.plugins import linear, linear_fp8, linear_int4, linear_int8, paged_attention, rms_norm, rope, swiglu
 from llmbuild.plugins.library import load_library
 
 OP_VERSIONS: dict[str, int] = {
@@ -21,13 +21,14 @@ OP_VERSIONS: dict[str, int] = {
     linear.OP_NAME: linear.VERSION,
     linear_int8.OP_NAME: linear_int8.VERSION,
     linear_int4.OP_NAME: linear_int4.VERSION,
+    linear_fp8.OP_NAME: linear_fp8.VERSION,
     rms_norm.OP_NAME: rms_norm.VERSION,
     rms_norm.ADD_OP_NAME: rms_norm.VERSION,
     rope.OP_NAME: rope.VERSION,
     swiglu.OP_NAME: swiglu.VERSION,
 }
 
-_MODULES = (paged_attention, linear, linear_int8, linear_int4, rms_norm, rope, swiglu)
+_MODULES = (paged_attention, linear, linear_int8, linear_int4, linear_fp8, rms_norm, rope, swiglu)
 _registered = False
 
 

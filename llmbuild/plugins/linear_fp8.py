@@ -1,14 +1,14 @@
-"""FP8 (e4m3) weights: the quantization numerics and the reference of the GPU linear.
+"""`llmbuild::linear_fp8`: FP8 (e4m3) weights, their quantization numerics and the op's reference.
 
 Format: weight float8_e4m3fn [N, K] with fp32 scales, one for the tensor ([1]) or one per output
 row ([N]); w_real = q * scale, scale = amax / 448 (e4m3's largest finite value), so the largest
 weight of the tensor (or row) maps onto 448 and nothing saturates. Activations are quantized
 dynamically, one fp32 scale per step (per tensor), as torch._scaled_mm takes them on sm_89/sm_90.
 
-CPU targets reject fp8 recipes (no fp8 GEMM on this hardware); these functions are the numerics
-the GPU kernel must reproduce, checked on CPU by emulation: the fp8 products are exact in fp32,
-so `linear_fp8_ref` (dequantize, multiply in fp32, scale) is what an fp8 GEMM with fp32
-accumulation computes, up to summation order.
+CPU targets reject fp8 recipes (no fp8 GEMM on this hardware). A cuda engine runs the op as
+torch._scaled_mm (plugins/triton/ops.py); the CPU kernel (csrc/linear_fp8.cpp), which the builder's
+quality gate runs, emulates it: the fp8 products are exact in fp32, so `linear_fp8_ref` (dequantize,
+multiply in fp32, scale) is what an fp8 GEMM with fp32 accumulation computes, up to summation order.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+OP_NAME = "llmbuild::linear_fp8"
+VERSION = 1
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
@@ -51,3 +53,9 @@ def linear_fp8_ref(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias:
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def register_fake_kernel() -> None:
+    @torch.library.register_fake(OP_NAME)
+    def _fake(x, w, scales, bias):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))

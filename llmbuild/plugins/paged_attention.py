@@ -18,11 +18,11 @@ flat slot (block * block_size + offset) each new token writes.
 Cache layout: [num_blocks, num_kv_heads, block_size, head_dim], so one head of one block is
 contiguous. Grouped-query attention: query head h reads kv head h // (num_heads // num_kv_heads).
 
-`quantized_paged_attention` is the same op over an int8 cache: K and V are stored as
-round(x / scale) saturated to [-127, 127], one scale per kv head for K and one for V
-(kv_scales [2, H_kv] fp32, calibrated at build time: builder/kv_quant.py), and read back as
-int8 * scale. Every query attends to the cache's values, its own step's tokens included, so a
-prompt prefilled in one step or in chunks sees the same keys.
+`quantized_paged_attention` is the same op over an int8 or fp8 (e4m3) cache: K and V are stored as
+x / scale rounded (half to even) to int8 in [-127, 127] or to e4m3 in [-448, 448], saturated, one
+scale per kv head for K and one for V (kv_scales [2, H_kv] fp32, calibrated at build time:
+builder/kv_quant.py), and read back as code * scale. Every query attends to the cache's values, its
+own step's tokens included, so a prompt prefilled in one step or in chunks sees the same keys.
 
 NOTE: each layer passes its own cache tensors. Passing views of one stacked cache (cache[i]) into
 this mutating op miscompiles under dynamic shapes (pytorch issue 198068: every layer writes layer 0).
@@ -38,6 +38,8 @@ VERSION = 1
 QUANTIZED_OP_NAME = "llmbuild::quantized_paged_attention"
 QUANTIZED_VERSION = 1
 INT8_MAX = 127
+CODE_MAX = {torch.int8: INT8_MAX, torch.float8_e4m3fn: 448}
+"""Largest code of each quantized cache dtype."""
 
 
 def check_inputs(
@@ -127,13 +129,16 @@ def paged_attention_ref(
     return out
 
 
-def quantize_kv(x: torch.Tensor, head_scales: torch.Tensor) -> torch.Tensor:
-    """int8 codes of x [..., H_kv, D] with one fp32 scale per kv head: round half to even, saturated."""
-    return (x.float() / head_scales[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+def quantize_kv(x: torch.Tensor, head_scales: torch.Tensor, codes: torch.dtype = torch.int8) -> torch.Tensor:
+    """int8 or e4m3 codes of x [..., H_kv, D] with one fp32 scale per kv head: round half to even, saturated."""
+    y = x.float() / head_scales[:, None]
+    if codes == torch.int8:
+        y = y.round()
+    return y.clamp(-CODE_MAX[codes], CODE_MAX[codes]).to(codes)
 
 
 def dequantize_kv(codes: torch.Tensor, head_scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The values int8 codes [..., H_kv, block_size, D] stand for, in `dtype` (scaled in fp32)."""
+    """The values codes [..., H_kv, block_size, D] stand for, in `dtype` (scaled in fp32)."""
     return (codes.float() * head_scales[:, None, None]).to(dtype)
 
 
@@ -150,17 +155,17 @@ def quantized_paged_attention_ref(
     kv_scales: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Torch reference over int8 caches: store the step's quantized K/V, then paged_attention_ref
+    """Torch reference over int8 or fp8 caches: store the step's quantized K/V, then paged_attention_ref
     on the dequantized caches (the step's own K/V included, as the cache holds them)."""
-    if k_cache.dtype != torch.int8 or v_cache.dtype != torch.int8:
-        raise ValueError(f"quantized_paged_attention: caches must be int8, got {k_cache.dtype}")
+    if k_cache.dtype not in CODE_MAX or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"quantized_paged_attention: caches must be int8 or float8_e4m3fn, got {k_cache.dtype}")
     if kv_scales.shape != (2, k_cache.shape[1]) or kv_scales.dtype != torch.float32:
         raise ValueError(
             f"quantized_paged_attention: kv_scales must be float32 [2, {k_cache.shape[1]}], "
             f"got {kv_scales.dtype} {tuple(kv_scales.shape)}"
         )
     k_scales, v_scales = kv_scales
-    k_codes, v_codes = quantize_kv(k, k_scales), quantize_kv(v, v_scales)
+    k_codes, v_codes = quantize_kv(k, k_scales, k_cache.dtype), quantize_kv(v, v_scales, v_cache.dtype)
     block_size = k_cache.shape[2]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     k_cache[blocks, :, offsets] = k_codes

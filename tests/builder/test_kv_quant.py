@@ -101,6 +101,21 @@ def test_int8_kv_stays_close_to_bf16_and_per_head_scales_survive_an_outlier_head
     assert q_tensor.mean_kl > 3 * q_head.mean_kl  # one scale for all heads: the quiet heads lose their bits
 
 
+def test_fp8_kv_lands_each_heads_maximum_on_448_and_stays_close_to_bf16(calibration, held_out):
+    # fp8 caches are a GPU format; the builder's quality check runs them here through the CPU kernel
+    reference, model, int8 = demo_model(), demo_model(), demo_model()
+    absmax = kv_absmax(model, calibration)
+    quantize_kv_cache(model, absmax, torch.float8_e4m3fn)
+    quantize_kv_cache(int8, absmax)
+    assert model.kv_cache_dtype() == torch.float8_e4m3fn
+    layer0_k = cached_codes(model, calibration)[0]
+    assert layer0_k.dtype == torch.float8_e4m3fn
+    assert layer0_k.float().abs().amax(dim=(0, 2, 3)).tolist() == [448.0] * model.cfg.num_kv_heads
+    q, q8 = compare(reference, model, held_out), compare(reference, int8, held_out)
+    assert 0 < q.mean_kl < 0.02 and q.top1_agreement > 0.9
+    assert q.mean_kl > q8.mean_kl  # 3 mantissa bits against int8's 7 bits at full range: fp8 loses more
+
+
 def test_int8_kv_engine_builds_plans_half_the_cache_and_generates_like_bf16(make_engine, tmp_path):
     bf16 = make_engine("demo-bf16", DEMO, model={"dtype": "bfloat16"})
     engine = make_engine("demo-kv-int8", DEMO, **SECTIONS)

@@ -4,7 +4,6 @@ quantized engines build, store quantized weights and generate like the bf16 engi
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,10 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from llmbuild.builder.build import build_engine
-from llmbuild.builder.models.llama import Linear
 from llmbuild.builder.plan import make_plan
 from llmbuild.builder.quality import compare
-from llmbuild.builder.quantize import Int4Linear, Int8Linear, quantize_model
+from llmbuild.builder.quantize import Fp8Linear, Int4Linear, Int8Linear, quantize_model
 from llmbuild.errors import BuildError, RecipeError
-from llmbuild.plugins.linear_fp8 import linear_fp8_ref, quantize_fp8
 from llmbuild.recipe import QuantizationSection, load_recipe
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
@@ -209,16 +206,24 @@ def test_int4_group_misfit_fails_the_plan(tmp_path):
         make_plan(load_recipe(recipe))
 
 
-def test_fp8_emulated_on_the_demo_model_sits_between_int8_and_int4(windows):
-    # fp8 engines need a GPU; on CPU the numerics are emulated: per-channel e4m3 weights and dynamic
-    # per-tensor e4m3 activations, products accumulated in fp32 (linear_fp8_ref)
-    reference, fp8, int8, int4 = demo_model(), demo_model(), demo_model(), demo_model()
-    for module in list(fp8.modules()):
-        if isinstance(module, Linear):
-            q, scales = quantize_fp8(module.weight.data, "channel")
-            module.forward = partial(linear_fp8_ref, q=q, scales=scales, bias=module.bias)
+def test_fp8_on_the_demo_model_sits_between_int8_and_int4(windows):
+    # fp8 engines need a GPU; the builder's quality gate runs the CPU kernel, which emulates the fp8 GEMM:
+    # e4m3 weights and dynamic per-tensor e4m3 activations, products accumulated in fp32
+    reference, fp8, fp8_tensor, int8, int4 = (demo_model() for _ in range(5))
+    names = quantize_model(fp8, QuantizationSection(weights="fp8"))
+    assert all(isinstance(fp8.get_submodule(n), Fp8Linear) for n in names) and len(names) == 16
+    assert fp8.get_submodule(names[0]).weight.dtype == torch.float8_e4m3fn
+    quantize_model(fp8_tensor, QuantizationSection(weights="fp8", fp8_scales="tensor"))
+    assert fp8_tensor.get_submodule(names[0]).scales.shape == (1,)
     quantize_model(int8, QuantizationSection(weights="int8"))
     quantize_model(int4, QuantizationSection(weights="int4", group_size=64))
-    kl = {name: compare(reference, m, windows).mean_kl for name, m in (("fp8", fp8), ("int8", int8), ("int4", int4))}
+    models = {"fp8": fp8, "fp8 tensor": fp8_tensor, "int8": int8, "int4": int4}
+    kl = {name: compare(reference, m, windows).mean_kl for name, m in models.items()}
     assert kl["int8"] < kl["fp8"] < kl["int4"]
     assert kl["fp8"] < 0.02
+    assert kl["fp8"] <= kl["fp8 tensor"] < kl["int4"]  # one scale per matrix: coarser, still 3 mantissa bits
+
+
+def test_fp8_scales_apply_to_fp8_weights_only():
+    with pytest.raises(ValueError, match="fp8_scales=tensor applies to fp8 weights"):
+        QuantizationSection(weights="int8", fp8_scales="tensor")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmbuild.plugins import load_plugins
 from llmbuild.plugins.linear_fp8 import FP8, FP8_MAX, dequantize_fp8, linear_fp8_ref, quantize_fp8
 
 
@@ -71,3 +72,24 @@ def test_emulated_fp8_linear_matches_the_fp32_linear(dtype, granularity):
     rel = (y.float() - expected).norm() / expected.norm()
     assert rel < 0.05  # two 3-bit-mantissa roundings (x and w) per product, averaged over K
     assert rel > 1e-4  # and it is quantized: not the fp32 result
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_kernel_matches_the_reference(dtype, tol, granularity, bias):
+    load_plugins()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 128, generator=gen).to(dtype)
+    q, scales = quantize_fp8(torch.randn(40, 128, generator=gen) * torch.logspace(-2, 0, 40)[:, None], granularity)
+    b = torch.randn(40, generator=gen).to(dtype) if bias else None
+    expected = linear_fp8_ref(x, q, scales, b)
+    out = torch.ops.llmbuild.linear_fp8(x, q, scales, b)
+    assert out.shape == expected.shape and out.dtype == dtype
+    torch.testing.assert_close(out, expected, atol=tol * expected.abs().max().item(), rtol=tol)
+
+
+def test_cpu_kernel_names_a_weight_that_is_not_fp8():
+    load_plugins()
+    with pytest.raises(RuntimeError, match="linear_fp8: w must be float8_e4m3fn"):
+        torch.ops.llmbuild.linear_fp8(torch.randn(2, 16), torch.randn(4, 16), torch.ones(4), None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmbuild.plugins.paged_attention import (
-    INT8_MAX,
+    CODE_MAX,
     paged_attention_ref,
     quantize_kv,
     quantized_paged_attention_ref,
@@ -117,27 +117,32 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.llmbuild.paged_attention.default, (*args, D**-0.5))
 
 
-def int8_case(dtype, seed=0, **case):
-    """make_case with int8 caches: per-head scales from the absmax of the sequences' K and V."""
+def quantized_case(dtype, codes=torch.int8, seed=0, **case):
+    """make_case with int8 or fp8 caches: per-head scales from the absmax of the sequences' K and V."""
     args, full_k, full_v, q_parts = make_case(dtype, seed=seed, **case)
     k_all, v_all = torch.cat(full_k).float(), torch.cat(full_v).float()
-    kv_scales = torch.stack([k_all.abs().amax(dim=(0, 2)), v_all.abs().amax(dim=(0, 2))]) / INT8_MAX
+    kv_scales = torch.stack([k_all.abs().amax(dim=(0, 2)), v_all.abs().amax(dim=(0, 2))]) / CODE_MAX[codes]
     caches = [
-        quantize_kv(cache.transpose(1, 2), head_scales).transpose(1, 2).contiguous()  # [blocks, bs, H_kv, D] view
+        quantize_kv(cache.transpose(1, 2), head_scales, codes).transpose(1, 2).contiguous()  # [blocks, bs, H_kv, D]
         for cache, head_scales in zip(args[3:5], kv_scales, strict=True)
     ]
     return (*args[:3], *caches, *args[5:]), kv_scales, full_k, full_v, q_parts
 
 
+CODES = [torch.int8, torch.float8_e4m3fn]
+
+
+@pytest.mark.parametrize("codes", CODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantized_op_matches_its_reference(dtype):
-    args, kv_scales, *_ = int8_case(dtype)
+def test_quantized_op_matches_its_reference(dtype, codes):
+    args, kv_scales, *_ = quantized_case(dtype, codes)
     scale = D**-0.5
     ref_args = [a.clone() for a in args]
     expected = quantized_paged_attention_ref(*ref_args, kv_scales, scale)
     out = torch.ops.llmbuild.quantized_paged_attention(*args, kv_scales, scale)
-    # both caches hold the same int8 codes afterwards, the step's tokens quantized identically
-    assert torch.equal(args[3], ref_args[3]) and torch.equal(args[4], ref_args[4])
+    # both caches hold the same codes afterwards, the step's tokens quantized identically
+    assert torch.equal(args[3].view(torch.int8), ref_args[3].view(torch.int8))
+    assert torch.equal(args[4].view(torch.int8), ref_args[4].view(torch.int8))
     cu = args[8].tolist()
     prefill = [r for b in (0, 2) for r in range(cu[b], cu[b + 1])]  # SDPA on identical dequantized inputs
     torch.testing.assert_close(out[prefill], expected[prefill], atol=0, rtol=0)
@@ -146,11 +151,12 @@ def test_quantized_op_matches_its_reference(dtype):
     torch.testing.assert_close(out[cu[1] : cu[2]].float(), expected[cu[1] : cu[2]].float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("codes", CODES)
 @pytest.mark.parametrize("head_dim", [64, 24])
-def test_quantized_decode_batch_matches_its_reference(head_dim):
+def test_quantized_decode_batch_matches_its_reference(head_dim, codes):
     ctx = (1, 16, 17, 40, 97)
-    args, kv_scales, *_ = int8_case(
-        torch.float32, ctx_lens=ctx, new_tokens=(1,) * len(ctx), heads=(8, 2), num_blocks=64, head_dim=head_dim
+    args, kv_scales, *_ = quantized_case(
+        torch.float32, codes, ctx_lens=ctx, new_tokens=(1,) * len(ctx), heads=(8, 2), num_blocks=64, head_dim=head_dim
     )
     scale = head_dim**-0.5
     expected = quantized_paged_attention_ref(*[a.clone() for a in args], kv_scales, scale)
@@ -158,19 +164,20 @@ def test_quantized_decode_batch_matches_its_reference(head_dim):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_quantized_op_is_close_to_exact_attention():
-    args, kv_scales, full_k, full_v, q_parts = int8_case(torch.float32)
+@pytest.mark.parametrize("codes,bound", [(torch.int8, 0.03), (torch.float8_e4m3fn, 0.1)])
+def test_quantized_op_is_close_to_exact_attention(codes, bound):
+    args, kv_scales, full_k, full_v, q_parts = quantized_case(torch.float32, codes)
     scale = D**-0.5
     out = torch.ops.llmbuild.quantized_paged_attention(*args, kv_scales, scale)
     cu = args[8].tolist()
     for b, (k, v, q) in enumerate(zip(full_k, full_v, q_parts, strict=True)):
         exact = dense_attention(q, k, v, scale)
         err = (out[cu[b] : cu[b + 1]] - exact).abs().max().item()
-        assert 0 < err < 0.03  # quantization error: present, and small against values of size ~1
+        assert 0 < err < bound  # quantization error: present, and small against values of size ~1
 
 
 def test_quantized_writes_saturate_beyond_the_scale():
-    args, kv_scales, *_ = int8_case(torch.float32)
+    args, kv_scales, *_ = quantized_case(torch.float32)
     k = args[1].clone()
     k[0, 0, :4] = torch.tensor([1e6, -1e6, 0.5 * kv_scales[0, 0].item(), 1.5 * kv_scales[0, 0].item()])
     args = (args[0], k, *args[2:])
@@ -180,8 +187,21 @@ def test_quantized_writes_saturate_beyond_the_scale():
     assert codes == [127, -127, 0, 2]  # saturated both ways; halves round to even
 
 
+def test_fp8_writes_saturate_and_round_half_to_even():
+    args, kv_scales, *_ = quantized_case(torch.float32, torch.float8_e4m3fn)
+    s = kv_scales[0, 0].item()
+    k = args[1].clone()
+    # 1.0625 lies halfway between e4m3's 1.0 and 1.125 (mantissa 000 and 001): even wins
+    k[0, 0, :5] = torch.tensor([1e6, -1e6, 0.5 * s, 1.0625 * s, 1.1875 * s])
+    args = (args[0], k, *args[2:])
+    torch.ops.llmbuild.quantized_paged_attention(*args, kv_scales, D**-0.5)
+    slot = args[5][0].item()
+    codes = args[3][slot // BS, 0, slot % BS, :5].float().tolist()
+    assert codes == [448, -448, 0.5, 1.0, 1.25]
+
+
 def test_quantized_op_rejects_bad_scales_and_caches():
-    args, kv_scales, *_ = int8_case(torch.float32)
+    args, kv_scales, *_ = quantized_case(torch.float32)
     with pytest.raises(RuntimeError, match=r"kv_scales must be contiguous float32 \[2, 2\]"):
         torch.ops.llmbuild.quantized_paged_attention(*args, kv_scales[:, :1].contiguous(), 1.0)
     with pytest.raises(ValueError, match=r"kv_scales must be float32 \[2, 2\]"):
@@ -192,5 +212,5 @@ def test_quantized_op_rejects_bad_scales_and_caches():
 
 
 def test_quantized_opcheck():
-    args, kv_scales, *_ = int8_case(torch.float32)
+    args, kv_scales, *_ = quantized_case(torch.float32)
     torch.library.opcheck(torch.ops.llmbuild.quantized_paged_attention.default, (*args, kv_scales, D**-0.5))

@@ -188,6 +188,7 @@ class LlamaModel(nn.Module):
 
     rope_cos: torch.Tensor  # [max_seq_len, head_dim] fp32
     rope_sin: torch.Tensor
+    kv_codes: torch.dtype = torch.int8  # the KV cache's dtype once the layers carry KV scales (builder/kv_quant.py)
 
     def __init__(self, cfg: ModelConfig, max_seq_len: int, plugins: PluginsSection, tp: int = 1) -> None:
         super().__init__()
@@ -220,10 +221,10 @@ class LlamaModel(nn.Module):
         return model
 
     def kv_cache_dtype(self) -> torch.dtype:
-        """int8 when the attention layers carry KV scales, else the model dtype."""
+        """The quantized codes (`kv_codes`) when the attention layers carry KV scales, else the model dtype."""
         attn = self.layers[0].get_submodule("attn")
         assert isinstance(attn, Attention)
-        return torch.int8 if attn.kv_scales is not None else self.embed.weight.dtype
+        return self.kv_codes if attn.kv_scales is not None else self.embed.weight.dtype
 
     def forward(
         self,
@@ -264,12 +265,12 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def prefill_metadata(
-    num_seqs: int, seq_len: int, block_size: int
+    num_seqs: int, seq_len: int, block_size: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int]:
     """(positions, attention metadata, KV blocks needed) for one step prefilling num_seqs whole sequences.
 
     Sequence b owns blocks b*n .. b*n + n - 1 (n = blocks per sequence); the metadata tuple is
-    (slot_mapping, block_tables, seq_lens, cu_seqlens_q), as LlamaModel.forward takes them.
+    (slot_mapping, block_tables, seq_lens, cu_seqlens_q), as LlamaModel.forward takes them, on `device`.
     """
     per_seq = math.ceil(seq_len / block_size)
     positions = torch.arange(seq_len).repeat(num_seqs)
@@ -277,7 +278,8 @@ def prefill_metadata(
     block_tables = torch.arange(num_seqs * per_seq, dtype=torch.int32).reshape(num_seqs, per_seq)
     seq_lens = torch.full((num_seqs,), seq_len, dtype=torch.int32)
     cu_seqlens_q = torch.arange(num_seqs + 1, dtype=torch.int32) * seq_len
-    return positions, (slot_mapping, block_tables, seq_lens, cu_seqlens_q), num_seqs * per_seq
+    meta = tuple(t.to(device) for t in (slot_mapping, block_tables, seq_lens, cu_seqlens_q))
+    return positions.to(device), meta, num_seqs * per_seq
 
 
 def hf_weight_target(cfg: ModelConfig, name: str) -> tuple[str, int, int] | None:

@@ -15,6 +15,7 @@ TORCH_LIBRARY(llmbuild, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales, Tensor mins, Tensor? bias) -> Tensor");
+  m.def("linear_fp8(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor positions, Tensor cos, Tensor sin) -> Tensor");
@@ -27,6 +28,7 @@ TORCH_LIBRARY_IMPL(llmbuild, CPU, m) {
   m.impl("linear", &llmbuild::linear);
   m.impl("linear_int8", &llmbuild::linear_int8);
   m.impl("linear_int4", &llmbuild::linear_int4);
+  m.impl("linear_fp8", &llmbuild::linear_fp8);
   m.impl("rms_norm", &llmbuild::rms_norm);
   m.impl("add_rms_norm", &llmbuild::add_rms_norm);
   m.impl("rope", &llmbuild::rope);

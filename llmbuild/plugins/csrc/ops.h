@@ -26,6 +26,9 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& mins,
                        const c10::optional<at::Tensor>& bias);
 
+at::Tensor linear_fp8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                      const c10::optional<at::Tensor>& bias);
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,

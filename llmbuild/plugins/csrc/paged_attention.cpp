@@ -1,5 +1,5 @@
 // paged_attention: write the step's K/V at slot_mapping, then attend through block_tables.
-// quantized_paged_attention: the same over an int8 cache with per-kv-head scales.
+// quantized_paged_attention: the same over an int8 or fp8 (e4m3) cache with per-kv-head scales.
 // Layout and metadata: see llmbuild/plugins/paged_attention.py.
 //
 // Decode tokens (one new token per sequence) run a block-walking kernel parallel over
@@ -9,8 +9,10 @@
 // (16 values per instruction) and takes exp in vectors; a portable loop serves other head sizes.
 // An int8 cache is read as int8 by the decode kernel (half the bytes of bf16: decode attention is
 // bound by reading the cache), its K scale folded into the query and its V scale applied to the output.
+// An fp8 cache (a GPU format) takes the portable loop: it is here for the builder's quality check.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
@@ -51,7 +53,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt, "paged_attention: seq_lens must be int32");
 }
 
-// int8 cache: x / scale rounded half to even and saturated to [-127, 127], as quantize_kv does.
+// int8 cache: x / scale rounded half to even and saturated to [-127, 127]; fp8 cache: x / scale
+// saturated to [-448, 448] and rounded half to even to e4m3; as quantize_kv does.
 template <typename scalar_t, typename cache_t>
 void write_cache(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, const float* head_scales) {
   // src: [T, H_kv, D] (row stride may exceed H_kv * D: a view into the fused qkv output)
@@ -69,6 +72,11 @@ void write_cache(const at::Tensor& src, at::Tensor& cache, const int64_t* slots,
           const float s = head_scales[h];
           for (int64_t e = 0; e < d; ++e) {
             to[e] = static_cast<int8_t>(std::clamp(std::nearbyint(static_cast<float>(from[e]) / s), -127.f, 127.f));
+          }
+        } else if constexpr (std::is_same_v<cache_t, c10::Float8_e4m3fn>) {
+          const float s = head_scales[h];
+          for (int64_t e = 0; e < d; ++e) {
+            to[e] = c10::Float8_e4m3fn(std::clamp(static_cast<float>(from[e]) / s, -448.f, 448.f));
           }
         } else {
           std::copy_n(from, d, to);
@@ -222,7 +230,8 @@ void decode_group(const scalar_t* q, int64_t q_head_stride, const cache_t* k_cac
   }
   bool done = false;
 #if defined(__AVX512F__)
-  if constexpr (!std::is_same_v<cache_t, double>) {
+  // fp8: the portable path (this CPU has no e4m3 conversion; fp8 caches are for GPUs, run here by the builder)
+  if constexpr (!std::is_same_v<cache_t, double> && !std::is_same_v<cache_t, c10::Float8_e4m3fn>) {
     if (d % 16 == 0 && d <= kMaxVecD) {
       decode_group_avx512(qf, k_cache, v_cache, table, ctx_len, g, group, hkv, bs, d, scratch.scores.data(), acc);
       done = true;
@@ -263,7 +272,7 @@ at::Tensor gather_context(const at::Tensor& cache, const at::Tensor& table_row, 
   return blocks.transpose(0, 1).reshape({1, cache.size(1), -1, cache.size(3)}).slice(2, 0, ctx_len);
 }
 
-// [1, H_kv, ctx_len, D] in the activation dtype: an int8 cache dequantized with its head scales
+// [1, H_kv, ctx_len, D] in the activation dtype: a quantized cache dequantized with its head scales
 // (in fp32, then rounded to the activation dtype: what dequantize_kv in paged_attention.py does).
 at::Tensor context(const at::Tensor& cache, const at::Tensor& table_row, int64_t ctx_len,
                    const c10::optional<at::Tensor>& head_scales, at::ScalarType dtype) {
@@ -272,16 +281,17 @@ at::Tensor context(const at::Tensor& cache, const at::Tensor& table_row, int64_t
   return values.to(at::kFloat).mul(head_scales->view({1, -1, 1, 1})).to(dtype);
 }
 
-// Both ops: kv_scales is [2, H_kv] fp32 (K row, V row) for an int8 cache, absent for a plain one.
+// Both ops: kv_scales is [2, H_kv] fp32 (K row, V row) for an int8 or fp8 cache, absent for a plain one.
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                   at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                   const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q, const c10::optional<at::Tensor>& kv_scales,
                   double scale) {
   check_inputs(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q);
-  const bool int8 = kv_scales.has_value();
-  if (int8) {
-    TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar,
-                "quantized_paged_attention: caches must be int8, got ", k_cache.scalar_type());
+  const bool quantized = kv_scales.has_value();
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+  if (quantized) {
+    TORCH_CHECK((k_cache.scalar_type() == at::kChar || fp8) && v_cache.scalar_type() == k_cache.scalar_type(),
+                "quantized_paged_attention: caches must be int8 or float8_e4m3fn, got ", k_cache.scalar_type());
     TORCH_CHECK(kv_scales->scalar_type() == at::kFloat && kv_scales->is_contiguous() && kv_scales->dim() == 2 &&
                     kv_scales->size(0) == 2 && kv_scales->size(1) == k_cache.size(1),
                 "quantized_paged_attention: kv_scales must be contiguous float32 [2, ", k_cache.size(1), "], got ",
@@ -290,16 +300,19 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(k_cache.scalar_type() == k.scalar_type() && v_cache.scalar_type() == v.scalar_type(),
                 "paged_attention: cache dtype ", k_cache.scalar_type(), " != k/v dtype ", k.scalar_type());
   }
-  const float* k_scales = int8 ? kv_scales->data_ptr<float>() : nullptr;
-  const float* v_scales = int8 ? k_scales + k_cache.size(1) : nullptr;
+  const float* k_scales = quantized ? kv_scales->data_ptr<float>() : nullptr;
+  const float* v_scales = quantized ? k_scales + k_cache.size(1) : nullptr;
   c10::optional<at::Tensor> k_heads, v_heads;
-  if (int8) {
+  if (quantized) {
     k_heads = (*kv_scales)[0];
     v_heads = (*kv_scales)[1];
   }
   const auto slots = slot_mapping.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "paged_attention_write", [&] {
-    if (int8) {
+    if (quantized && fp8) {
+      write_cache<scalar_t, c10::Float8_e4m3fn>(k, k_cache, slots.data_ptr<int64_t>(), k_scales);
+      write_cache<scalar_t, c10::Float8_e4m3fn>(v, v_cache, slots.data_ptr<int64_t>(), v_scales);
+    } else if (quantized) {
       write_cache<scalar_t, int8_t>(k, k_cache, slots.data_ptr<int64_t>(), k_scales);
       write_cache<scalar_t, int8_t>(v, v_cache, slots.data_ptr<int64_t>(), v_scales);
     } else {
@@ -335,7 +348,10 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (!decodes.empty()) {
     const auto tables = block_tables.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_decode", [&] {
-      if (int8) {
+      if (quantized && fp8) {
+        decode_all<scalar_t, c10::Float8_e4m3fn>(q, k_cache, v_cache, decodes, tables.data_ptr<int32_t>(),
+                                                 block_tables.size(1), lens, cu, scale, k_scales, v_scales, out);
+      } else if (quantized) {
         decode_all<scalar_t, int8_t>(q, k_cache, v_cache, decodes, tables.data_ptr<int32_t>(), block_tables.size(1),
                                      lens, cu, scale, k_scales, v_scales, out);
       } else {

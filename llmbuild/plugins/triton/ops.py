@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
+from llmbuild.plugins.linear_fp8 import quantize_activations_fp8
 from llmbuild.plugins.triton import elementwise
 from llmbuild.plugins.triton import linear_int4 as int4
+from llmbuild.plugins.triton import linear_int8 as int8
 from llmbuild.plugins.triton import paged_attention as attention
 
 NAMESPACE = "llmbuild_triton"
@@ -82,3 +84,41 @@ def linear_int4(
     x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     return int4.linear_int4(x, w, scales, mins, bias)
+
+
+@triton_op(f"{NAMESPACE}::linear_int8", mutates_args=())
+def linear_int8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return int8.linear_int8(x, w, scales, bias)
+
+
+@triton_op(f"{NAMESPACE}::linear_fp8", mutates_args=())
+def linear_fp8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # Hopper's fp8 tensor cores through cuBLASLt (torch._scaled_mm); Inductor fuses the activation
+    # quantization around it. Per-row weight scales take cuBLAS's row-wise mode, which wants one
+    # scale per row of x as well (the step's one scale, repeated) and a bf16 output.
+    n, k = w.shape
+    xq, x_scale = quantize_activations_fp8(x.reshape(-1, k))
+    if scales.numel() == 1:
+        y = torch._scaled_mm(xq, w.t(), x_scale.reshape(()), scales.reshape(()), out_dtype=x.dtype)
+    else:
+        out_dtype = torch.bfloat16 if x.dtype == torch.float16 else x.dtype
+        row_scales = x_scale.expand(xq.shape[0], 1).contiguous()
+        y = torch._scaled_mm(xq, w.t(), row_scales, scales.reshape(1, n), out_dtype=out_dtype)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+_cuda_library: torch.library.Library | None = None
+
+
+def register_cuda_kernels(table: dict[torch._ops.OpOverload, torch._ops.OpOverload]) -> None:
+    """Give each `llmbuild::` op of `table` (builder/retarget.cuda_ops) its twin as CUDA kernel, so that
+    the model graph runs eagerly on a GPU: the builder's KV calibration and quality check of cuda
+    engines. Compiled graphs call the twins directly (retargeted), never these registrations."""
+    global _cuda_library
+    if _cuda_library is not None:
+        return
+    _cuda_library = torch.library.Library("llmbuild", "IMPL")
+    for op, twin in table.items():
+        _cuda_library.impl(op._schema.name.split("::")[1], twin, "CUDA")

@@ -1,7 +1,7 @@
 """Triton kernels of paged_attention and quantized_paged_attention (csrc/paged_attention.cpp; layout,
 metadata and references in ../paged_attention.py).
 
-Two kernels per call: one writes the step's K/V at slot_mapping (quantizing for an int8 cache),
+Two kernels per call: one writes the step's K/V at slot_mapping (quantizing for an int8 or fp8 cache),
 then one attends for every token of the packed step, decode and prefill alike (flash-attention
 style: online softmax over key tiles, gathered through the block table position by position, so
 any block size and any scattered block table work).
@@ -32,10 +32,19 @@ _ROUNDING = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds |x| < 2*
 
 
 @triton.jit
-def _quantize(x, head_scale):
-    """fp32 -> int8 codes as quantize_kv: x / scale, saturated to [-127, 127], rounded half to even."""
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, head_scale), -127.0), 127.0)
-    return ((y + _ROUNDING) - _ROUNDING).to(tl.int8)
+def _quantize(x, head_scale, codes: tl.constexpr):
+    """fp32 -> int8 or e4m3 codes as quantize_kv: x / scale, saturated to [-127, 127] or [-448, 448],
+    rounded half to even."""
+    y = tl.math.div_rn(x, head_scale)
+    if codes == tl.int8:
+        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+        return ((y + _ROUNDING) - _ROUNDING).to(tl.int8)
+    # e4m3: rounded here onto its grid (3 mantissa bits; below 2^-6 a fixed step of 2^-9), so that the
+    # conversion is exact: the interpreter's fp32 -> fp8 conversion misrounds carries and subnormals
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    exponent = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return (((y / step + _ROUNDING) - _ROUNDING) * step).to(codes)
 
 
 @triton.jit
@@ -64,8 +73,9 @@ def _write_cache_kernel(
     k = tl.load(k_ptr + token * stride_kt + head * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + token * stride_vt + head * stride_vh + d, mask=mask)
     if QUANTIZED:
-        k = _quantize(k.to(tl.float32), tl.load(scales_ptr + head))
-        v = _quantize(v.to(tl.float32), tl.load(scales_ptr + NUM_KV_HEADS + head))
+        codes: tl.constexpr = k_cache_ptr.dtype.element_ty
+        k = _quantize(k.to(tl.float32), tl.load(scales_ptr + head), codes)
+        v = _quantize(v.to(tl.float32), tl.load(scales_ptr + NUM_KV_HEADS + head), codes)
     tl.store(k_cache_ptr + dst + d, k, mask=mask)
     tl.store(v_cache_ptr + dst + d, v, mask=mask)
 
@@ -138,8 +148,8 @@ def _attention_kernel(
             block = tl.load(table_ptr + b * stride_table + pos // BLOCK_SIZE, mask=in_ctx, other=0)
             kv_rows = ((block * NUM_KV_HEADS + g) * BLOCK_SIZE + pos % BLOCK_SIZE) * HEAD_DIM
             kv_mask = in_ctx[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + kv_rows[:, None] + d[None, :], mask=kv_mask, other=0)
-            v = tl.load(v_cache_ptr + kv_rows[:, None] + d[None, :], mask=kv_mask, other=0)
+            k = tl.load(k_cache_ptr + kv_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
             if QUANTIZED:  # dequantized to the activation dtype, as the reference's cache is
                 k = _round(k.to(tl.float32) * k_scale, dtype)
                 v = _round(v.to(tl.float32) * v_scale, dtype)
@@ -170,7 +180,7 @@ def attend(
     kv_scales: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """paged_attention (kv_scales None) or quantized_paged_attention (int8 caches, kv_scales [2, H_kv]
+    """paged_attention (kv_scales None) or quantized_paged_attention (int8 or fp8 caches, kv_scales [2, H_kv]
     fp32): q [T, H, D], k/v [T, H_kv, D] with head_dim contiguous; mutates the caches."""
     t, h, d = q.shape
     _, hkv, block_size, _ = k_cache.shape

@@ -12,13 +12,25 @@ import pytest
 import torch
 
 from llmbuild.plugins import load_plugins
+from llmbuild.plugins.linear_fp8 import linear_fp8_ref, quantize_fp8
 from llmbuild.plugins.linear_int4 import linear_int4_ref, pack_int4, quantize_int4
+from llmbuild.plugins.linear_int8 import linear_int8_ref, quantize_int8
 from llmbuild.plugins.paged_attention import quantized_paged_attention_ref
 from llmbuild.plugins.triton import ops  # noqa: F401  (registers torch.ops.llmbuild_triton)
-from tests.plugins.test_paged_attention import D, int8_case
+from tests.plugins.test_paged_attention import D, quantized_case
 from tests.plugins.triton.test_elementwise import DEVICE
 
-OPS = ["paged_attention", "quantized_paged_attention", "rms_norm", "add_rms_norm", "rope", "swiglu", "linear_int4"]
+OPS = [
+    "paged_attention",
+    "quantized_paged_attention",
+    "rms_norm",
+    "add_rms_norm",
+    "rope",
+    "swiglu",
+    "linear_int4",
+    "linear_int8",
+    "linear_fp8",
+]
 
 
 def signature(op: torch._ops.OpOverloadPacket) -> tuple:
@@ -35,7 +47,7 @@ def test_each_triton_op_has_the_schema_of_its_cpu_op(name):
 
 
 def test_the_op_runs_the_kernels_and_mutates_the_caches_it_declares():
-    args, kv_scales, *_ = int8_case(torch.bfloat16, ctx_lens=(30, 9), new_tokens=(1, 9))
+    args, kv_scales, *_ = quantized_case(torch.bfloat16, ctx_lens=(30, 9), new_tokens=(1, 9))
     ref_args = [a.clone() for a in args]
     expected = quantized_paged_attention_ref(*ref_args, kv_scales, D**-0.5)
     args = [a.to(DEVICE) for a in args]
@@ -93,4 +105,33 @@ def test_linear_int4_matches_the_reference(group, dtype, tol, bias):
     on = [t.to(DEVICE) if t is not None else None for t in (x, w, scales, mins, b)]
     out = torch.ops.llmbuild_triton.linear_int4(*on)
     assert out.shape == expected.shape
+    torch.testing.assert_close(out.cpu(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("k", [256, 200])  # 200: a partial last K tile
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_int8_matches_the_reference(k, dtype, tol, bias):
+    g = torch.Generator().manual_seed(k)
+    n = 80  # a second, partial tile of 64 output features
+    w, scales = quantize_int8(torch.randn(n, k, generator=g), dtype)
+    x = torch.randn(3, 7, k, generator=g).to(dtype)  # 21 rows: a partial tile of 16
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    expected = linear_int8_ref(x, w, scales, b)
+    on = [t.to(DEVICE) if t is not None else None for t in (x, w, scales, b)]
+    out = torch.ops.llmbuild_triton.linear_int8(*on)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out.cpu(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_linear_fp8_matches_the_reference(granularity, dtype, tol):
+    g = torch.Generator().manual_seed(3)
+    w, scales = quantize_fp8(torch.randn(48, 64, generator=g) * torch.logspace(-2, 0, 48)[:, None], granularity)
+    x = torch.randn(2, 5, 64, generator=g).to(dtype)
+    b = torch.randn(48, generator=g).to(dtype)
+    expected = linear_fp8_ref(x, w, scales, b)
+    out = torch.ops.llmbuild_triton.linear_fp8(x.to(DEVICE), w.to(DEVICE), scales.to(DEVICE), b.to(DEVICE))
+    assert out.shape == expected.shape and out.dtype == dtype
     torch.testing.assert_close(out.cpu(), expected, atol=tol * expected.abs().max().item(), rtol=tol)

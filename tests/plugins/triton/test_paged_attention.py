@@ -1,7 +1,7 @@
 """Triton paged attention (plugins/triton/paged_attention.py) against the ops' torch references, under
 the interpreter on CPU: packed steps mixing fresh prompts, decodes and continued chunks, partial
 last blocks, scattered block tables, GQA groups of 1, 2 and 4 (6 kv heads of 24: a group padded to
-a power of two is not), and the int8 cache."""
+a power of two is not), and the int8 and fp8 caches."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from llmbuild.plugins.paged_attention import paged_attention_ref, quantized_paged_attention_ref
 from llmbuild.plugins.triton import ops  # noqa: F401  (registers torch.ops.llmbuild_triton)
-from tests.plugins.test_paged_attention import D, int8_case, make_case
+from tests.plugins.test_paged_attention import D, make_case, quantized_case
 from tests.plugins.triton.test_elementwise import DEVICE
 
 STEPS = {
@@ -39,14 +39,17 @@ def test_paged_attention_matches_the_reference(step, heads, dtype, tol):
     assert torch.equal(args[3].cpu(), ref_args[3]) and torch.equal(args[4].cpu(), ref_args[4])  # K/V written
 
 
+@pytest.mark.parametrize("codes", [torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("step", sorted(STEPS))
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_quantized_paged_attention_matches_the_reference(step, dtype, tol):
-    args, kv_scales, *_ = int8_case(dtype, **STEPS[step])
+def test_quantized_paged_attention_matches_the_reference(step, dtype, tol, codes):
+    args, kv_scales, *_ = quantized_case(dtype, codes, **STEPS[step])
     ref_args = [a.clone() for a in args]
     expected = quantized_paged_attention_ref(*ref_args, kv_scales, D**-0.5)
     args = on_device(args)
     out = torch.ops.llmbuild_triton.quantized_paged_attention(*args, kv_scales.to(DEVICE), D**-0.5)
-    # the same int8 codes: division rounded to nearest, then half to even, as torch does
-    assert torch.equal(args[3].cpu(), ref_args[3]) and torch.equal(args[4].cpu(), ref_args[4])
+    # the same codes: division rounded to nearest, then half to even, as torch does (compared as values:
+    # an fp8 zero may come out with the other sign)
+    assert torch.equal(args[3].cpu().float(), ref_args[3].float())
+    assert torch.equal(args[4].cpu().float(), ref_args[4].float())
     torch.testing.assert_close(out.cpu(), expected, atol=tol, rtol=tol)
