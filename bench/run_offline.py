@@ -4,7 +4,7 @@ Hugging Face transformers bf16 (a peer of DESIGN.md's table), all in one session
 
     python bench/run_offline.py                      # -> bench/results/offline-tinyllama-bf16.{json,md}
 
-Makes the checkpoint (bench/make_tinyllama_checkpoint.py) and compiles bench/recipes/tinyllama-bf16.yaml
+Makes the checkpoint (bench/make_random_checkpoint.py) and compiles bench/recipes/tinyllama-bf16.yaml
 when missing; timing the compile is part of the report. Workload as in ../shared/peers: 128-token
 prompts, 128 new tokens, greedy, EOS ignored, batch 1 and a static batch of 16.
 """
@@ -85,7 +85,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if not (CKPT / "config.json").is_file():
         subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "make_tinyllama_checkpoint.py"), "--out", str(CKPT)],
+            [sys.executable, str(ROOT / "bench" / "make_random_checkpoint.py"), "--out", str(CKPT)],
             check=True,
             cwd=ROOT,
             env=env,

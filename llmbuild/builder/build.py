@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch.export.passes import move_to_device_pass
 
 import llmbuild
 from llmbuild.builder.cache import BuildCache
@@ -40,7 +41,7 @@ from llmbuild.builder.quality import (
     held_out_windows,
 )
 from llmbuild.builder.quantize import quantize_model
-from llmbuild.builder.retarget import retarget
+from llmbuild.builder.retarget import eval_device, retarget
 from llmbuild.builder.shard import shard_state_dict
 from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, CheckpointError, LLMBuildError
@@ -164,15 +165,19 @@ def build_engine(
                 if q.weights != "none":
                     with _stage(f"quantize ({q.method})", timings, on_stage):
                         quantize_model(model, q, calibration_ids)
-                if q.kv_cache == "int8":
-                    assert calibration_ids is not None  # _calibration_file names a text for int8 KV
-                    with _stage("calibrate int8 KV cache", timings, on_stage):
+                # a cuda engine's graph runs these checks on its GPU (eval_device); the weights are saved from the CPU
+                device = eval_device(recipe.target.device)
+                if q.kv_cache in ("int8", "fp8"):
+                    assert calibration_ids is not None  # _calibration_file names a text for a quantized KV cache
+                    with _stage(f"calibrate {q.kv_cache} KV cache", timings, on_stage):
                         # the K/V of the final (quantized) weights: what the cache will hold
-                        quantize_kv_cache(model, kv_absmax(model, calibration_ids))
+                        absmax = kv_absmax(model.to(device), calibration_ids)
+                        quantize_kv_cache(model, absmax, KV_CACHE_DTYPES[q.kv_cache])
                 with _stage("quality", timings, on_stage):
                     window = min(WINDOW, recipe.limits.max_seq_len)
                     windows = held_out_windows(plan.checkpoint.path, NUM_WINDOWS, window)
-                    quality = compare(reference, model, windows)
+                    quality = compare(reference.to(device), model.to(device), windows)
+                    model.to("cpu")
                     del reference
                     _store_json(cache, "weights", weights_key, QUALITY, asdict(quality))
             with _stage("save weights" if tp == 1 else f"shard + save weights ({tp} ranks)", timings, on_stage):
@@ -198,11 +203,14 @@ def build_engine(
                         param.data.zero_()
                     if q.weights != "none":  # the layout only: round to nearest will do
                         quantize_model(model, q.model_copy(update={"method": "rtn", "calibration": None}))
-                    if q.kv_cache == "int8":
-                        quantize_kv_cache(model, torch.ones(rank_cfg.num_layers, 2, rank_cfg.num_kv_heads))
+                    if q.kv_cache in ("int8", "fp8"):
+                        absmax = torch.ones(rank_cfg.num_layers, 2, rank_cfg.num_kv_heads)
+                        quantize_kv_cache(model, absmax, KV_CACHE_DTYPES[q.kv_cache])
                 kv_dtype = KV_CACHE_DTYPES[plan.kv_cache_dtype]
                 program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, kv_dtype)
                 program = retarget(program, recipe.target.device)
+                if recipe.target.device != "cpu":  # traced on the cpu (fake tensors), run on the GPU
+                    program = move_to_device_pass(program, recipe.target.device)
             if recipe.target.backend == "compiled":
                 with _stage("compile", timings, on_stage):
                     compile_graph(program, ranks[0] / GRAPH, cache_root / "inductor", tp)
@@ -317,6 +325,7 @@ def _manifest(
         quantization=recipe.quantization,
         plugins=OP_VERSIONS,
         serve=recipe.serve,
+        cuda_graphs=recipe.cuda_graphs,
         config_hash=graph_key,
         inputs=inputs,
         files=files,

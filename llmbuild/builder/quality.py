@@ -19,6 +19,7 @@ import torch
 
 from llmbuild.builder.checkpoint import Checkpoint
 from llmbuild.builder.models.llama import LlamaModel, prefill_metadata
+from llmbuild.builder.retarget import eval_device
 from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, EngineError
 from llmbuild.manifest import RECIPE, REPORT, TOKENIZER_DIR, Manifest
@@ -43,14 +44,14 @@ class Quality:
 
 def sequence_logits(model: LlamaModel, ids: torch.Tensor, block_size: int = 16) -> torch.Tensor:
     """fp32 logits [L, vocab] of one sequence, prefilled in one step through the paged graph."""
-    cfg, n = model.cfg, len(ids)
-    positions, meta, blocks = prefill_metadata(1, n, block_size)
+    cfg, n, device = model.cfg, len(ids), model.embed.weight.device
+    positions, meta, blocks = prefill_metadata(1, n, block_size, device)
     caches = [
-        torch.zeros(blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=model.kv_cache_dtype())
+        torch.zeros(blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=model.kv_cache_dtype(), device=device)
         for _ in range(2 * cfg.num_layers)
     ]
     with torch.inference_mode():
-        return model(ids, positions, *meta, torch.arange(n), caches)
+        return model(ids.to(device), positions, *meta, torch.arange(n, device=device), caches)
 
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -65,8 +66,8 @@ def compare(reference: LlamaModel | LogitsFn, candidate: LlamaModel | LogitsFn, 
     nll_ref = nll = kl = agree = 0.0
     count = 0
     for ids in windows:
-        ref = torch.log_softmax(ref_fn(ids)[:-1], -1)
-        got = torch.log_softmax(got_fn(ids)[:-1], -1)
+        ref = torch.log_softmax(ref_fn(ids)[:-1].cpu(), -1)
+        got = torch.log_softmax(got_fn(ids)[:-1].cpu(), -1)
         target = ids[1:]
         nll_ref -= ref.gather(1, target[:, None]).sum().item()
         nll -= got.gather(1, target[:, None]).sum().item()
@@ -86,11 +87,9 @@ def engine_logits(engine: Engine) -> LogitsFn:
     def logits(ids: torch.Tensor) -> torch.Tensor:
         n = len(ids)
         blocks = math.ceil(n / bs)
-        caches = allocate_kv_cache(manifest.model, blocks, bs, engine.kv_cache_dtype)
+        caches = allocate_kv_cache(manifest.model, blocks, bs, engine.kv_cache_dtype, engine.device)
         table = torch.zeros(1, max_blocks, dtype=torch.int32)
-        table[0, :blocks] = torch.arange(
-            blocks, dtype=torch.int32
-        )  # block i holds positions i*bs.., so slot = position
+        table[0, :blocks] = torch.arange(blocks, dtype=torch.int32)  # block i holds positions i*bs..: slot = position
         out = []
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
@@ -105,7 +104,7 @@ def engine_logits(engine: Engine) -> LogitsFn:
                 torch.arange(end - start),
             )
             with torch.inference_mode():
-                out.append(engine.graph(step, caches).float())
+                out.append(engine.graph(tuple(t.to(engine.device) for t in step), caches).float().cpu())
         return torch.cat(out)
 
     return logits
@@ -181,5 +180,6 @@ def engine_quality(engine_dir: Path, checkpoint_dir: Path | None = None) -> Qual
     recipe = load_recipe(engine_dir / RECIPE)
     reference = LlamaModel.empty(ckpt.config, manifest.limits.max_seq_len, engine.dtype, recipe.plugins)
     load_weights(reference, ckpt)
+    reference.to(eval_device(manifest.target.device))
     windows = held_out_windows(engine_dir / TOKENIZER_DIR, NUM_WINDOWS, min(WINDOW, manifest.limits.max_seq_len))
     return compare(reference, engine_logits(engine), windows)

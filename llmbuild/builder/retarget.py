@@ -24,6 +24,8 @@ _CUDA_SAME_SCHEMA = (
     "rope",
     "swiglu",
     "linear_int4",
+    "linear_int8",
+    "linear_fp8",
 )
 
 
@@ -37,6 +39,17 @@ def cuda_ops() -> dict[torch._ops.OpOverload, torch._ops.OpOverload]:
     }
     table[torch.ops.llmbuild.linear.default] = torch.ops.aten.linear.default
     return table
+
+
+def eval_device(device: str) -> torch.device:
+    """Where the builder runs a model graph eagerly (KV calibration, quality check) for a `device`
+    target: a cuda engine's on the GPU, its ops running the Triton twins there; a cpu engine's here."""
+    if device == "cpu":
+        return torch.device("cpu")
+    from llmbuild.plugins.triton.ops import register_cuda_kernels
+
+    register_cuda_kernels(cuda_ops())
+    return torch.device(device)
 
 
 def retarget(program: ExportedProgram, device: str) -> ExportedProgram:

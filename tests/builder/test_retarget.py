@@ -1,18 +1,22 @@
 """retarget: an exported graph's plugin ops bound to the Triton kernels of cuda targets. The swapped graph
-runs here under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)."""
+runs on the GPU where there is one, else under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 without a GPU)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.export.passes import move_to_device_pass
 
 from llmbuild.builder.export import export_graph
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.quantize import quantize_model
-from llmbuild.builder.retarget import retarget
+from llmbuild.builder.retarget import cuda_ops, eval_device, retarget
 from llmbuild.errors import RecipeError
 from llmbuild.model_config import ModelConfig, RopeConfig
+from llmbuild.plugins import load_plugins
 from llmbuild.recipe import LimitsSection, PluginsSection, QuantizationSection
+from tests.plugins.triton.test_elementwise import DEVICE
 
 BLOCK = 4
 CFG = ModelConfig(
@@ -51,9 +55,13 @@ def plugin_namespaces(program) -> set[str]:
     return names
 
 
-def run_steps(program) -> list[torch.Tensor]:
-    """A prefill of two prompts (5 and 3 tokens), then one decode step of both: each step's logits."""
-    caches = [torch.zeros(8, CFG.num_kv_heads, BLOCK, CFG.head_dim) for _ in range(2 * CFG.num_layers)]
+def run_steps(program, device: str = "cpu") -> list[torch.Tensor]:
+    """A prefill of two prompts (5 and 3 tokens), then one decode step of both: each step's logits (on the CPU).
+
+    On `device` (the GPU where there is one) the program runs moved there, as a cuda build moves it."""
+    if device != "cpu":
+        program = move_to_device_pass(program, device)
+    caches = [torch.zeros(8, CFG.num_kv_heads, BLOCK, CFG.head_dim, device=device) for _ in range(2 * CFG.num_layers)]
     tables = torch.zeros(2, LIMITS.max_seq_len // BLOCK, dtype=torch.int32)
     tables[:, :2] = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
     g = torch.Generator().manual_seed(1)
@@ -77,7 +85,7 @@ def run_steps(program) -> list[torch.Tensor]:
     )
     module = program.module()
     with torch.no_grad():
-        return [module(*step, caches) for step in (prefill, decode)]
+        return [module(*(t.to(device) for t in step), caches).cpu() for step in (prefill, decode)]
 
 
 def test_cuda_graph_calls_the_triton_kernels_and_computes_the_same_logits():
@@ -85,7 +93,7 @@ def test_cuda_graph_calls_the_triton_kernels_and_computes_the_same_logits():
     cuda = retarget(export_graph(tiny_model(), LIMITS, BLOCK, torch.float32), "cuda")
     assert plugin_namespaces(cpu) == {"llmbuild"}
     assert plugin_namespaces(cuda) == {"llmbuild_triton"}  # the projections became aten.linear
-    for expected, out in zip(run_steps(cpu), run_steps(cuda), strict=True):
+    for expected, out in zip(run_steps(cpu), run_steps(cuda, DEVICE), strict=True):
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -94,9 +102,33 @@ def test_a_cpu_target_keeps_the_graph():
     assert retarget(program, "cpu") is program and plugin_namespaces(program) == {"llmbuild"}
 
 
-def test_ops_without_a_cuda_kernel_are_named():
-    model = tiny_model().to(torch.bfloat16)
-    quantize_model(model, QuantizationSection(weights="int8"))
-    program = export_graph(model, LIMITS, BLOCK, torch.bfloat16)
-    with pytest.raises(RecipeError, match="no cuda kernel yet for llmbuild.linear_int8"):
+@pytest.mark.parametrize("weights", ["int8", "int4", "fp8"])
+def test_quantized_graphs_run_the_triton_gemms(weights):
+    model = tiny_model()
+    # int4 packs 64 columns at a time: the down projections (K=96) stay in fp32
+    quantize_model(model, QuantizationSection(weights=weights, group_size=32, exclude=["layers.*.mlp.down"]))
+    cpu = export_graph(model, LIMITS, BLOCK, torch.float32)
+    cuda = retarget(export_graph(model, LIMITS, BLOCK, torch.float32), "cuda")
+    assert plugin_namespaces(cuda) == {"llmbuild_triton"}
+    for expected, out in zip(run_steps(cpu), run_steps(cuda, DEVICE), strict=True):
+        # the CPU decode kernels quantize int8/int4 activations (VNNI), the Triton GEMMs do not; fp8 runs
+        # torch._scaled_mm here and the CPU kernel's fp32 emulation there
+        torch.testing.assert_close(out, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+
+
+def test_ops_without_a_cuda_kernel_are_named(monkeypatch):
+    # every op has a cuda twin today; an op added to the CPU library without one must fail the build by name
+    monkeypatch.setattr("llmbuild.builder.retarget._CUDA_SAME_SCHEMA", ("rms_norm",))
+    program = export_graph(tiny_model(), LIMITS, BLOCK, torch.float32)
+    missing = "no cuda kernel yet for llmbuild.add_rms_norm.default, llmbuild.paged_attention"
+    with pytest.raises(RecipeError, match=missing):
         retarget(program, "cuda")
+
+
+def test_eval_device_gives_each_plugin_op_its_twin_as_cuda_kernel():
+    # what lets a cuda build calibrate and check its model on the GPU; registering needs no GPU
+    load_plugins()
+    assert eval_device("cpu") == torch.device("cpu")
+    assert eval_device("cuda") == torch.device("cuda")
+    for op in cuda_ops():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"), op
