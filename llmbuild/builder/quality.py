@@ -12,13 +12,12 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from llmbuild.builder.checkpoint import Checkpoint
-from llmbuild.builder.models.llama import LlamaModel, prefill_metadata
+from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.retarget import eval_device
 from llmbuild.builder.weights import load_weights
 from llmbuild.errors import BuildError, EngineError
@@ -28,7 +27,7 @@ from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.model_runner import allocate_kv_cache
 
 HELD_OUT = Path(__file__).parents[1] / "data" / "heldout.txt"
-EVAL_VERSION = 1
+EVAL_VERSION = 2
 """Bump when the evaluation changes: cached quality metrics are keyed by it."""
 NUM_WINDOWS, WINDOW = 8, 256
 
@@ -42,72 +41,113 @@ class Quality:
     tokens: int
 
 
-def sequence_logits(model: LlamaModel, ids: torch.Tensor, block_size: int = 16) -> torch.Tensor:
-    """fp32 logits [L, vocab] of one sequence, prefilled in one step through the paged graph."""
-    cfg, n, device = model.cfg, len(ids), model.embed.weight.device
-    positions, meta, blocks = prefill_metadata(1, n, block_size, device)
-    caches = [
-        torch.zeros(blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=model.kv_cache_dtype(), device=device)
-        for _ in range(2 * cfg.num_layers)
-    ]
-    with torch.inference_mode():
-        return model(ids.to(device), positions, *meta, torch.arange(n, device=device), caches)
+@dataclass(frozen=True)
+class StepGraph:
+    """A graph under evaluation: `run(inputs, caches)` runs one packed step (inputs in
+    manifest.GRAPH_INPUTS order) and returns its logits rows; `new_caches(blocks)` gives empty caches."""
+
+    run: Callable[[tuple[torch.Tensor, ...], list[torch.Tensor]], torch.Tensor]
+    new_caches: Callable[[int], list[torch.Tensor]]
+    device: torch.device
+    block_size: int
+    table_width: int | None
+    """Block-table columns the graph takes (an engine's max_seq_len / block_size), None: as needed."""
+    max_seqs: int
+    max_tokens: int
 
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+def model_graph(model: LlamaModel, block_size: int = 16) -> StepGraph:
+    """The builder's model graph as a StepGraph (on the model's device, no step limits)."""
+    cfg, device = model.cfg, model.embed.weight.device
+
+    def new_caches(blocks: int) -> list[torch.Tensor]:
+        shape = (blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
+        return [torch.zeros(shape, dtype=model.kv_cache_dtype(), device=device) for _ in range(2 * cfg.num_layers)]
+
+    def run(inputs: tuple[torch.Tensor, ...], caches: list[torch.Tensor]) -> torch.Tensor:
+        return model(*inputs, caches)
+
+    return StepGraph(run, new_caches, device, block_size, None, 1 << 30, 1 << 30)
 
 
-def compare(reference: LlamaModel | LogitsFn, candidate: LlamaModel | LogitsFn, windows: list[torch.Tensor]) -> Quality:
-    """Teacher-forced comparison over token windows (each predicts its own tokens 1..L-1).
+def engine_graph(engine: Engine) -> StepGraph:
+    """A loaded engine's own graph (compiled or eager) as a StepGraph, within the engine's limits."""
+    manifest = engine.manifest
+    bs = manifest.kv_cache.block_size
 
-    Each side is a model graph or a function from token ids [L] to fp32 logits [L, vocab].
-    """
-    ref_fn, got_fn = (partial(sequence_logits, m) if isinstance(m, LlamaModel) else m for m in (reference, candidate))
+    def new_caches(blocks: int) -> list[torch.Tensor]:
+        return allocate_kv_cache(manifest.model, blocks, bs, engine.kv_cache_dtype, engine.device)
+
+    limits = manifest.limits
+    return StepGraph(
+        engine.graph, new_caches, engine.device, bs, math.ceil(limits.max_seq_len / bs), limits.max_batch_size,
+        limits.max_num_tokens,
+    )  # fmt: skip
+
+
+def window_logits(graph: StepGraph, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Teacher-forced fp32 logits [L, vocab] of each window (all of one length L), computed as the
+    runtime computes a generation: each window's first half prefilled (in chunks of the graph's token
+    budget), then the second half decoded one token per step, the windows batched together, so
+    that the decode kernels (int8 / int4 on quantized activations, decode attention over a
+    quantized cache) are what the second half measures."""
+    length = len(windows[0])
+    if any(len(w) != length for w in windows):
+        raise ValueError("window_logits needs windows of one length")
+    out: list[torch.Tensor] = []
+    for first in range(0, len(windows), graph.max_seqs):
+        out.extend(_group_logits(graph, torch.stack(windows[first : first + graph.max_seqs]).cpu()))
+    return out
+
+
+def _group_logits(graph: StepGraph, group: torch.Tensor) -> list[torch.Tensor]:
+    """window_logits of the windows group [n, L], which the graph takes as one batch."""
+    (n, length), bs = group.shape, graph.block_size
+    prompt, per_seq = max(1, length // 2), math.ceil(length / bs)
+    caches = graph.new_caches(n * per_seq)
+    tables = torch.zeros(n, graph.table_width or per_seq, dtype=torch.int32)
+    tables[:, :per_seq] = torch.arange(n * per_seq, dtype=torch.int32).reshape(n, per_seq)
+    base = torch.arange(n) * per_seq * bs  # sequence b's slot of position p: base[b] + p
+
+    def step(*inputs: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return graph.run(tuple(t.to(graph.device) for t in inputs), caches).float().cpu()
+
+    rows: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for b in range(n):
+        for start in range(0, prompt, graph.max_tokens):
+            pos = torch.arange(start, min(prompt, start + graph.max_tokens))
+            m = len(pos)
+            ends, cu = torch.tensor([pos[-1] + 1], dtype=torch.int32), torch.tensor([0, m], dtype=torch.int32)
+            rows[b].append(step(group[b, pos], pos, base[b] + pos, tables[b : b + 1], ends, cu, torch.arange(m)))
+    for p in range(prompt, length):
+        pos, lens = torch.full((n,), p), torch.full((n,), p + 1, dtype=torch.int32)
+        logits = step(group[:, p], pos, base + p, tables, lens, torch.arange(n + 1, dtype=torch.int32), torch.arange(n))
+        for b in range(n):
+            rows[b].append(logits[b : b + 1])
+    return [torch.cat(r) for r in rows]
+
+
+def compare(
+    reference: LlamaModel | StepGraph, candidate: LlamaModel | StepGraph, windows: list[torch.Tensor]
+) -> Quality:
+    """Teacher-forced comparison over token windows of one length (each predicts its own tokens 1..L-1),
+    both sides run as the runtime runs them (`window_logits`). Each side is a model or a StepGraph."""
+    ref_graph, got_graph = (model_graph(m) if isinstance(m, LlamaModel) else m for m in (reference, candidate))
     nll_ref = nll = kl = agree = 0.0
     count = 0
-    for ids in windows:
-        ref = torch.log_softmax(ref_fn(ids)[:-1].cpu(), -1)
-        got = torch.log_softmax(got_fn(ids)[:-1].cpu(), -1)
-        target = ids[1:]
+    for ids, ref_logits, got_logits in zip(
+        windows, window_logits(ref_graph, windows), window_logits(got_graph, windows), strict=True
+    ):
+        ref = torch.log_softmax(ref_logits[:-1], -1)
+        got = torch.log_softmax(got_logits[:-1], -1)
+        target = ids[1:].cpu()
         nll_ref -= ref.gather(1, target[:, None]).sum().item()
         nll -= got.gather(1, target[:, None]).sum().item()
         kl += (ref.exp() * (ref - got)).sum().item()
         agree += (ref.argmax(-1) == got.argmax(-1)).sum().item()
         count += len(target)
     return Quality(math.exp(nll_ref / count), math.exp(nll / count), kl / count, agree / count, count)
-
-
-def engine_logits(engine: Engine) -> LogitsFn:
-    """fp32 logits [L, vocab] of one sequence through a loaded engine's own graph (compiled or eager),
-    prefilled in chunks of at most limits.max_num_tokens tokens, as the runtime would."""
-    manifest = engine.manifest
-    bs, chunk = manifest.kv_cache.block_size, manifest.limits.max_num_tokens
-    max_blocks = math.ceil(manifest.limits.max_seq_len / bs)
-
-    def logits(ids: torch.Tensor) -> torch.Tensor:
-        n = len(ids)
-        blocks = math.ceil(n / bs)
-        caches = allocate_kv_cache(manifest.model, blocks, bs, engine.kv_cache_dtype, engine.device)
-        table = torch.zeros(1, max_blocks, dtype=torch.int32)
-        table[0, :blocks] = torch.arange(blocks, dtype=torch.int32)  # block i holds positions i*bs..: slot = position
-        out = []
-        for start in range(0, n, chunk):
-            end = min(n, start + chunk)
-            positions = torch.arange(start, end)
-            step = (
-                ids[start:end],
-                positions,
-                positions,
-                table,
-                torch.tensor([end], dtype=torch.int32),
-                torch.tensor([0, end - start], dtype=torch.int32),
-                torch.arange(end - start),
-            )
-            with torch.inference_mode():
-                out.append(engine.graph(tuple(t.to(engine.device) for t in step), caches).float().cpu())
-        return torch.cat(out)
-
-    return logits
 
 
 def held_out_windows(tokenizer_dir: Path, num_windows: int, window: int) -> list[torch.Tensor]:
@@ -182,4 +222,4 @@ def engine_quality(engine_dir: Path, checkpoint_dir: Path | None = None) -> Qual
     load_weights(reference, ckpt)
     reference.to(eval_device(manifest.target.device))
     windows = held_out_windows(engine_dir / TOKENIZER_DIR, NUM_WINDOWS, min(WINDOW, manifest.limits.max_seq_len))
-    return compare(reference, engine_logits(engine), windows)
+    return compare(reference, engine_graph(engine), windows)

@@ -1,5 +1,5 @@
 """Shared pieces of the quantization tests: the trained demo model, a copy of it with outlier
-channels, held-out windows and calibration windows."""
+channels, held-out windows and calibration windows, and a sequence's logits in one prefill step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from llmbuild.builder.calibration import calibration_windows
 from llmbuild.builder.checkpoint import Checkpoint
-from llmbuild.builder.models.llama import LlamaModel
+from llmbuild.builder.models.llama import LlamaModel, prefill_metadata
 from llmbuild.builder.weights import load_weights
 from llmbuild.recipe import CalibrationSection, PluginsSection
 
@@ -40,3 +40,15 @@ def with_outlier_channels(model: LlamaModel) -> LlamaModel:
 
 def small_calibration() -> torch.Tensor:
     return calibration_windows(SMALL_CALIBRATION, DEMO, DEMO)
+
+
+def sequence_logits(model: LlamaModel, ids: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+    """fp32 logits [L, vocab] of one sequence, prefilled in one step through the paged graph."""
+    cfg, n = model.cfg, len(ids)
+    positions, meta, blocks = prefill_metadata(1, n, block_size)
+    caches = [
+        torch.zeros(blocks, cfg.num_kv_heads, block_size, cfg.head_dim, dtype=model.kv_cache_dtype())
+        for _ in range(2 * cfg.num_layers)
+    ]
+    with torch.inference_mode():
+        return model(ids, positions, *meta, torch.arange(n), caches)

@@ -11,10 +11,10 @@ from transformers import AutoTokenizer
 
 from llmbuild.builder.calibration import BUILTIN, LayerwisePass, calibration_windows, observe_inputs
 from llmbuild.builder.plan import make_plan
-from llmbuild.builder.quality import HELD_OUT, sequence_logits
+from llmbuild.builder.quality import HELD_OUT
 from llmbuild.errors import RecipeError
 from llmbuild.recipe import CalibrationSection, load_recipe
-from tests.builder.quantization_fixtures import DEMO, demo_model
+from tests.builder.quantization_fixtures import DEMO, demo_model, sequence_logits
 from tests.conftest import write_recipe
 
 PARAGRAPHS = [f"Paragraph number {i} says something about the interpreter and its modules." for i in range(40)]

@@ -13,12 +13,18 @@ from safetensors import safe_open
 from llmbuild.builder.kv_quant import kv_absmax, quantize_kv_cache
 from llmbuild.builder.models.llama import LlamaModel, prefill_metadata
 from llmbuild.builder.plan import make_plan
-from llmbuild.builder.quality import compare, engine_logits, sequence_logits
+from llmbuild.builder.quality import compare, engine_graph, window_logits
 from llmbuild.manifest import Manifest
 from llmbuild.recipe import load_recipe
 from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.llm_engine import LLMEngine
-from tests.builder.quantization_fixtures import DEMO, SMALL_CALIBRATION, demo_model, small_calibration
+from tests.builder.quantization_fixtures import (
+    DEMO,
+    SMALL_CALIBRATION,
+    demo_model,
+    sequence_logits,
+    small_calibration,
+)
 from tests.builder.test_quantize import first_token_agreement
 from tests.conftest import write_recipe
 from tests.runtime.test_parity_hf import random_prompt, teacher_forced_logits
@@ -142,15 +148,22 @@ def test_int8_kv_engine_builds_plans_half_the_cache_and_generates_like_bf16(make
     assert plan.memory.weight_bytes == stored
 
 
-def test_chunked_prefill_reads_the_same_int8_cache_as_one_step(make_engine, calibration):
+def test_chunked_prefill_and_decode_read_the_same_int8_cache_as_one_step(make_engine, calibration):
     engine = Engine.load(make_engine("demo-kv-int8", DEMO, **SECTIONS))
     model = demo_model()
     quantize_kv_cache(model, kv_absmax(model, calibration))
     ids = calibration[0, :200]
     whole = sequence_logits(model, ids)  # one step: every token attends to the dequantized cache
-    chunked = engine_logits(engine)(ids)  # 4 steps of the engine's graph
+    # the engine's graph: 100 tokens prefilled in 2 chunks of at most 64, then 100 decode steps
+    (chunked,) = window_logits(engine_graph(engine), [ids])
     assert (whole.argmax(-1) == chunked.argmax(-1)).float().mean() > 0.98
-    torch.testing.assert_close(chunked, whole, atol=0.05, rtol=0.02)
+    # other GEMM blockings (a 36-row chunk, 1-row decode GEMVs) and decode attention summing the
+    # dequantized cache in fp32 (no bf16 rounding) move single logits by a few bf16 steps; a wrong
+    # cache read would move them all
+    err = (chunked - whole).abs()
+    assert err.max() < 0.25
+    for rows in (slice(0, 100), slice(100, None)):  # prefill chunks, decode steps
+        assert err[rows].mean() / whole.std() < 0.01
 
 
 def test_compiled_int8_kv_engine_decodes_as_the_eager_one(make_engine):

@@ -132,3 +132,21 @@ def test_eval_device_gives_each_plugin_op_its_twin_as_cuda_kernel():
     assert eval_device("cuda") == torch.device("cuda")
     for op in cuda_ops():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"), op
+
+
+@pytest.mark.parametrize("weights", ["none", "fp8"])
+def test_a_retargeted_graph_moves_to_the_gpu_whole(weights):
+    # a cuda build moves the program with move_to_device_pass; "meta" stands in for the GPU here. Any value
+    # left on the CPU (a constant built without a device) would make the cuda package mix devices.
+    model = tiny_model()
+    if weights != "none":
+        quantize_model(model, QuantizationSection(weights=weights))
+    program = move_to_device_pass(retarget(export_graph(model, LIMITS, BLOCK, torch.float32), "cuda"), "meta")
+    on_cpu = []
+    for node in program.graph_module.graph.nodes:
+        values = node.meta.get("val")
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                on_cpu.append(node.name)
+    assert not on_cpu
+    assert all(t.device.type == "meta" for t in (*program.state_dict.values(), *program.constants.values()))
