@@ -27,8 +27,9 @@ from llmbuild.plugins.linear_int8 import int8_scales, round_int8
 from llmbuild.recipe import QuantizationSection
 
 
-class Int8Linear(nn.Module):
-    """int8 weight [N, K] with one scale per output row, run by the linear_int8 plugin op."""
+class ScaledLinear(nn.Module):
+    """int8 or float8_e4m3fn weight [N, K] with scales (int8: one per row, in the model dtype; fp8: fp32,
+    one per row or one for the tensor), run by the linear_int8 or linear_fp8 plugin op."""
 
     weight: torch.Tensor
     scales: torch.Tensor
@@ -39,26 +40,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.out_features, self.in_features = q.shape
+        self.op = torch.ops.llmbuild.linear_fp8 if q.dtype == torch.float8_e4m3fn else torch.ops.llmbuild.linear_int8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.llmbuild.linear_int8(x, self.weight, self.scales, self.bias)
-
-
-class Fp8Linear(nn.Module):
-    """float8_e4m3fn weight [N, K] with fp32 scales ([N] or [1]), run by the linear_fp8 plugin op."""
-
-    weight: torch.Tensor
-    scales: torch.Tensor
-
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("weight", q)
-        self.register_buffer("scales", scales)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.out_features, self.in_features = q.shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.llmbuild.linear_fp8(x, self.weight, self.scales, self.bias)
+        return self.op(x, self.weight, self.scales, self.bias)
 
 
 class Int4Linear(nn.Module):
@@ -134,7 +119,7 @@ class Grid:
     ) -> nn.Module:
         """The quantized module of codes q [N, K] (float) with per-group scale, min [N, K / group]."""
         if self.fmt == "int8":
-            return Int8Linear(q.to(torch.int8), scale.reshape(-1).to(self.dtype), bias)
+            return ScaledLinear(q.to(torch.int8), scale.reshape(-1).to(self.dtype), bias)
         return Int4Linear(q.to(torch.uint8), scale.to(self.dtype), low.to(self.dtype), bias)
 
 
@@ -186,7 +171,8 @@ def quantize_model(
     chosen = chosen_linears(model, quantization)
     if quantization.weights == "fp8":  # round to nearest only (the recipe allows no other method)
         replacements: dict[str, nn.Module] = {
-            name: Fp8Linear(*quantize_fp8(m.weight.data, quantization.fp8_scales), m.bias) for name, m in chosen.items()
+            name: ScaledLinear(*quantize_fp8(m.weight.data, quantization.fp8_scales), m.bias)
+            for name, m in chosen.items()
         }
         _replace(model, replacements)
         return list(chosen)

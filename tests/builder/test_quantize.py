@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from llmbuild.builder.build import build_engine
 from llmbuild.builder.plan import make_plan
 from llmbuild.builder.quality import compare
-from llmbuild.builder.quantize import Fp8Linear, Int4Linear, Int8Linear, quantize_model
+from llmbuild.builder.quantize import Int4Linear, ScaledLinear, quantize_model
 from llmbuild.errors import BuildError, RecipeError
 from llmbuild.recipe import QuantizationSection, load_recipe
 from llmbuild.runtime.llm_engine import LLMEngine
@@ -48,7 +48,8 @@ def test_int8_rtn_stays_close_to_bf16_on_held_out_text(windows):
     reference, candidate = demo_model(), demo_model()
     names = quantize_model(candidate, QuantizationSection(weights="int8"))
     assert len(names) == 4 * candidate.cfg.num_layers  # qkv, o, gate_up, down; the tied lm_head stays
-    assert all(isinstance(candidate.get_submodule(n), Int8Linear) for n in names)
+    assert all(isinstance(candidate.get_submodule(n), ScaledLinear) for n in names)
+    assert all(candidate.get_submodule(n).weight.dtype == torch.int8 for n in names)
     q = compare(reference, candidate, windows)
     assert q.tokens == 8 * 127
     assert q.mean_kl < 0.02 and q.top1_agreement > 0.9
@@ -86,7 +87,7 @@ def test_exclude_patterns_keep_layers_in_model_dtype():
     names = quantize_model(model, QuantizationSection(weights="int8", exclude=("layers.0.*", "*.down")))
     assert not any(n.startswith("layers.0.") or n.endswith(".down") for n in names)
     assert isinstance(model.get_submodule("layers.0.attn.qkv"), torch.nn.Linear)
-    assert isinstance(model.get_submodule("layers.1.attn.qkv"), Int8Linear)
+    assert isinstance(model.get_submodule("layers.1.attn.qkv"), ScaledLinear)
 
 
 def test_int8_engine_stores_int8_weights_and_generates_like_bf16(make_engine):
@@ -211,7 +212,7 @@ def test_fp8_on_the_demo_model_sits_between_int8_and_int4(windows):
     # e4m3 weights and dynamic per-tensor e4m3 activations, products accumulated in fp32
     reference, fp8, fp8_tensor, int8, int4 = (demo_model() for _ in range(5))
     names = quantize_model(fp8, QuantizationSection(weights="fp8"))
-    assert all(isinstance(fp8.get_submodule(n), Fp8Linear) for n in names) and len(names) == 16
+    assert all(isinstance(fp8.get_submodule(n), ScaledLinear) for n in names) and len(names) == 16
     assert fp8.get_submodule(names[0]).weight.dtype == torch.float8_e4m3fn
     quantize_model(fp8_tensor, QuantizationSection(weights="fp8", fp8_scales="tensor"))
     assert fp8_tensor.get_submodule(names[0]).scales.shape == (1,)

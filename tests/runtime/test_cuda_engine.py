@@ -17,6 +17,7 @@ from llmbuild.machine import gpu_arch
 from llmbuild.manifest import Manifest
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
+from tests.runtime.test_cuda_graphs import generate
 from tests.runtime.test_parity_hf import GREEDY, random_prompt, teacher_forced_logits
 
 pytestmark = pytest.mark.skipif(
@@ -81,19 +82,11 @@ def test_cuda_graphs_replay_the_tokens_of_plain_steps(ckpt, make_engine):
     prompts = [random_prompt(n, 20 + n) for n in (3, 17, 40, 9, 5)]  # 5 sequences: one step above the buckets
     params = [SamplingParams(max_tokens=n, **GREEDY) for n in (4, 9, 14, 20, 25)]
 
-    def generate(llm: LLMEngine) -> list[list[int]]:
-        requests = [llm.make_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
-        for request in requests:
-            llm.add_request(request)
-        while llm.has_unfinished():
-            llm.step()
-        return [list(r.output_token_ids) for r in requests]
-
     with_graphs = LLMEngine.from_dir(engine)
     assert with_graphs.runner.decode_graphs is not None
     without = LLMEngine.from_dir(engine, cuda_graphs=False)
     assert without.runner.decode_graphs is None
-    assert generate(with_graphs) == generate(without)
+    assert generate(with_graphs, prompts, params) == generate(without, prompts, params)
 
 
 @pytest.mark.parametrize(

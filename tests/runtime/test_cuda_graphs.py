@@ -69,6 +69,16 @@ def test_only_decode_steps_pad(llama_engine):
         pad_decode_step(decode, 1, 0, 16)
 
 
+def generate(llm: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    """Each prompt's tokens, all run together (in-flight batched) with its own sampling parameters."""
+    requests = [llm.make_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    for request in requests:
+        llm.add_request(request)
+    while llm.has_unfinished():
+        llm.step()
+    return [list(r.output_token_ids) for r in requests]
+
+
 class RerunCapture:
     """The CPU stand-in for a CUDA graph capture: a replay re-runs the step on the captured buffers
     and writes the captured logits tensor, which is what a graph replay does on a GPU."""
@@ -94,22 +104,14 @@ def test_decode_graphs_generate_what_plain_steps_generate(make_ckpt, make_engine
     # sequences finish at different steps, so decode batches of 4, 3, 2 and 1 sequences all occur
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 9, 6, 12)]
 
-    def generate(llm: LLMEngine) -> list[list[int]]:
-        requests = [llm.make_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
-        for request in requests:
-            llm.add_request(request)
-        while llm.has_unfinished():
-            llm.step()
-        return [list(r.output_token_ids) for r in requests]
-
-    expected = generate(LLMEngine.from_dir(engine))
+    expected = generate(LLMEngine.from_dir(engine), prompts, params)
     llm = LLMEngine.from_dir(engine)
     scratch = llm.memory.num_blocks
     llm.runner.kv_caches = [torch.cat([c, torch.zeros_like(c[:1])]) for c in llm.runner.kv_caches]
     capture = RerunCapture()
     llm.runner.capture_decode_graphs((1, 2, 3), scratch, capture=capture)
     assert capture.captured == [3, 2, 1]  # largest first
-    assert generate(llm) == expected
+    assert generate(llm, prompts, params) == expected
     # decode steps 1-2 have 4 sequences, more than the largest bucket: no graph; then 3 steps each of 3, 2, 1
     assert capture.replays == 3 + 3 + 3
 
