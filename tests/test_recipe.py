@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from llmbuild.builder.plan import make_plan
-from llmbuild.builder.support import check_supported, unsupported_features
+from llmbuild.builder.support import check_supported, cuda_build_problem, unsupported_features
 from llmbuild.errors import RecipeError
 from llmbuild.recipe import load_recipe, parse_recipe
 
@@ -122,6 +122,28 @@ def test_later_features_are_rejected_not_ignored(sections, feature):
 def test_a_cuda_recipe_needs_a_gpu_on_the_build_machine():
     with pytest.raises(RecipeError, match="target.device=cuda needs a GPU on the build machine"):
         check_supported(parse(target={"device": "cuda"}))
+
+
+@pytest.mark.parametrize(
+    "target,quantization,gpu,reason",
+    [
+        ({}, {}, "sm_90", None),
+        ({"arch": "sm_90"}, {"weights": "fp8", "kv_cache": "fp8"}, "sm_90", None),
+        ({}, {"weights": "fp8"}, "sm_89", None),
+        ({"arch": "sm_90"}, {}, "sm_80", "target.arch=sm_90 but this machine's GPU is sm_80"),
+        (
+            {},
+            {"weights": "fp8", "kv_cache": "fp8"},
+            "sm_80",
+            "weights=fp8 and quantization.kv_cache=fp8 needs an sm_89",
+        ),
+        ({}, {"kv_cache": "fp8"}, "sm_86", "quantization.kv_cache=fp8 needs an sm_89 or newer GPU"),
+    ],
+)
+def test_a_cuda_recipe_must_fit_the_build_machines_gpu(target, quantization, gpu, reason):
+    recipe = parse(target={"device": "cuda", **target}, quantization=quantization)
+    got = cuda_build_problem(recipe, gpu)
+    assert got is None if reason is None else reason in got
 
 
 def test_tensor_parallel_cuda_engines_are_rejected_by_name():

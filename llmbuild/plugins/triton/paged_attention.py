@@ -73,9 +73,8 @@ def _write_cache_kernel(
     k = tl.load(k_ptr + token * stride_kt + head * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + token * stride_vt + head * stride_vh + d, mask=mask)
     if QUANTIZED:
-        codes: tl.constexpr = k_cache_ptr.dtype.element_ty
-        k = _quantize(k.to(tl.float32), tl.load(scales_ptr + head), codes)
-        v = _quantize(v.to(tl.float32), tl.load(scales_ptr + NUM_KV_HEADS + head), codes)
+        k = _quantize(k.to(tl.float32), tl.load(scales_ptr + head), k_cache_ptr.dtype.element_ty)
+        v = _quantize(v.to(tl.float32), tl.load(scales_ptr + NUM_KV_HEADS + head), v_cache_ptr.dtype.element_ty)
     tl.store(k_cache_ptr + dst + d, k, mask=mask)
     tl.store(v_cache_ptr + dst + d, v, mask=mask)
 
