@@ -6,7 +6,8 @@
 #   bench/gpu_check.sh build bf16   Llama-3-8B-shaped random checkpoint (once), then its bf16 cuda engine
 #   bench/gpu_check.sh build fp8    the same checkpoint with fp8 weights and fp8 KV cache
 #   bench/gpu_check.sh bench        decode tok/s at batch 1 (against the HBM ceiling) and batch 64, CUDA graphs
-#                                   on vs off, fp8 vs bf16 (engines built by the two build stages)
+#                                   on vs off, fp8 vs bf16 (engines built by the two build stages); the targets'
+#                                   summary by bench/gpu_summary.py
 #
 # Before the first call, here: bench/gpu_wheels.sh (the packages the GPU image lacks, into .whl/). Then one
 # device call per stage, e.g. run(command="bench/gpu_check.sh kernels", carry=[".whl"]); calls back to back keep
@@ -53,6 +54,7 @@ run_stage() {
             --"$graphs" --out "$out/llama3-8b-$format-$graphs-$gpu"
         done
       done
+      python3 bench/gpu_summary.py "$out"
       ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
