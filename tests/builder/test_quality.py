@@ -1,21 +1,40 @@
-"""The quality evaluation: the gate's thresholds, and `llmbuild verify --quality` re-running the
-build's check on a built engine (its own graph and weights against the checkpoint)."""
+"""The quality evaluation: windows run as the runtime runs them (prefill, then batched decode steps), the
+gate's thresholds, and `llmbuild verify --quality` re-running the build's check on a built engine (its own
+graph and weights against the checkpoint)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
-from llmbuild.builder.quality import Quality, engine_quality, gate_failures
+from llmbuild.builder.quality import Quality, engine_quality, gate_failures, model_graph, window_logits
 from llmbuild.recipe import QualitySection
-from tests.builder.quantization_fixtures import DEMO
+from tests.builder.quantization_fixtures import DEMO, sequence_logits
+from tests.builder.test_retarget import tiny_model
 from tests.test_cli import run_cli
 
 
 @pytest.fixture(scope="module")
 def int8_engine(make_engine):
     return make_engine("demo-int8", DEMO, model={"dtype": "bfloat16"}, quantization={"weights": "int8"})
+
+
+def test_windows_give_the_same_logits_however_the_graph_limits_split_them():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, model.cfg.vocab_size, (12,), generator=g) for _ in range(5)]
+    whole = [sequence_logits(model, w, block_size=4) for w in windows]  # one prefill step each
+    graph = model_graph(model, block_size=4)
+    # no limits: one prefill chunk per window, then 6 decode steps of all 5 windows
+    # limits: windows in groups of 3 and 2, prompts prefilled in chunks of 5 and 1 token
+    for limited in (graph, dataclasses.replace(graph, max_seqs=3, max_tokens=5, table_width=8)):
+        for got, expected in zip(window_logits(limited, windows), whole, strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="windows of one length"):
+        window_logits(graph, [windows[0], windows[1][:7]])
 
 
 def test_gate_failures_name_each_missed_threshold():
