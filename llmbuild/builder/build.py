@@ -263,7 +263,7 @@ def _target(recipe: Recipe) -> Target:
     return Target(
         device=recipe.target.device,
         machine=platform.machine(),
-        arch=(gpu_arch() if recipe.target.arch == "auto" else recipe.target.arch) if cuda else None,
+        arch=gpu_arch() if cuda else None,  # the build's GPU: check_supported refuses another target.arch
         cuda_version=torch.version.cuda if cuda else None,
         # AOTInductor compiles with -march=native: the package may use every extension of this CPU
         required_isa=native_isa() if recipe.target.backend == "compiled" else (),
