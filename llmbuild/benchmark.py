@@ -3,11 +3,13 @@
 With `compare_eager` the engine's exported program runs too, in the same process, runs interleaved
 (compiled, eager, compiled, eager, ...) so that a noisy machine slows both alike. The memory read
 bandwidth is measured in the same run, giving the batch-1 decode ceiling (bandwidth / weight bytes
-read per token). Results: min and median over the repeats.
+read per token). Results: min and median over the repeats. The report names the CPU, its instruction-set
+flags and the kernel tier that ran, and the engine's load time (op library, graph, weights).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -19,8 +21,14 @@ from typing import Any
 import torch
 
 import llmbuild
+from llmbuild.cpu_target import known_flags
+from llmbuild.machine import cpu_flags, cpu_model
+from llmbuild.plugins.library import compiled_isas
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
+
+ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+"""Environment variables that cap the ISA of torch's own kernels (ATen, oneDNN, MKL)."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,9 @@ def bench_offline(
     """Measure an engine; returns a JSON-able report (see `format_markdown`). `cuda_graphs` overrides a
     cuda engine's own setting."""
     # no prefix caching: a repeated prompt must be prefilled again, or TTFT would measure the cache
+    start = time.perf_counter()
     engines = {"engine": LLMEngine.from_dir(engine_dir, enable_prefix_caching=False, cuda_graphs=cuda_graphs)}
+    load_s = time.perf_counter() - start
     try:
         runs, rss_engine = _measure(engines, engine_dir, batches, prompt_len, new_tokens, repeats, compare_eager)
     finally:
@@ -150,7 +160,14 @@ def bench_offline(
         "llmbuild": llmbuild.__version__,
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "cpu": cpu_model(),
+        "cpu_isa_flags": sorted(cpu_flags() & known_flags()),
+        # set to keep a wider CPU to a narrower ISA (bench/results: AVX2 runs on AVX-512 machines)
+        "isa_limits": {k: v for k in ISA_LIMIT_VARS if (v := os.environ.get(k))},
         "engine": str(engine_dir),
+        "target_cpu": manifest.target.cpu,
+        "kernel_isa": compiled_isas()[0],
+        "load_s": round(load_s, 2),
         "name": manifest.name,
         "backend": manifest.target.backend,
         "dtype": manifest.dtype,
@@ -194,6 +211,12 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"engine `{report['name']}` ({report['dtype']}, {report['params'] / 1e9:.2f}B params), "
         f"prompt {report['prompt_len']}, {report['new_tokens']} new tokens, greedy, {report['repeats']} repeats; "
         f"{report['machine']}; torch {report['torch']}",
+        "",
+        f"CPU {report['cpu']}; engine target.cpu {report['target_cpu']}, kernels {report['kernel_isa']}"
+        + (f", torch kernels capped by {report['isa_limits']}" if report["isa_limits"] else "")
+        + f"; loaded in {report['load_s']} s",
+        "",
+        f"CPU flags: {' '.join(report['cpu_isa_flags'])}",
         "",
         f"read bandwidth {report['read_bandwidth_gbs']} GB/s, {report['weight_bytes_read_per_token'] / 1e9:.3f} GB "
         f"of weights per token: batch-1 decode ceiling {report['decode_ceiling_tok_s']} tok/s; peak RSS "

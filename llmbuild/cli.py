@@ -37,13 +37,17 @@ def cli(debug: bool) -> None:
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--memory", help="Memory budget for weights + KV cache, e.g. 16GiB (default: available now).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(recipe: Path, memory: str | None, as_json: bool) -> None:
+@click.option(
+    "--target-cpu",
+    help="Override the recipe's target.cpu (native, x86-64-v3, x86-64-v4, a gcc -march CPU name).",
+)
+def plan(recipe: Path, memory: str | None, as_json: bool, target_cpu: str | None) -> None:
     """Validate RECIPE against its checkpoint and print the resolved recipe and memory plan (no build)."""
     from llmbuild.builder.plan import make_plan
     from llmbuild.memory_plan import format_bytes
     from llmbuild.recipe import load_recipe
 
-    r = load_recipe(recipe)
+    r = load_recipe(recipe, target_cpu)
     budget = _parse_bytes(memory, "--memory") if memory else None
     p = make_plan(r, available_bytes=budget)
     m, cfg = p.memory, p.checkpoint.config
@@ -71,7 +75,7 @@ def plan(recipe: Path, memory: str | None, as_json: bool) -> None:
     out = _console()
     out.print(
         f"[bold]{recipe}[/] -> engine [bold]{r.name}[/]: {cfg.architecture}, "
-        f"{cfg.num_params / 1e6:.1f}M params, {p.dtype}, {r.target.device}/{r.target.backend}"
+        f"{cfg.num_params / 1e6:.1f}M params, {p.dtype}, {r.target.device}/{r.target.backend}, cpu {r.target.cpu}"
     )
     out.print(r.to_yaml().rstrip(), markup=False)
     out.print()
@@ -113,14 +117,20 @@ def plan(recipe: Path, memory: str | None, as_json: bool) -> None:
     "--cache-dir",
     type=click.Path(path_type=Path),
     envvar="LLMBUILD_CACHE_DIR",
-    help="Build cache and op-library directory (default: ~/.cache/llmbuild; env LLMBUILD_CACHE_DIR).",
+    help="Build cache directory (default: ~/.cache/llmbuild; env LLMBUILD_CACHE_DIR, also where op libraries go).",
 )
-def compile(recipe: Path, output: Path | None, as_json: bool, no_cache: bool, cache_dir: Path | None) -> None:
+@click.option(
+    "--target-cpu",
+    help="Override the recipe's target.cpu (native, x86-64-v3, x86-64-v4, a gcc -march CPU name).",
+)
+def compile(
+    recipe: Path, output: Path | None, as_json: bool, no_cache: bool, cache_dir: Path | None, target_cpu: str | None
+) -> None:
     """Build RECIPE into an engine directory (written atomically; unchanged stages come from the cache)."""
     from llmbuild.builder.build import build_engine
     from llmbuild.recipe import load_recipe
 
-    r = load_recipe(recipe)
+    r = load_recipe(recipe, target_cpu)
     out_dir = output or Path("engines") / r.name
     err = _console(stderr=True)
     status = err.status("starting build")
@@ -178,8 +188,12 @@ def inspect(engine: Path, as_json: bool) -> None:
         f"torch {manifest.torch_version}"
     )
     out.print(
-        f"target   {t.device} {t.machine}{' ' + t.arch if t.arch else ''}, backend {t.backend}, "
-        f"tp {t.tensor_parallel}" + (f", needs {' '.join(t.required_isa)}" if t.required_isa else "")
+        f"target   {t.device} {t.machine}{' ' + t.arch if t.arch else ''}, backend {t.backend}, tp {t.tensor_parallel}"
+    )
+    resolved = f" ({t.cpu_resolved})" if t.cpu_resolved != t.cpu else ""
+    out.print(
+        f"cpu      target.cpu {t.cpu}{resolved}, kernels {t.kernel_isa}"
+        + (f", needs {' '.join(t.required_isa)}" if t.required_isa else "")
     )
     out.print("runs here: " + ("[green]yes[/]" if mismatch is None else f"[red]no[/] ({mismatch})"))
     out.print(

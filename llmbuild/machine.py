@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
+import platform
 from functools import cache
 
 import torch
 
-# cpuinfo flags a compiler may use under -march=native (what a compiled engine can require)
-_ISA_PREFIXES = ("avx", "amx", "fma", "f16c", "bmi", "sse4", "ssse3", "popcnt", "movbe", "vaes", "vpclmul", "gfni")
-
 
 @cache
 def cpu_flags() -> frozenset[str]:
-    """Instruction-set flags of this CPU (/proc/cpuinfo), empty where unknown."""
+    """Instruction-set flags of this CPU (/proc/cpuinfo "flags" on x86, "Features" on ARM), empty where unknown."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
     return frozenset()
 
 
-def native_isa() -> tuple[str, ...]:
-    """The vector/bit-manipulation extensions code built with -march=native here may use."""
-    return tuple(sorted(f for f in cpu_flags() if f.startswith(_ISA_PREFIXES)))
+def cpu_model() -> str:
+    """This CPU's model name (/proc/cpuinfo), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def gpu_arch() -> str | None:

@@ -8,6 +8,7 @@
       rank0/exported.pt2       the exported program (weights not inside): the eager backend, and a
                                debugging fallback for compiled engines
       rank0/weights.safetensors
+      ops/llmbuild_ops.so      the C++ op library compiled for target.cpu (the runtime loads this copy)
       report.json              build report (timings, sizes, build timestamp): not byte-reproducible
 
 The builder writes it (builder/package.py); the runtime reads it (runtime/engine.py). Nothing here
@@ -35,6 +36,7 @@ TOKENIZER_DIR = "tokenizer"
 GRAPH = "model.pt2"
 EXPORTED = "exported.pt2"
 WEIGHTS = "weights.safetensors"
+OP_LIBRARY = "ops/llmbuild_ops.so"
 UNSEALED = frozenset({MANIFEST, REPORT})
 """Files the manifest does not hash: itself, and the report with its build timestamps."""
 
@@ -69,8 +71,14 @@ class Target(_Frozen):
     """GPU architecture, e.g. sm_90; None for cpu."""
     cuda_version: str | None = None
     """CUDA version of the torch build the engine was compiled with (torch.version.cuda); None for cpu."""
+    cpu: str = "native"
+    """The recipe's target.cpu: the -march its op library and compiled package were built with."""
+    cpu_resolved: str = "native"
+    """What target.cpu meant on the build machine (the CPU name the compiler picked for `native`)."""
     required_isa: tuple[str, ...] = ()
-    """CPU instruction-set extensions the engine's compiled code uses (empty: portable)."""
+    """CPU instruction-set extensions the engine's code may use (/proc/cpuinfo names)."""
+    kernel_isa: Literal["avx512", "avx2", "portable"] = "portable"
+    """The best kernel tier of the engine's op library (plugins/csrc/isa.h)."""
     tensor_parallel: int = Field(1, ge=1)
     backend: Literal["eager", "compiled"]
 

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from llmbuild.cpu_target import check_name
 from llmbuild.errors import RecipeError
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
@@ -48,8 +49,18 @@ class TargetSection(_Section):
     tensor_parallel: int = Field(1, ge=1, le=64)
     """Number of ranks the model is split across (one engine per rank)."""
     backend: Literal["eager", "compiled"] = "compiled"
-    """`compiled` runs an AOTInductor package built for this CPU; `eager` runs the exported graph op by op
-    (portable, for debugging)."""
+    """`compiled` runs an AOTInductor package built for `cpu`; `eager` runs the exported graph op by op
+    (for debugging)."""
+    cpu: str = "native"
+    """CPU the engine's code is compiled for (its op library and AOTInductor package): `native` (the build
+    machine's CPU), `x86-64-v3` (AVX2 + FMA + F16C: every x86-64 CPU since 2015), `x86-64-v4` (AVX-512) or a
+    gcc `-march` CPU name (`haswell`, `znver4`, `sapphirerapids`). The runtime refuses a CPU that lacks any
+    of its instructions."""
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, v: str) -> str:
+        return check_name(v)
 
     @field_validator("arch")
     @classmethod
@@ -262,8 +273,8 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML file."""
+def load_recipe(path: str | Path, target_cpu: str | None = None) -> Recipe:
+    """Read and validate a recipe YAML file; `target_cpu` overrides its target.cpu."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
@@ -276,6 +287,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{where}: invalid YAML: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a UTF-8 text file") from None
+    if target_cpu is not None and isinstance(data, dict):
+        data["target"] = {**(data.get("target") or {}), "cpu": target_cpu}
     return parse_recipe(data, source=str(path), base_dir=path.parent)
 
 

@@ -18,7 +18,9 @@ import yaml
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 from llmbuild.builder.build import build_engine
+from llmbuild.machine import cpu_flags
 from llmbuild.plugins import load_plugins
+from llmbuild.plugins.library import ISAS, compiled_isas, use_isa
 from llmbuild.recipe import load_recipe
 from tools.make_demo_checkpoint import make_checkpoint, train_tokenizer
 
@@ -58,6 +60,18 @@ ARCHS: dict[str, dict[str, Any]] = {
 def op_library() -> None:
     """Build (first run on a machine) and load the C++ op library once per session."""
     load_plugins()
+
+
+@pytest.fixture(params=list(ISAS))
+def kernel_isa(request: pytest.FixtureRequest):
+    """Runs a test at each kernel tier (csrc/isa.h) this CPU can execute; the others skip with the reason."""
+    name = request.param
+    if name not in compiled_isas():
+        missing = sorted(ISAS[name] - cpu_flags())
+        reason = f"this CPU lacks {', '.join(missing)}" if missing else "the native op library was built without it"
+        pytest.skip(f"kernel tier {name}: {reason}")
+    with use_isa(name):
+        yield name
 
 
 @pytest.fixture(scope="session")

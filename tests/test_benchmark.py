@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 from llmbuild.cli import main
+from llmbuild.machine import cpu_flags
+from llmbuild.plugins.library import compiled_isas
 
 
 def test_bench_writes_json_and_markdown(llama_engine, tmp_path, capsys):
@@ -37,5 +39,8 @@ def test_bench_writes_json_and_markdown(llama_engine, tmp_path, capsys):
     for run in report["runs"]:
         assert run["ttft_ms"] > 0 and run["decode_tok_s"] > 0 and run["total_tok_s"] > 0
     assert report["read_bandwidth_gbs"] > 0 and report["peak_rss_mib"]["engine"] > 0
+    # what ran where: the CPU, its ISA flags, the kernel tier in use, how long the engine took to load
+    assert report["cpu"] and report["target_cpu"] == "native" and report["load_s"] > 0
+    assert report["kernel_isa"] == compiled_isas()[0] and set(report["cpu_isa_flags"]) <= cpu_flags()
     assert "| backend | batch |" in out.with_suffix(".md").read_text()
     assert "decode ceiling" in capsys.readouterr().out

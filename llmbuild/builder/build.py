@@ -44,11 +44,13 @@ from llmbuild.builder.quantize import quantize_model
 from llmbuild.builder.retarget import eval_device, retarget
 from llmbuild.builder.shard import shard_state_dict
 from llmbuild.builder.weights import load_weights
+from llmbuild.cpu_target import CpuTarget, resolve
 from llmbuild.errors import BuildError, CheckpointError, LLMBuildError
-from llmbuild.machine import gpu_arch, native_isa
+from llmbuild.machine import cpu_flags, gpu_arch
 from llmbuild.manifest import (
     EXPORTED,
     GRAPH,
+    OP_LIBRARY,
     RECIPE,
     REPORT,
     TOKENIZER_DIR,
@@ -64,7 +66,7 @@ from llmbuild.manifest import (
 from llmbuild.memory_plan import MemoryPlan
 from llmbuild.model_config import DTYPES, KV_CACHE_DTYPES
 from llmbuild.plugins import OP_VERSIONS, load_plugins
-from llmbuild.plugins.library import default_cache_dir
+from llmbuild.plugins.library import build_library, compiled_isas, default_cache_dir, target_isa, use_isa
 from llmbuild.recipe import Recipe
 from llmbuild.tensor_parallel import rank_config
 
@@ -116,7 +118,10 @@ def build_engine(
     with _stage("plan", timings, on_stage):
         plan = make_plan(recipe)
     with _stage("op library", timings, on_stage):
-        load_plugins(cache_root)
+        cpu = resolve(recipe.target.cpu)
+        # the op library is cached per machine (like Inductor's code), not per build cache
+        op_library = build_library(cpu, reuse=use_cache)
+        check_isa = _load_for_checks(cpu, op_library)
     with _stage("hash inputs", timings, on_stage):
         ckpt_files = plan.checkpoint.file_hashes()
         calibration = _calibration_file(recipe)
@@ -126,7 +131,7 @@ def build_engine(
             checkpoint_files=ckpt_files,
             calibration_sha256=file_sha256(calibration) if calibration else None,
         )
-    target = _target(recipe)
+    target = _target(recipe, cpu)
     graph_key = config_hash(recipe, plan, target)
     weights_key = _weights_key(recipe, plan, inputs)
     dtype = DTYPES[plan.dtype]
@@ -135,7 +140,7 @@ def build_engine(
     tp = recipe.target.tensor_parallel
     rank_cfg = rank_config(plan.checkpoint.config, tp)
 
-    with staging_dir(out_dir) as stage:
+    with staging_dir(out_dir) as stage, use_isa(check_isa):
         ranks = [stage / rank_dir(r) for r in range(tp)]
         for rank in ranks:
             rank.mkdir()
@@ -213,7 +218,7 @@ def build_engine(
                     program = move_to_device_pass(program, recipe.target.device)
             if recipe.target.backend == "compiled":
                 with _stage("compile", timings, on_stage):
-                    compile_graph(program, ranks[0] / GRAPH, cache_root / "inductor", tp)
+                    compile_graph(program, ranks[0] / GRAPH, cache_root / "inductor", cpu, tp)
             with _stage("save graph", timings, on_stage):
                 save_graph(program, ranks[0] / EXPORTED)
             for name in graph_files:
@@ -222,6 +227,8 @@ def build_engine(
             for name in graph_files:
                 shutil.copyfile(ranks[0] / name, rank / name)
         with _stage("package", timings, on_stage):
+            (stage / OP_LIBRARY).parent.mkdir()
+            shutil.copyfile(op_library, stage / OP_LIBRARY)
             (stage / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
             (stage / TOKENIZER_DIR).mkdir()
             for src in plan.checkpoint.tokenizer_files:
@@ -232,6 +239,7 @@ def build_engine(
             manifest = _manifest(recipe, plan, target, graph_key, inputs, hash_tree(stage, skip=UNSEALED))
             manifest.save(stage)
         report = _report(plan, stage, timings, has_chat_template)
+        report["op_library"] = _library_report(cpu, check_isa)
         if quality is not None:
             report["quality"] = {**asdict(quality), "held_out": "built-in (Python documentation prose)"}
         if calibration:
@@ -258,15 +266,50 @@ def _calibration_file(recipe: Recipe) -> Path | None:
     return calibration_path(q.calibration_or_default(), recipe.base_dir())
 
 
-def _target(recipe: Recipe) -> Target:
+def _load_for_checks(cpu: CpuTarget, library: Path) -> str:
+    """Load an op library for the build's own runs (calibration, quality gate); returns the kernel tier they use.
+
+    That is the target's library and tier where this machine can execute them (in a process that already
+    holds another library, the same sources capped at the target's tier); otherwise this machine's
+    native library at its best tier, which `_library_report` says.
+    """
+    runnable = not cpu.missing_on(cpu_flags())
+    load_plugins(library if runnable else None)
+    have = compiled_isas()
+    want = target_isa(cpu.features)
+    return want if want in have else have[0]
+
+
+def _library_report(cpu: CpuTarget, check_isa: str) -> dict[str, Any]:
+    """How the build verified code for `cpu`, for report.json."""
+    report: dict[str, Any] = {
+        "target_cpu": cpu.name,
+        "resolved": cpu.resolved,
+        "features": list(cpu.features),
+        "kernel_isa": target_isa(cpu.features),
+        "checks_ran_kernel_isa": check_isa,
+    }
+    missing = cpu.missing_on(cpu_flags())
+    if missing:
+        report["note"] = (
+            f"this build machine cannot execute target.cpu={cpu.name} (it lacks {', '.join(missing)}): "
+            f"calibration and the quality gate ran the op library's {check_isa} kernels (the same sums as the "
+            "target's, in another order); the engine's compiled code was built but not run here"
+        )
+    return report
+
+
+def _target(recipe: Recipe, cpu: CpuTarget) -> Target:
     cuda = recipe.target.device == "cuda"
     return Target(
         device=recipe.target.device,
         machine=platform.machine(),
         arch=gpu_arch() if cuda else None,  # the build's GPU: check_supported refuses another target.arch
         cuda_version=torch.version.cuda if cuda else None,
-        # AOTInductor compiles with -march=native: the package may use every extension of this CPU
-        required_isa=native_isa() if recipe.target.backend == "compiled" else (),
+        cpu=cpu.name,
+        cpu_resolved=cpu.resolved,
+        required_isa=cpu.features,
+        kernel_isa=target_isa(cpu.features),  # type: ignore[arg-type]
         tensor_parallel=recipe.target.tensor_parallel,
         backend=recipe.target.backend,
     )

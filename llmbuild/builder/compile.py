@@ -1,9 +1,14 @@
-"""AOTInductor: compile an exported step graph into a package for the build machine's CPU.
+"""AOTInductor: compile an exported step graph into a package for the target CPU (`target.cpu`).
 
 Weights stay out of the shared library (`package_constants_in_so=False`): the package holds code
 only, and the runtime hands it the engine's weights with `load_constants(..., user_managed=True)`.
 Because the code does not depend on weight values, one compiled package serves every checkpoint
 of the same architecture, dtype and limits (the build cache relies on this).
+
+Inductor compiles its C++ with `-march=native` and vectorizes for the best ISA of the machine it runs
+on. For any other target it gets `-march=<target.cpu>` and a vector ISA the target has too (AVX-512 only
+where the target has it, VNNI only where the target has it): a package built on an AVX-512 machine for
+x86-64-v3 holds no AVX-512 instruction.
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
+from torch._inductor import cpu_vec_isa
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 from torch.export import ExportedProgram
 from torch.export.pt2_archive._package import PT2ArchiveReader, PT2ArchiveWriter
+
+from llmbuild.cpu_target import CpuTarget
 
 INDUCTOR_CONFIGS = {
     "aot_inductor.package_constants_in_so": False,
@@ -26,17 +35,56 @@ INDUCTOR_CONFIGS = {
 _TRAILER = b"\n// Compile cmd\n"
 
 
-def compile_graph(program: ExportedProgram, path: Path, inductor_dir: Path, tp: int = 1) -> None:
-    """Compile `program` with AOTInductor into the package file `path` (a .pt2 archive).
+# Inductor's vector ISAs (cpu_vec_isa.VecISA names) and the /proc/cpuinfo flags their compiler flags enable
+_VEC_ISA_FLAGS = {
+    "avx2": {"avx2", "fma", "f16c"},
+    "avx512": {"avx512f", "avx512dq", "avx512vl", "avx512bw", "fma"},
+    "avx512_vnni": {"avx512_vnni"},
+    "amx_tile": {"amx_tile", "amx_bf16", "amx_int8"},
+}
+
+
+def compile_graph(program: ExportedProgram, path: Path, inductor_dir: Path, cpu: CpuTarget, tp: int = 1) -> None:
+    """Compile `program` with AOTInductor for `cpu` into the package file `path` (a .pt2 archive).
 
     `inductor_dir` is Inductor's working cache; its path ends up in the package (source comments,
     kernel names, debug info), so a fixed directory is what makes the bytes reproducible.
     A tensor-parallel graph (tp > 1) is compiled against a stand-in process group of tp ranks.
     """
+    configs = {**INDUCTOR_CONFIGS, **_cpu_configs(cpu)}
     with torch.no_grad(), warnings.catch_warnings(), temporary_cache_dir(str(inductor_dir)), _stand_in_group(tp):
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # torch-internal
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=INDUCTOR_CONFIGS)
+        with _vector_isas_of(cpu):
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     _normalize(path)
+
+
+def _cpu_configs(cpu: CpuTarget) -> dict[str, object]:
+    """Inductor's -march and vector width for `cpu` (its defaults for native)."""
+    if cpu.name == "native":
+        return {}
+    features = set(cpu.features)
+    width = 512 if _VEC_ISA_FLAGS["avx512"] <= features else 256 if _VEC_ISA_FLAGS["avx2"] <= features else 1
+    # width 1 matches no vector ISA: scalar C++, which the compiler vectorizes for -march as it can
+    return {"cpp.march": cpu.march, "cpp.simdlen": width}
+
+
+@contextmanager
+def _vector_isas_of(cpu: CpuTarget) -> Iterator[None]:
+    """Keep Inductor to the vector ISAs that both this machine and `cpu` have.
+
+    NOTE: Inductor picks the first ISA of `valid_vec_isa_list()` with the configured width, and lists
+    AVX512-VNNI before plain AVX-512; it has no setting to leave out VNNI for an AVX-512 target without
+    it (x86-64-v4), so the list is filtered for the duration of the compile (torch 2.13's private API).
+    """
+    if cpu.name == "native":
+        yield
+        return
+    features = set(cpu.features)
+    every = cpu_vec_isa.valid_vec_isa_list()
+    kept = [isa for isa in every if all(_VEC_ISA_FLAGS.get(part, {part}) <= features for part in str(isa).split())]
+    with mock.patch.object(cpu_vec_isa, "valid_vec_isa_list", lambda: kept):
+        yield
 
 
 @contextmanager

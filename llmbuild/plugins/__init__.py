@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llmbuild.cpu_target import resolve
 from llmbuild.plugins import linear, linear_fp8, linear_int4, linear_int8, paged_attention, rms_norm, rope, swiglu
-from llmbuild.plugins.library import load_library
+from llmbuild.plugins.library import build_library, load_library, loaded_library
 
 OP_VERSIONS: dict[str, int] = {
     paged_attention.OP_NAME: paged_attention.VERSION,
@@ -32,11 +33,19 @@ _MODULES = (paged_attention, linear, linear_int8, linear_int4, linear_fp8, rms_n
 _registered = False
 
 
-def load_plugins(cache_dir: Path | None = None) -> None:
-    """Load (building once per machine) the C++ op library and register the ops' fake kernels."""
+def load_plugins(library: Path | None = None, cache_dir: Path | None = None) -> Path:
+    """Load the C++ op library and register the ops' fake kernels; returns the library serving the process.
+
+    `library`: an engine's sealed copy. Without one (builder, tests), this machine's `native` build,
+    compiled once into the cache. A process keeps the first library it loaded.
+    """
     global _registered
-    load_library(cache_dir)
+    if library is None and loaded_library() is None:
+        library = build_library(resolve("native"), cache_dir)
+    path = load_library(library) if library is not None else loaded_library()
+    assert path is not None
     if not _registered:
         for module in _MODULES:
             module.register_fake_kernel()
         _registered = True
+    return path

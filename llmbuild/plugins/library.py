@@ -1,27 +1,49 @@
-"""Build (once) and load the C++ op library.
+"""Build and load the C++ op library.
 
-The library is compiled with -march=native on the machine that runs it and cached under
-`<cache>/plugins/<key>/`, where the key hashes the sources, compiler flags, torch version and
-this CPU's instruction-set flags; a later process only loads the cached .so.
+The builder compiles the library for an engine's CPU target (`-march=<target.cpu>`, isa.h's kernel
+tiers that target allows) and seals the .so into the engine; the runtime loads it from there, so a
+serving machine needs no compiler. Builds are cached under `<cache>/plugins/<key>/`, where the key hashes
+the sources, flags, torch version and the resolved target.
+
+One op library serves a process: the `llmbuild` op namespace can be registered once. The first library
+loaded stays; a later engine's copy (same op versions, checked by the runtime) is not loaded again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import platform
 import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.utils import cpp_extension
 
+from llmbuild.cpu_target import CpuTarget, compiler
 from llmbuild.errors import LLMBuildError
-from llmbuild.machine import native_isa
 
 CSRC = Path(__file__).parent / "csrc"
 NAME = "llmbuild_ops"
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wall")
-LDFLAGS = ("-fopenmp",)
+FILE = f"{NAME}.so"
+# -fopenmp: at::parallel_for is inline OpenMP; the library links the libgomp torch already loaded
+CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-std=c++20", "-Wall", "-fvisibility-inlines-hidden")
+LDFLAGS = ("-shared", "-fopenmp")
+
+ISAS: dict[str, frozenset[str]] = {
+    "avx512": frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}),
+    "avx2": frozenset({"avx2", "fma", "f16c"}),
+    "portable": frozenset(),
+}
+"""Kernel tiers (csrc/isa.h), best first, with the /proc/cpuinfo flags each needs. Within a tier an op
+may use more (the AVX-512 int8/int4 decode needs avx512_vnni, the bf16 GEMV avx512_bf16) where the
+target has them, and otherwise takes its next tier's path."""
 
 _loaded: Path | None = None
 
@@ -37,7 +59,12 @@ def sources() -> list[Path]:
     return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h"))
 
 
-def library_key() -> str:
+def target_isa(features: tuple[str, ...] | frozenset[str]) -> str:
+    """The best kernel tier code compiled for (or a CPU with) these features holds."""
+    return next(name for name, needs in ISAS.items() if needs <= set(features))
+
+
+def library_key(target: CpuTarget) -> str:
     """Hash of everything the built .so depends on."""
     h = hashlib.sha256()
     for path in sources():
@@ -46,50 +73,87 @@ def library_key() -> str:
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(torch.__version__.encode())
     h.update(platform.machine().encode())
-    h.update(" ".join(native_isa()).encode())
+    h.update(f"{target.name} {target.resolved} {' '.join(target.features)}".encode())
     return h.hexdigest()[:24]
 
 
-def load_library(cache_dir: Path | None = None) -> Path:
-    """Load the op library into this process, building it first if this machine has no cached build."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
-    build_dir = (cache_dir or default_cache_dir()) / "plugins" / library_key()
-    so = build_dir / f"{NAME}.so"
-    if so.is_file():
-        torch.ops.load_library(str(so))
-    else:
-        _build(build_dir)
-    _loaded = so
+def build_library(target: CpuTarget, cache_dir: Path | None = None, reuse: bool = True) -> Path:
+    """The op library compiled for `target`: from the cache (unless `reuse` is False), else compiled into
+    it. Loads nothing."""
+    build_dir = (cache_dir or default_cache_dir()) / "plugins" / library_key(target)
+    so = build_dir / FILE
+    if reuse and so.is_file():
+        return so
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same library
+        if not (reuse and so.is_file()):
+            _compile(target, so)
     return so
 
 
-def _build(build_dir: Path) -> None:
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
+def load_library(path: Path) -> Path:
+    """Load an op library into this process; returns the one that serves it (the first loaded)."""
+    global _loaded
+    if _loaded is None:
+        torch.ops.load_library(str(path))
+        _loaded = path
+    return _loaded
+
+
+def loaded_library() -> Path | None:
+    """The op library this process runs, if one is loaded."""
+    return _loaded
+
+
+def compiled_isas() -> tuple[str, ...]:
+    """The kernel tiers of the loaded library, best first."""
+    return tuple(torch.ops.llmbuild_isa.compiled())
+
+
+@contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run the ops at kernel tier `name` (or their best path below it) inside the block."""
+    best = compiled_isas()[0]
+    torch.ops.llmbuild_isa.use(name)
+    try:
+        yield
+    finally:
+        torch.ops.llmbuild_isa.use(best)
+
+
+def _compile(target: CpuTarget, so: Path) -> None:
+    cxx = compiler()
+    if shutil.which(cxx) is None:
         raise LLMBuildError(
-            f"building the llmbuild op library needs a C++ compiler ({compiler!r} not found); "
+            f"building the llmbuild op library needs a C++ compiler ({cxx!r} not found); "
             "install one (e.g. apt-get install g++) or set CXX"
         )
-    from torch.utils.cpp_extension import load
+    flags = [
+        *CFLAGS,
+        f"-march={target.march}",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        # the sources' location must not end up in the engine's bytes (assertion messages name files)
+        f"-ffile-prefix-map={CSRC}=llmbuild/plugins/csrc",
+        *(f"-I{p}" for p in cpp_extension.include_paths()),
+    ]
+    libs = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu", "-ltorch"]
+    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+        units = [p for p in sources() if p.suffix == ".cpp"]
+        objects = [str(Path(tmp) / f"{p.stem}.o") for p in units]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(lambda u, o: _run([cxx, *flags, "-c", str(u), "-o", o], target), units, objects))
+        _run([cxx, *LDFLAGS, *objects, "-o", str(Path(tmp) / FILE), *libs], target)
+        os.replace(Path(tmp) / FILE, so)
 
-    build_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        # builds build_dir/NAME.so with ninja (under a file lock) and loads it
-        load(
-            NAME,
-            [str(p) for p in sources() if p.suffix == ".cpp"],
-            extra_cflags=list(CFLAGS),
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
-    except (RuntimeError, OSError) as exc:
-        lines = str(exc).strip().splitlines()
-        first_error = next((line for line in lines if "error:" in line), lines[-1] if lines else "")
+
+def _run(cmd: list[str], target: CpuTarget) -> None:
+    """Run a compiler command; a failure raises with the compiler's first error line."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        first = next((line for line in lines if "error" in line), lines[-1] if lines else f"exit {proc.returncode}")
         raise LLMBuildError(
-            f"building the llmbuild op library in {build_dir} failed: {first_error.strip()} "
+            f"building the llmbuild op library for -march={target.march} failed: {first.strip()} "
             "(rerun with --debug for the whole compiler output)"
-        ) from exc
+        ) from RuntimeError(proc.stderr)

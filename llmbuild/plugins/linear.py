@@ -1,7 +1,8 @@
 """`llmbuild::linear`: y = x @ w.T + bias, with a decode-sized bf16 kernel (csrc/linear.cpp).
 
-Batches of at most 8 bf16 rows stream the weights through an AVX512-BF16 kernel; everything else
-runs aten's linear (oneDNN). The reference is aten's linear.
+Batches of at most 8 bf16 rows stream the weights through llmbuild's kernel (AVX512-BF16 dot products,
+or AVX2 with bf16 widened by shifts); everything else, and CPUs below AVX2, run aten's linear (oneDNN).
+The reference is aten's linear.
 """
 
 from __future__ import annotations

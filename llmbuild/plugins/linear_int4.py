@@ -5,10 +5,11 @@ columns per byte, each 64-column block of a row stored as 32 bytes whose low nib
 0..31 and high nibbles columns 32..63; scales and mins bf16 [N, K/group];
 w_real = q * scale + min with q in 0..15 (asymmetric, round to nearest: `quantize_int4`).
 
-The CPU kernel multiplies the weight bytes against int8-quantized activations (VNNI, one scale per 32
-columns) for decode-sized batches, and dequantizes to a dense GEMM for larger ones. The reference
-dequantizes and runs aten's linear; `linear_int4_vnni_ref` adds the activation quantization, so the
-kernel's arithmetic can be checked exactly.
+The CPU kernel multiplies the weight bytes against int8-quantized activations (one scale per 32
+columns; AVX-512 VNNI, AVX2 or portable, the same sums in each) for decode-sized batches, and dequantizes
+to a dense GEMM for larger ones. The reference dequantizes and runs aten's linear;
+`linear_int4_decode_ref` adds the activation quantization, so the kernel's arithmetic can be checked
+exactly.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def linear_int4_ref(x, w, scales, mins, bias):
     return F.linear(x, dequantize_int4(w, scales, mins).to(x.dtype), bias)
 
 
-def linear_int4_vnni_ref(x, w, scales, mins, bias):
-    """What the VNNI path computes: quantized activations times the dequantized weight, in fp32."""
+def linear_int4_decode_ref(x, w, scales, mins, bias):
+    """What the decode path computes: quantized activations times the dequantized weight, in fp32."""
     return F.linear(
         quantize_activations_ref(x), dequantize_int4(w, scales, mins), None if bias is None else bias.float()
     )

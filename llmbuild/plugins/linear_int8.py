@@ -2,10 +2,10 @@
 
 Format: w int8 [N, K], scales [N] in the activation dtype, w_real[n, k] ~= w[n, k] * scales[n]
 (symmetric, round to nearest: `quantize_int8`). The CPU kernel (csrc/linear_int8.cpp) multiplies the
-weight bytes against int8-quantized activations (VNNI, one scale per 32 columns, as llama.cpp's Q8_0)
-for decode-sized batches, and dequantizes to a dense GEMM for larger ones (prefill). The reference
-dequantizes and runs aten's linear; `linear_int8_vnni_ref` adds the activation quantization, so the
-kernel's arithmetic can be checked exactly.
+weight bytes against int8-quantized activations (one scale per 32 columns, as llama.cpp's Q8_0; AVX-512
+VNNI, AVX2 or portable, the same sums in each) for decode-sized batches, and dequantizes to a dense GEMM
+for larger ones (prefill). The reference dequantizes and runs aten's linear; `linear_int8_decode_ref`
+adds the activation quantization, so the kernel's arithmetic can be checked exactly.
 """
 
 from __future__ import annotations
@@ -44,15 +44,15 @@ def linear_int8_ref(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias
 
 
 def quantize_activations_ref(x: torch.Tensor) -> torch.Tensor:
-    """The VNNI kernels' dynamic activation quantization (symmetric int8 per 32 columns), dequantized, fp32."""
+    """The decode kernels' dynamic activation quantization (symmetric int8 per 32 columns), dequantized, fp32."""
     xb = x.float().reshape(*x.shape[:-1], -1, ACT_BLOCK)
     amax = xb.abs().amax(dim=-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     return (torch.round(xb * inv) * (amax / 127.0)).reshape(x.shape)
 
 
-def linear_int8_vnni_ref(x, q, scales, bias):
-    """What the VNNI path computes: quantized activations times the dequantized weight, in fp32."""
+def linear_int8_decode_ref(x, q, scales, bias):
+    """What the decode path computes: quantized activations times the dequantized weight, in fp32."""
     bias = None if bias is None else bias.float()
     return F.linear(quantize_activations_ref(x), dequantize_int8(q, scales.float()), bias)
 

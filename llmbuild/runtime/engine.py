@@ -1,6 +1,7 @@
 """Engine: a built engine directory, checked against this machine and loaded for one rank.
 
-The runtime needs only the op library (plugins/) to run an engine, never the builder's model code.
+The runtime needs only the op library (plugins/) to run an engine, never the builder's model code, and
+loads the library's compiled code from the engine itself (no compiler on a serving machine).
 """
 
 from __future__ import annotations
@@ -12,9 +13,20 @@ from pathlib import Path
 
 import torch
 
+from llmbuild.cpu_target import fitting_level
 from llmbuild.errors import EngineError
 from llmbuild.machine import cpu_flags, gpu_arch
-from llmbuild.manifest import EXPORTED, GRAPH, RECIPE, TOKENIZER_DIR, Manifest, Target, rank_dir, verify_files
+from llmbuild.manifest import (
+    EXPORTED,
+    GRAPH,
+    OP_LIBRARY,
+    RECIPE,
+    TOKENIZER_DIR,
+    Manifest,
+    Target,
+    rank_dir,
+    verify_files,
+)
 from llmbuild.model_config import DTYPES, KV_CACHE_DTYPES
 from llmbuild.plugins import OP_VERSIONS, load_plugins
 from llmbuild.runtime.graph import Graph, load_graph
@@ -37,15 +49,27 @@ def target_mismatch(manifest: Manifest, backend: str | None = None) -> str | Non
         reason = gpu_mismatch(target, gpu_arch(), torch.version.cuda)
         if reason:
             return reason
-    missing = sorted(set(target.required_isa) - cpu_flags()) if backend == "compiled" else []
-    if missing:
-        return f"engine's compiled code needs CPU features this machine lacks: {', '.join(missing)}; rebuild it here"
+    reason = cpu_mismatch(target, cpu_flags())
+    if reason:
+        return reason
     for op, version in manifest.plugins.items():
         have = OP_VERSIONS.get(op)
         if have != version:
             now = f"version {have}" if have is not None else "no such op"
             return f"engine was built against plugin {op} version {version}, this runtime has {now}; rebuild the engine"
     return None
+
+
+def cpu_mismatch(target: Target, flags: frozenset[str]) -> str | None:
+    """Why a CPU with these /proc/cpuinfo flags cannot run code compiled for the engine's target.cpu (None: it can)."""
+    missing = sorted(set(target.required_isa) - flags)
+    if not missing:
+        return None
+    fits = fitting_level(flags) if target.machine == "x86_64" else "native"
+    return (
+        f"engine was compiled for target.cpu={target.cpu} ({target.cpu_resolved}), which needs CPU features this "
+        f"machine lacks: {', '.join(missing)}; rebuild it with target.cpu: {fits} (runs here) or native"
+    )
 
 
 def gpu_mismatch(target: Target, arch: str | None, cuda_version: str | None) -> str | None:
@@ -94,8 +118,10 @@ class Engine:
             kind = "compiled package" if backend == "compiled" else "exported program"
             raise EngineError(f"{path}: manifest lists no {kind} {graph_file}; rebuild the engine")
         if verify:
-            verify_files(path, manifest, only=(rank_dir(rank), TOKENIZER_DIR, RECIPE))
-        load_plugins()
+            verify_files(path, manifest, only=(rank_dir(rank), TOKENIZER_DIR, RECIPE, OP_LIBRARY))
+        if OP_LIBRARY not in manifest.files:
+            raise EngineError(f"{path}: manifest lists no op library {OP_LIBRARY}; rebuild the engine")
+        load_plugins(path / OP_LIBRARY)
         graph = load_graph(path / rank_dir(rank), backend, manifest.target.device)
         return cls(path, manifest, rank, backend, graph)
 

@@ -1,4 +1,5 @@
-"""llmbuild::linear_int4 against its references, on both paths (VNNI up to 16 rows, dequantize + GEMM above)."""
+"""llmbuild::linear_int4 against its references, on both paths (quantized activations up to 16 rows, dequantize +
+GEMM above), at every kernel tier this CPU executes."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import torch
 
 from llmbuild.plugins.linear_int4 import (
     dequantize_int4,
+    linear_int4_decode_ref,
     linear_int4_ref,
-    linear_int4_vnni_ref,
     pack_int4,
     quantize_int4,
     unpack_int4,
@@ -45,13 +46,13 @@ def test_packing_layout_is_the_documented_one():
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16])
 # K=320: the last 128-column step holds only 64 columns
 @pytest.mark.parametrize("group,k", [(32, 256), (64, 256), (128, 256), (32, 320), (64, 320), (128, 384)])
-def test_vnni_path_computes_exactly_its_reference(m, group, k):
+def test_decode_path_computes_exactly_its_reference(kernel_isa, m, group, k):
     _, packed, scales, mins = int4_weight(37, k, group, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + m))
     bias = torch.randn(37)
     out = torch.ops.llmbuild.linear_int4(x, packed, scales, mins, bias)
     # fp32 activations: only summation order differs from the reference of the same arithmetic
-    torch.testing.assert_close(out, linear_int4_vnni_ref(x, packed, scales, mins, bias), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(out, linear_int4_decode_ref(x, packed, scales, mins, bias), atol=2e-4, rtol=1e-4)
     # and int8 activation quantization stays within ~1% of the exact product
     exact = linear_int4_ref(x, packed, scales, mins, bias)
     assert (out - exact).abs().max() < 0.02 * exact.abs().max()
@@ -60,7 +61,7 @@ def test_vnni_path_computes_exactly_its_reference(m, group, k):
 @pytest.mark.parametrize("m", [1, 7, 17, 64])  # 17, 64: dequantize + GEMM
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("group", [32, 128])
-def test_matches_the_dequantized_reference(m, dtype, group):
+def test_matches_the_dequantized_reference(kernel_isa, m, dtype, group):
     _, packed, scales, mins = int4_weight(72, 512, group, seed=m)
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m)).to(dtype)
     bias = torch.randn(72).to(dtype)

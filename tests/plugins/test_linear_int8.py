@@ -1,11 +1,12 @@
-"""llmbuild::linear_int8 against its references, on both paths (VNNI up to 16 rows, dequantize + GEMM above)."""
+"""llmbuild::linear_int8 against its references, on both paths (quantized activations up to 16 rows, dequantize +
+GEMM above), at every kernel tier this CPU executes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llmbuild.plugins.linear_int8 import dequantize_int8, linear_int8_ref, linear_int8_vnni_ref, quantize_int8
+from llmbuild.plugins.linear_int8 import dequantize_int8, linear_int8_decode_ref, linear_int8_ref, quantize_int8
 
 
 def test_quantize_round_trip_is_within_half_a_step():
@@ -19,24 +20,24 @@ def test_quantize_round_trip_is_within_half_a_step():
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16])
 @pytest.mark.parametrize("k", [256, 224, 96])  # 224, 96: a last 64-column load holds only 32 columns
-def test_vnni_path_computes_exactly_its_reference(m, k):
+def test_decode_path_computes_exactly_its_reference(kernel_isa, m, k):
     g = torch.Generator().manual_seed(m)
     q, scales = quantize_int8(torch.randn(37, k, generator=g) * torch.linspace(0.02, 1.0, 37)[:, None], torch.float32)
     x = torch.randn(m, k, generator=g)
     bias = torch.randn(37, generator=g)
     out = torch.ops.llmbuild.linear_int8(x, q, scales, bias)
     # fp32 activations: only summation order differs from the reference of the same arithmetic
-    torch.testing.assert_close(out, linear_int8_vnni_ref(x, q, scales, bias), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(out, linear_int8_decode_ref(x, q, scales, bias), atol=2e-4, rtol=1e-4)
     # and int8 activation quantization stays within ~1% of the exact product
     exact = linear_int8_ref(x, q, scales, bias)
     assert (out - exact).abs().max() < 0.02 * exact.abs().max()
 
 
-@pytest.mark.parametrize("m", [1, 3, 15, 16, 17, 100])  # <= 16: VNNI; above: dequantize + GEMM
+@pytest.mark.parametrize("m", [1, 3, 15, 16, 17, 100])  # <= 16: quantized activations; above: dequantize + GEMM
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("k", [208, 200])  # 200 is no multiple of 32: dequantize + GEMM at every m
-def test_matches_the_reference(m, dtype, bias, k):
+def test_matches_the_reference(kernel_isa, m, dtype, bias, k):
     g = torch.Generator().manual_seed(m)
     n = 72
     x = torch.randn(m, k, generator=g).to(dtype)

@@ -71,7 +71,7 @@ def make_case(
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("impl", ["reference", "op"])
-def test_matches_dense_attention_on_a_mixed_step(dtype, tol, impl):
+def test_matches_dense_attention_on_a_mixed_step(kernel_isa, dtype, tol, impl):
     args, full_k, full_v, q_parts = make_case(dtype)
     scale = D**-0.5
     fn = paged_attention_ref if impl == "reference" else torch.ops.llmbuild.paged_attention
@@ -86,10 +86,10 @@ def test_matches_dense_attention_on_a_mixed_step(dtype, tol, impl):
     torch.testing.assert_close(written, args[1])
 
 
-@pytest.mark.parametrize("head_dim", [16, 64, 24])  # 24: no multiple of 16, the portable decode kernel
+@pytest.mark.parametrize("head_dim", [16, 64, 24, 20])  # 24: AVX2 vectors, AVX-512 portable; 20: portable
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
-def test_decode_batch_matches_dense_attention(head_dim, dtype, tol):
-    # contexts around the decode kernel's 16-position vectors: 1, exactly 16, one past, several
+def test_decode_batch_matches_dense_attention(kernel_isa, head_dim, dtype, tol):
+    # contexts around the decode kernel's 8- and 16-position vectors: 1, exactly 16, one past, several
     ctx = (1, 16, 17, 40, 97)
     args, full_k, full_v, q_parts = make_case(
         dtype, ctx_lens=ctx, new_tokens=(1,) * len(ctx), heads=(8, 2), num_blocks=64, head_dim=head_dim
@@ -134,7 +134,7 @@ CODES = [torch.int8, torch.float8_e4m3fn]
 
 @pytest.mark.parametrize("codes", CODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantized_op_matches_its_reference(dtype, codes):
+def test_quantized_op_matches_its_reference(kernel_isa, dtype, codes):
     args, kv_scales, *_ = quantized_case(dtype, codes)
     scale = D**-0.5
     ref_args = [a.clone() for a in args]
@@ -152,8 +152,8 @@ def test_quantized_op_matches_its_reference(dtype, codes):
 
 
 @pytest.mark.parametrize("codes", CODES)
-@pytest.mark.parametrize("head_dim", [64, 24])
-def test_quantized_decode_batch_matches_its_reference(head_dim, codes):
+@pytest.mark.parametrize("head_dim", [64, 24, 20])
+def test_quantized_decode_batch_matches_its_reference(kernel_isa, head_dim, codes):
     ctx = (1, 16, 17, 40, 97)
     args, kv_scales, *_ = quantized_case(
         torch.float32, codes, ctx_lens=ctx, new_tokens=(1,) * len(ctx), heads=(8, 2), num_blocks=64, head_dim=head_dim

@@ -4,7 +4,9 @@ import platform
 
 import pytest
 
+from llmbuild.cpu_target import fitting_level
 from llmbuild.errors import EngineError, RequestError
+from llmbuild.machine import cpu_flags
 from llmbuild.manifest import Manifest, Target, verify_files
 from llmbuild.runtime.engine import Engine, gpu_mismatch
 from llmbuild.runtime.llm_engine import LLMEngine
@@ -43,8 +45,9 @@ def test_unexpected_file_is_reported_by_verify(engine_copy):
         ({"torch_version": "2.99.0+cu130"}, "built with torch 2.99.0+cu130"),
         ({"target__machine": "aarch64" if platform.machine() != "aarch64" else "x86_64"}, "CPUs, this machine is"),
         (
-            {"target__required_isa": ["avx512_imaginary"], "target__backend": "compiled"},
-            "needs CPU features this machine lacks: avx512_imaginary",
+            {"target__required_isa": ["avx512_imaginary"], "target__cpu": "future", "target__cpu_resolved": "future1"},
+            "compiled for target.cpu=future (future1), which needs CPU features this machine lacks: avx512_imaginary;"
+            f" rebuild it with target.cpu: {fitting_level(cpu_flags())} (runs here) or native",
         ),
         ({"plugins": {"llmbuild::paged_attention": 99}}, "plugin llmbuild::paged_attention version 99"),
         ({"plugins": {"llmbuild::paged_attention": 1, "llmbuild::warp_drive": 1}}, "llmbuild::warp_drive"),

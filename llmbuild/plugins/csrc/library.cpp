@@ -2,6 +2,7 @@
 // their CPU registrations. A compiled engine needs only this library loaded (torch.ops.load_library).
 #include <torch/library.h>
 
+#include "isa.h"
 #include "ops.h"
 
 TORCH_LIBRARY(llmbuild, m) {
@@ -33,4 +34,10 @@ TORCH_LIBRARY_IMPL(llmbuild, CPU, m) {
   m.impl("add_rms_norm", &llmbuild::add_rms_norm);
   m.impl("rope", &llmbuild::rope);
   m.impl("swiglu", &llmbuild::swiglu);
+}
+
+// Which kernel tiers this build holds and which one the ops use (isa.h); not model ops.
+TORCH_LIBRARY(llmbuild_isa, m) {
+  m.def("compiled() -> str[]", &llmbuild::compiled_isas);
+  m.def("use(str isa) -> ()", &llmbuild::set_isa_cap);
 }

@@ -2,37 +2,149 @@
 //
 // Decode steps multiply a handful of token rows by each weight matrix, which makes them a pure
 // stream over the weights: aten's bf16 path reaches about half the memory bandwidth there. For
-// bf16 with at most kSmallM rows this runs a kernel that reads every weight row once from memory,
-// keeps ROWS x (up to 4) fp32 accumulators in registers and uses AVX512-BF16 dot products; with
-// more than 4 rows, a panel of weight rows stays in cache while each 4-row tile of x passes over
-// it. Anything else (fp32, prefill-sized batches) goes to aten, i.e. oneDNN, which is faster once
-// the GEMM is compute-bound.
+// bf16 with at most kSmallM rows this runs a kernel that reads every weight row once from memory and
+// keeps fp32 accumulators in registers; with more than 4 rows, a panel of weight rows stays in cache
+// while each 4-row tile of x passes over it. bf16 products are exact in fp32, so the tiers differ only in
+// summation order:
+//   avx512 (BF16)  vdpbf16ps, 32 products per instruction.
+//   avx2           bf16 -> fp32 by shifts: a 32-bit lane holding elements (2j, 2j+1) gives element 2j+1
+//                  by masking its low half and element 2j by shifting left 16; x is split into its even
+//                  and odd elements once per call, so each weight vector costs two ALU ops and two FMAs.
+// Anything else (fp32, prefill-sized batches, the portable tier) goes to aten, i.e. oneDNN, which is
+// faster once the GEMM is compute-bound; bf16 prefill below AVX512-BF16 widens panels of the weight to fp32
+// first (dequantize_gemm.h: aten's bf16 GEMM is an emulation there).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
-#include <immintrin.h>
 
+#include <vector>
+
+#include "dequantize_gemm.h"
+#include "isa.h"
 #include "ops.h"
 
 namespace llmbuild {
 namespace {
 
-#if defined(__AVX512BF16__)
+// Rows of x up to which the decode kernel runs. Measured on the 2-core AVX512-BF16 machine (TinyLlama
+// shapes, one layer + lm_head): 1.37x aten at M=4, 1.23x at M=8, even at M=12..24, where both are
+// compute-bound near 170 GFLOP/s.
+constexpr int64_t kSmallM = 8;
 
-// x: [M, K] rows, w: [N, K] row-major, y: [M, N]. Rows [n0, n1) of w, all M rows of x.
+// Weight rows per panel when x has more than 4 rows (a few tens of KB, cache-resident).
+constexpr int64_t kPanel = 16;
+
+struct Args {
+  const c10::BFloat16* w;
+  const c10::BFloat16* bias;
+  c10::BFloat16* y;
+  int64_t K, N;
+};
+
+inline void finish(const Args& p, int64_t m, int64_t n, float dot) {
+  p.y[m * p.N + n] = c10::BFloat16(dot + (p.bias ? static_cast<float>(p.bias[n]) : 0.f));
+}
+
+// Runs rows<M>(x rows [m, m + M), weight rows [n0, n1)) over the whole output: for M <= 4 one register
+// tile of x over all weight rows; above, panels of weight rows meet every 4-row tile of x.
+template <class Rows>
+void for_each_block(int64_t M, int64_t N, int64_t grain_rows, Rows&& rows) {
+  if (M <= 4) {
+    at::parallel_for(0, N, grain_rows, [&](int64_t n0, int64_t n1) { rows(0, M, n0, n1); });
+    return;
+  }
+  at::parallel_for(0, (N + kPanel - 1) / kPanel, 2, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel, n1 = std::min(n0 + kPanel, N);
+      for (int64_t m = 0; m < M; m += 4) rows(m, std::min<int64_t>(4, M - m), n0, n1);
+    }
+  });
+}
+
+#if defined(LLMBUILD_AVX2)
+namespace avx2 {
+
+// x rows as fp32, split into even and odd elements: [M][2][K/2] (only the first K / 16 * 16 columns).
+std::vector<float> split_even_odd(const c10::BFloat16* x, int64_t M, int64_t K) {
+  const int64_t half = K / 16 * 8;
+  std::vector<float> out(M * 2 * half);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < half; ++j) {
+      out[(2 * m) * half + j] = static_cast<float>(x[m * K + 2 * j]);
+      out[(2 * m + 1) * half + j] = static_cast<float>(x[m * K + 2 * j + 1]);
+    }
+  }
+  return out;
+}
+
+// Output rows [n0, n1) for x rows [m0, m0 + M), ROWS weight rows at a time, even and odd accumulators.
 template <int M, int ROWS>
-void gemv_rows(const c10::BFloat16* x, const c10::BFloat16* w, const c10::BFloat16* bias, c10::BFloat16* y,
-               int64_t n0, int64_t n1, int64_t K, int64_t N) {
-  const int64_t k_main = K / 32 * 32;
+void rows(const Args& p, const c10::BFloat16* x, const float* xs, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t K = p.K, k_main = K / 16 * 16, half = k_main / 2;
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  int64_t n = n0;
+  for (; n + ROWS <= n1; n += ROWS) {
+    __m256 even[ROWS][M], odd[ROWS][M];
+    for (int r = 0; r < ROWS; ++r)
+      for (int m = 0; m < M; ++m) even[r][m] = odd[r][m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_main; k += 16) {
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w + (n + r) * K + k));
+        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        for (int m = 0; m < M; ++m) {
+          const float* xm = xs + 2 * (m0 + m) * half + k / 2;
+          even[r][m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xm), even[r][m]);
+          odd[r][m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xm + half), odd[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      for (int m = 0; m < M; ++m) {
+        float dot = hsum(_mm256_add_ps(even[r][m], odd[r][m]));
+        for (int64_t k = k_main; k < K; ++k)
+          dot += static_cast<float>(x[(m0 + m) * K + k]) * static_cast<float>(p.w[(n + r) * K + k]);
+        finish(p, m0 + m, n + r, dot);
+      }
+    }
+  }
+  if (n < n1) rows<M, 1>(p, x, xs, m0, n, n1);
+}
+
+void gemv(const Args& p, const c10::BFloat16* x, int64_t M) {
+  const std::vector<float> xs = split_even_odd(x, M, p.K);
+  for_each_block(M, p.N, 8, [&](int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
+    switch (mt) {
+      // one weight row at a time at batch 1: a single sequential stream through memory
+      case 1: rows<1, 1>(p, x, xs.data(), m0, n0, n1); break;
+      case 2: rows<2, 2>(p, x, xs.data(), m0, n0, n1); break;
+      case 3: rows<3, 1>(p, x, xs.data(), m0, n0, n1); break;
+      default: rows<4, 1>(p, x, xs.data(), m0, n0, n1); break;
+    }
+  });
+}
+
+}  // namespace avx2
+#endif
+
+#if defined(LLMBUILD_AVX512) && defined(__AVX512BF16__)
+#define LLMBUILD_LINEAR_AVX512 1
+namespace avx512 {
+
+// x: [M, K] rows, w: [N, K] row-major, y: [M, N]. Rows [n0, n1) of w, x rows [m0, m0 + M).
+template <int M, int ROWS>
+void rows(const Args& p, const c10::BFloat16* x, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t K = p.K, k_main = K / 32 * 32;
   const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k_main)) - 1);
+  const c10::BFloat16* xr = x + m0 * K;
   int64_t n = n0;
   for (; n + ROWS <= n1; n += ROWS) {
     __m512 acc[ROWS][M];
     for (int r = 0; r < ROWS; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    const c10::BFloat16* wr = w + n * K;
+    const c10::BFloat16* wr = p.w + n * K;
     for (int64_t k = 0; k <= K - 32; k += 32) {
       __m512bh xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xr + m * K + k);
       for (int r = 0; r < ROWS; ++r) {
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + r * K + k);
         for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
@@ -40,91 +152,59 @@ void gemv_rows(const c10::BFloat16* x, const c10::BFloat16* w, const c10::BFloat
     }
     if (tail) {
       __m512bh xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * K + k_main);
+      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(tail, xr + m * K + k_main);
       for (int r = 0; r < ROWS; ++r) {
         const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + r * K + k_main);
         for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
       }
     }
-    for (int r = 0; r < ROWS; ++r) {
-      const float b = bias ? static_cast<float>(bias[n + r]) : 0.f;
-      for (int m = 0; m < M; ++m) y[m * N + n + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[r][m]) + b);
-    }
+    for (int r = 0; r < ROWS; ++r)
+      for (int m = 0; m < M; ++m) finish(p, m0 + m, n + r, _mm512_reduce_add_ps(acc[r][m]));
   }
-  if (n < n1) gemv_rows<M, 1>(x, w, bias, y, n, n1, K, N);
+  if (n < n1) rows<M, 1>(p, x, m0, n, n1);
 }
 
-template <int M>
-void gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+void gemv(const Args& p, const c10::BFloat16* x, int64_t M) {
   // One x row reads one weight row at a time: a single sequential stream through memory. Several rows
   // at once (rows of 2048 bf16 lie 4 KiB apart, in the same L1 sets) measured 1.3x slower at batch 1
   // on the 2-core AVX512 machine; from 2 x rows on, compute binds and 4 rows x M accumulators win.
-  constexpr int ROWS = M == 1 ? 1 : 4;
-  const int64_t N = w.size(0), K = w.size(1);
-  const auto* xp = x.data_ptr<c10::BFloat16>();
-  const auto* wp = w.data_ptr<c10::BFloat16>();
-  const c10::BFloat16* bp = bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
-  auto* yp = y.data_ptr<c10::BFloat16>();
-  const int64_t blocks = (N + ROWS - 1) / ROWS;
-  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
-    gemv_rows<M, ROWS>(xp, wp, bp, yp, b0 * ROWS, std::min(b1 * ROWS, N), K, N);
-  });
-}
-
-// M > 4: panels of kPanel weight rows (a few tens of KB, cache-resident) meet every 4-row tile of x.
-void gemm_panels(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
-  constexpr int ROWS = 4;
-  constexpr int64_t kPanel = 16;
-  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  const auto* xp = x.data_ptr<c10::BFloat16>();
-  const auto* wp = w.data_ptr<c10::BFloat16>();
-  const c10::BFloat16* bp = bias ? bias->data_ptr<c10::BFloat16>() : nullptr;
-  auto* yp = y.data_ptr<c10::BFloat16>();
-  const int64_t panels = (N + kPanel - 1) / kPanel;
-  at::parallel_for(0, panels, 2, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * kPanel, n1 = std::min(n0 + kPanel, N);
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) gemv_rows<4, ROWS>(xp + m * K, wp, bp, yp + m * N, n0, n1, K, N);
-      switch (M - m) {
-        case 3: gemv_rows<3, ROWS>(xp + m * K, wp, bp, yp + m * N, n0, n1, K, N); break;
-        case 2: gemv_rows<2, ROWS>(xp + m * K, wp, bp, yp + m * N, n0, n1, K, N); break;
-        case 1: gemv_rows<1, ROWS>(xp + m * K, wp, bp, yp + m * N, n0, n1, K, N); break;
-        default: break;
-      }
+  for_each_block(M, p.N, 8, [&](int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
+    switch (mt) {
+      case 1: rows<1, 1>(p, x, m0, n0, n1); break;
+      case 2: rows<2, 4>(p, x, m0, n0, n1); break;
+      case 3: rows<3, 4>(p, x, m0, n0, n1); break;
+      default: rows<4, 4>(p, x, m0, n0, n1); break;
     }
   });
 }
 
-// Measured on the 2-core AVX512-BF16 machine (TinyLlama shapes, one layer + lm_head): 1.37x aten at
-// M=4, 1.23x at M=8, even at M=12..24, where both are compute-bound near 170 GFLOP/s.
-constexpr int64_t kSmallM = 8;
+}  // namespace avx512
+#endif
 
 bool use_gemv(const at::Tensor& x2d, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  return x2d.size(0) >= 1 && x2d.size(0) <= kSmallM && x2d.scalar_type() == at::kBFloat16 &&
-         w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
+  return kernel_isa() >= Isa::kAvx2 && x2d.size(0) >= 1 && x2d.size(0) <= kSmallM &&
+         x2d.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
          (!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous()));
 }
 
+// Only called when use_gemv holds, which needs a vector tier.
 at::Tensor run_gemv(const at::Tensor& x2d, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   const auto x = x2d.contiguous();
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
-  switch (x.size(0)) {
-    case 1: gemv<1>(x, w, bias, y); break;
-    case 2: gemv<2>(x, w, bias, y); break;
-    case 3: gemv<3>(x, w, bias, y); break;
-    case 4: gemv<4>(x, w, bias, y); break;
-    default: gemm_panels(x, w, bias, y); break;
+  [[maybe_unused]] const Args p{w.data_ptr<c10::BFloat16>(), bias ? bias->data_ptr<c10::BFloat16>() : nullptr,
+               y.data_ptr<c10::BFloat16>(), w.size(1), w.size(0)};
+  [[maybe_unused]] const auto* xp = x.data_ptr<c10::BFloat16>();
+#if defined(LLMBUILD_LINEAR_AVX512)
+  if (kernel_isa() == Isa::kAvx512) {
+    avx512::gemv(p, xp, x.size(0));
+    return y;
   }
+#endif
+#if defined(LLMBUILD_AVX2)
+  avx2::gemv(p, xp, x.size(0));
+#endif
   return y;
 }
-
-#else
-
-bool use_gemv(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&) { return false; }
-at::Tensor run_gemv(const at::Tensor& x, const at::Tensor&, const c10::optional<at::Tensor>&) { return x; }
-
-#endif
 
 }  // namespace
 
@@ -134,10 +214,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear: x dtype ", x.scalar_type(), " != w dtype ",
               w.scalar_type());
   const auto x2d = x.reshape({-1, x.size(-1)});
-  if (!use_gemv(x2d, w, bias)) return at::linear(x, w, bias);
   auto out_shape = x.sizes().vec();
   out_shape.back() = w.size(0);
-  return run_gemv(x2d, w, bias).view(out_shape);
+  if (use_gemv(x2d, w, bias)) return run_gemv(x2d, w, bias).view(out_shape);
+  if (x.scalar_type() == at::kBFloat16 && gemm_dtype(at::kBFloat16) == at::kFloat) {
+    const auto wc = w.contiguous();
+    const auto y = dequantize_gemm(x2d.contiguous(), w.size(0), bias, [&](int64_t n0, int64_t n1, at::Tensor& out) {
+      out.copy_(wc.narrow(0, n0, n1 - n0));
+    });
+    return y.view(out_shape);
+  }
+  return at::linear(x, w, bias);
 }
 
 }  // namespace llmbuild

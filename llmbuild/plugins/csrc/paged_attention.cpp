@@ -5,8 +5,9 @@
 // Decode tokens (one new token per sequence) run a block-walking kernel parallel over
 // (sequence, kv head); prompt chunks gather their context and use aten's SDPA, in the same
 // forms transformers uses (is_causal for a fresh prompt), so bf16 prefill matches it bit for bit.
-// With AVX-512 the decode kernel loads and converts each K/V row once for the query heads of its group
-// (16 values per instruction) and takes exp in vectors; a portable loop serves other head sizes.
+// The decode kernel's vector tiers (16 lanes with AVX-512, 8 with AVX2: one template over Vec16 / Vec8)
+// load and convert each K/V row once for the query heads of its group and take exp in vectors; a
+// portable loop serves other head sizes and the portable tier.
 // An int8 cache is read as int8 by the decode kernel (half the bytes of bf16: decode attention is
 // bound by reading the cache), its K scale folded into the query and its V scale applied to the output.
 // An fp8 cache (a GPU format) takes the portable loop: it is here for the builder's quality check.
@@ -14,13 +15,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
+#include "isa.h"
 #include "ops.h"
 
 namespace llmbuild {
@@ -91,92 +92,165 @@ struct DecodeScratch {
   std::vector<float> scores, q, acc;
 };
 
-#if defined(__AVX512F__)
-
 // Head sizes up to which a K/V row is held in registers by the vectorized decode kernel.
 constexpr int64_t kMaxVecD = 256;
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
+#if defined(LLMBUILD_AVX512)
+// 16 fp32 lanes.
+struct Vec16 {
+  using V = __m512;
+  static constexpr int64_t kWidth = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const c10::BFloat16* p) {
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+  }
+  static V load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static V load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  static float top(V v) { return _mm512_reduce_max_ps(v); }
+  static V round(V v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // v * 2^n for integral n >= -126
+  static V scale2(V v, V n) { return _mm512_scalef_ps(v, n); }
+  // lanes where x < limit set to 0
+  static V zero_below(V v, V x, float limit) {
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~_mm512_cmp_ps_mask(x, _mm512_set1_ps(limit), _CMP_LT_OQ)), v);
+  }
+};
+#endif
 
-// The first min(n, 16) lanes.
-inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+#if defined(LLMBUILD_AVX2)
+// 8 fp32 lanes.
+struct Vec8 {
+  using V = __m256;
+  static constexpr int64_t kWidth = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const c10::BFloat16* p) {
+    const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+  }
+  static V load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static V load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V v) { return hsum(v); }
+  static float top(V v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  static V round(V v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V scale2(V v, V n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(v, _mm256_castsi256_ps(e));
+  }
+  static V zero_below(V v, V x, float limit) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(limit), _CMP_LT_OQ), v);
+  }
+};
+#endif
 
 // exp(x) for x <= 0 (scores minus their maximum): x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
 // for an exact product), exp(r) by its degree-7 Taylor polynomial (relative error < 1e-8), times 2^n.
-// Below -87.3 the result is taken as 0.
-inline __m512 exp16(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+// Below -87.3 (where 2^n would leave the normal range) the result is taken as 0.
+template <class Vec>
+typename Vec::V vexp(typename Vec::V x) {
+  using V = typename Vec::V;
+  const V n = Vec::round(Vec::mul(x, Vec::set1(1.44269504088896341f)));
+  V r = Vec::fmadd(n, Vec::set1(-0.693145751953125f), x);
+  r = Vec::fmadd(n, Vec::set1(-1.428606765330187045e-06f), r);
+  V p = Vec::set1(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2, 1.f, 1.f}) p = Vec::fmadd(p, r, Vec::set1(c));
+  return Vec::zero_below(Vec::scale2(p, n), x, -87.3f);
+}
+
+// Softmax of one row of scores in place: vectors over the full chunks, the same exp on a zero-padded
+// copy of the last partial chunk.
+template <class Vec>
+void softmax_row(float* s, int64_t n) {
+  using V = typename Vec::V;
+  constexpr int64_t W = Vec::kWidth;
+  const int64_t main = n / W * W;
+  float mx = -INFINITY;
+  if (main > 0) {
+    V m = Vec::load(s);
+    for (int64_t p = W; p < main; p += W) m = Vec::max(m, Vec::load(s + p));
+    mx = Vec::top(m);
+  }
+  for (int64_t p = main; p < n; ++p) mx = std::max(mx, s[p]);
+  const V top = Vec::set1(mx);
+  V sum = Vec::zero();
+  for (int64_t p = 0; p < main; p += W) {
+    const V e = vexp<Vec>(Vec::sub(Vec::load(s + p), top));
+    Vec::store(s + p, e);
+    sum = Vec::add(sum, e);
+  }
+  float total = Vec::sum(sum);
+  if (main < n) {
+    alignas(64) float tail[W];
+    for (int64_t i = 0; i < W; ++i) tail[i] = main + i < n ? s[main + i] - mx : -INFINITY;
+    Vec::store(tail, vexp<Vec>(Vec::load(tail)));
+    for (int64_t i = 0; main + i < n; ++i) {
+      s[main + i] = tail[i];
+      total += tail[i];
+    }
+  }
+  const V inv = Vec::set1(1.f / total);
+  for (int64_t p = 0; p < main; p += W) Vec::store(s + p, Vec::mul(Vec::load(s + p), inv));
+  for (int64_t p = main; p < n; ++p) s[p] *= 1.f / total;
 }
 
 // The vectorized decode kernel: qf [group, d] (scaled queries), scores [group, ctx_len] scratch,
 // acc [group, d] zeroed; each K and V row is loaded and converted once for the whole query group.
-template <typename cache_t>
-void decode_group_avx512(const float* qf, const cache_t* k_cache, const cache_t* v_cache, const int32_t* table,
-                         int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs, int64_t d, float* scores,
-                         float* acc) {
-  const int64_t nv = d / 16;
-  __m512 row[kMaxVecD / 16];
+// d is a multiple of the vector width and at most kMaxVecD.
+template <class Vec, typename cache_t>
+void decode_group_vec(const float* qf, const cache_t* k_cache, const cache_t* v_cache, const int32_t* table,
+                      int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs, int64_t d, float* scores,
+                      float* acc) {
+  using V = typename Vec::V;
+  constexpr int64_t W = Vec::kWidth;
+  const int64_t nv = d / W;
+  V row[kMaxVecD / W];
   for (int64_t p = 0; p < ctx_len; ++p) {
     const cache_t* krow = k_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
-    for (int64_t i = 0; i < nv; ++i) row[i] = load16(krow + 16 * i);
+    for (int64_t i = 0; i < nv; ++i) row[i] = Vec::load(krow + W * i);
     for (int64_t j = 0; j < group; ++j) {
-      __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qf + j * d), row[0]);
-      for (int64_t i = 1; i < nv; ++i) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + j * d + 16 * i), row[i], dot);
-      scores[j * ctx_len + p] = _mm512_reduce_add_ps(dot);
+      V dot = Vec::mul(Vec::load(qf + j * d), row[0]);
+      for (int64_t i = 1; i < nv; ++i) dot = Vec::fmadd(Vec::load(qf + j * d + W * i), row[i], dot);
+      scores[j * ctx_len + p] = Vec::sum(dot);
     }
   }
-  for (int64_t j = 0; j < group; ++j) {
-    float* sj = scores + j * ctx_len;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t p = 0; p < ctx_len; p += 16) {
-      const __mmask16 m = first_lanes(ctx_len - p);
-      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, sj + p));
-    }
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t p = 0; p < ctx_len; p += 16) {
-      const __mmask16 m = first_lanes(ctx_len - p);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sj + p), top)));
-      _mm512_mask_storeu_ps(sj + p, m, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-    for (int64_t p = 0; p < ctx_len; p += 16) {
-      const __mmask16 m = first_lanes(ctx_len - p);
-      _mm512_mask_storeu_ps(sj + p, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sj + p), inv));
-    }
-  }
+  for (int64_t j = 0; j < group; ++j) softmax_row<Vec>(scores + j * ctx_len, ctx_len);
   for (int64_t p = 0; p < ctx_len; ++p) {
     const cache_t* vrow = v_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
-    for (int64_t i = 0; i < nv; ++i) row[i] = load16(vrow + 16 * i);
+    for (int64_t i = 0; i < nv; ++i) row[i] = Vec::load(vrow + W * i);
     for (int64_t j = 0; j < group; ++j) {
-      const __m512 w = _mm512_set1_ps(scores[j * ctx_len + p]);
+      const V w = Vec::set1(scores[j * ctx_len + p]);
       float* a = acc + j * d;
-      for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(a + 16 * i, _mm512_fmadd_ps(w, row[i], _mm512_loadu_ps(a + 16 * i)));
+      for (int64_t i = 0; i < nv; ++i) Vec::store(a + W * i, Vec::fmadd(w, row[i], Vec::load(a + W * i)));
     }
   }
 }
 
-#endif
-
-// The portable decode kernel, same arguments as decode_group_avx512.
+// The portable decode kernel, same arguments as decode_group_vec.
 template <typename cache_t>
 void decode_group_scalar(const float* qf, const cache_t* k_cache, const cache_t* v_cache, const int32_t* table,
                          int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs, int64_t d, float* scores,
@@ -229,15 +303,22 @@ void decode_group(const scalar_t* q, int64_t q_head_stride, const cache_t* k_cac
     }
   }
   bool done = false;
-#if defined(__AVX512F__)
-  // fp8: the portable path (this CPU has no e4m3 conversion; fp8 caches are for GPUs, run here by the builder)
+  // fp8 (a GPU format, run here by the builder's checks) and fp64 take the portable loop
   if constexpr (!std::is_same_v<cache_t, double> && !std::is_same_v<cache_t, c10::Float8_e4m3fn>) {
-    if (d % 16 == 0 && d <= kMaxVecD) {
-      decode_group_avx512(qf, k_cache, v_cache, table, ctx_len, g, group, hkv, bs, d, scratch.scores.data(), acc);
+    [[maybe_unused]] const Isa isa = kernel_isa();
+#if defined(LLMBUILD_AVX512)
+    if (!done && isa == Isa::kAvx512 && d % Vec16::kWidth == 0 && d <= kMaxVecD) {
+      decode_group_vec<Vec16>(qf, k_cache, v_cache, table, ctx_len, g, group, hkv, bs, d, scratch.scores.data(), acc);
       done = true;
     }
-  }
 #endif
+#if defined(LLMBUILD_AVX2)
+    if (!done && isa >= Isa::kAvx2 && d % Vec8::kWidth == 0 && d <= kMaxVecD) {
+      decode_group_vec<Vec8>(qf, k_cache, v_cache, table, ctx_len, g, group, hkv, bs, d, scratch.scores.data(), acc);
+      done = true;
+    }
+#endif
+  }
   if (!done) decode_group_scalar(qf, k_cache, v_cache, table, ctx_len, g, group, hkv, bs, d, scratch.scores.data(), acc);
   for (int64_t j = 0; j < group; ++j) {
     for (int64_t e = 0; e < d; ++e) out[(g * group + j) * d + e] = static_cast<scalar_t>(acc[j * d + e] * v_scale);

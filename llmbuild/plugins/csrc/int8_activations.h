@@ -1,10 +1,13 @@
-// What the VNNI weight-only kernels (linear_int8, linear_int4) share: dynamic int8 quantization of
-// the activation rows, the tiling of the output over threads, and small vector helpers.
+// What the decode paths of the weight-only kernels (linear_int8, linear_int4) share, in every tier:
+// dynamic int8 quantization of the activation rows, the tiling of the output over threads, and small
+// vector helpers.
 //
-// vpdpbusd multiplies unsigned bytes (the weights) by signed bytes, so the quantized linear kernels
-// quantize their bf16/fp32 input rows on the fly: symmetric, one scale per 32 columns (the block
-// size of llama.cpp's Q8_0, small enough that an outlier column costs little precision elsewhere).
-// Each call quantizes M x K values, negligible beside the N x K weights it then streams.
+// Integer dot products (vpdpbusd, vpmaddubsw) multiply weight bytes by activation bytes, so the
+// quantized linear kernels quantize their bf16/fp32 input rows on the fly: symmetric, one scale per 32
+// columns (the block size of llama.cpp's Q8_0, small enough that an outlier column costs little
+// precision elsewhere). Each call quantizes M x K values, negligible beside the N x K weights it then
+// streams. Every tier sums the same exact 32-column integer products, so tiers differ only in the
+// order of their fp32 additions.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,14 +18,16 @@
 #include <cstdint>
 #include <vector>
 
+#include "isa.h"
+
 namespace llmbuild {
 
 constexpr int64_t kActBlock = 32;
 
-// Quantized rows are zero-padded to a multiple of 128 columns. For int4 weights they are stored in steps
-// of 128 columns with the 2nd and 3rd 32-column blocks swapped (0-31, 64-95, 32-63, 96-127): the order
-// in which a 64-byte load of packed int4 weights (two 64-column blocks) yields its low and high nibbles.
-// For int8 weights they keep column order.
+// Quantized rows are zero-padded to a multiple of 128 columns. For the AVX-512 int4 kernel they are
+// stored in steps of 128 columns with the 2nd and 3rd 32-column blocks swapped (0-31, 64-95, 32-63,
+// 96-127): the order in which a 64-byte load of packed int4 weights (two 64-column blocks) yields its low
+// and high nibbles. Otherwise they keep column order.
 constexpr int64_t kStep = 128;
 
 enum class Order { kColumns, kInt4 };

@@ -1,0 +1,45 @@
+// Kernel tiers. Each op is one source with a portable loop and, where the instruction set the library
+// is compiled for (-march=<target.cpu>) allows, AVX2 and AVX-512 inner loops. The library built for a
+// target holds exactly the tiers that target can execute, so an engine never carries an instruction its
+// declared CPU lacks. At run time an op takes its best path at or below kernel_isa(): the best tier
+// compiled in, lowered by set_isa_cap() (tests and the quality gate run every tier the host can execute).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LLMBUILD_AVX2 1
+#endif
+#if defined(LLMBUILD_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__)
+#define LLMBUILD_AVX512 1
+#endif
+#if defined(LLMBUILD_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace llmbuild {
+
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The tier ops run now: the best one compiled in, capped by set_isa_cap.
+Isa kernel_isa();
+
+// Names of the tiers compiled into this library, best first ("avx512", "avx2", "portable").
+std::vector<std::string> compiled_isas();
+
+// Cap the tier every op uses ("avx512", "avx2" or "portable"); a tier above the compiled ones is an error.
+void set_isa_cap(const std::string& name);
+
+#if defined(LLMBUILD_AVX2)
+// Sum of the 8 lanes.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+}  // namespace llmbuild
