@@ -5,6 +5,13 @@
 `eager` runs the exported program op by op (every engine has one); `compiled` runs the AOTInductor
 package (compiled engines only).
 Either way the weights come from the rank's safetensors file, outside the graph.
+
+NOTE: an AOTInductor package reads each input as a dense tensor of the dtype it was traced with: a
+strided or offset view (a column of a batch, a slice) is read as if it were contiguous, silently giving
+another step (issue 27). Both backends therefore take their inputs through `dense_inputs`, which copies
+only what is not already a dense tensor of the right dtype (the runtime's own inputs never are: the check
+costs under a microsecond per input). The KV caches are written in place, so a cache that is not dense
+is refused instead of copied.
 """
 
 from __future__ import annotations
@@ -16,8 +23,40 @@ import torch
 from safetensors import SafetensorError
 
 from llmbuild.errors import EngineError
-from llmbuild.manifest import EXPORTED, GRAPH, WEIGHTS
+from llmbuild.manifest import EXPORTED, GRAPH, GRAPH_INPUTS, WEIGHTS
 from llmbuild.runtime.weights import load_weights
+
+
+INPUT_DTYPES = {
+    "input_ids": torch.int64,
+    "positions": torch.int64,
+    "slot_mapping": torch.int64,
+    "block_tables": torch.int32,
+    "seq_lens": torch.int32,
+    "cu_seqlens_q": torch.int32,
+    "logits_indices": torch.int64,
+}
+"""The dtype of each step input (manifest.GRAPH_INPUTS without the caches), as the graph was traced."""
+_DTYPES = tuple(INPUT_DTYPES[name] for name in GRAPH_INPUTS[:-1])
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.storage_offset() == 0
+
+
+def dense_inputs(inputs: tuple[torch.Tensor, ...], kv_caches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The step's inputs and caches as the graph must read them: each input contiguous, at offset 0,
+    in its traced dtype (copied only if not already); caches checked, never copied (they are written)."""
+    if len(inputs) != len(_DTYPES):
+        raise ValueError(f"the engine graph takes {len(_DTYPES)} step inputs ({', '.join(GRAPH_INPUTS[:-1])})")
+    out = [
+        t if t.dtype == d and _dense(t) else t.to(dtype=d, memory_format=torch.contiguous_format, copy=True)
+        for t, d in zip(inputs, _DTYPES, strict=True)
+    ]
+    for i, cache in enumerate(kv_caches):
+        if not _dense(cache):
+            raise ValueError(f"KV cache {i} is a strided or offset view: pass each layer's own cache tensor")
+    return out + list(kv_caches)
 
 
 class Graph(Protocol):
@@ -44,7 +83,8 @@ class EagerGraph:
         self.weights = weights
 
     def __call__(self, inputs: tuple[torch.Tensor, ...], kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        return self.module(*inputs, kv_caches)
+        step, n = dense_inputs(inputs, kv_caches), len(inputs)
+        return self.module(*step[:n], step[n:])
 
 
 class CompiledGraph:
@@ -64,7 +104,7 @@ class CompiledGraph:
         self.weights = weights  # user-managed: the package reads these tensors, keep them alive
 
     def __call__(self, inputs: tuple[torch.Tensor, ...], kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        return self._run([*inputs, *kv_caches])[0]
+        return self._run(dense_inputs(inputs, kv_caches))[0]
 
 
 def load_graph(rank_path: Path, backend: str, device: str = "cpu") -> Graph:
