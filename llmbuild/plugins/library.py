@@ -6,7 +6,9 @@ serving machine needs no compiler. Builds are cached under `<cache>/plugins/<key
 the sources, flags, torch version and the resolved target.
 
 One op library serves a process: the `llmbuild` op namespace can be registered once. The first library
-loaded stays; a later engine's copy (same op versions, checked by the runtime) is not loaded again.
+loaded stays; a later engine's copy (same op versions, checked by the runtime) is not loaded again, and
+its ops run at the loaded library's best tier unless `use_isa` lowers it. A serving process loads one
+engine, so it runs that engine's own library.
 """
 
 from __future__ import annotations

@@ -119,40 +119,54 @@ inline float dot_mins(const uint16_t* mins, const float* sums, int64_t groups) {
 
 // Output rows [n0, n1) for x rows [m0, m0 + MT), ROWS weight rows at a time. Each 64-column block: one
 // 32-byte load per weight row, whose low and high nibbles (columns k.., k + 32..) meet the activations
-// in vpmaddubsw (unsigned 0..15 x signed: pair sums stay within int16).
-template <int MT, int ROWS, class T>
+// in vpmaddubsw (unsigned 0..15 x signed: pair sums stay within int16), each 32-column product times its
+// activation block's scale. WIDE (groups of 64 or 128: both halves in one group): the products of a group
+// are summed before its weight scale multiplies them once; groups of 32 take their scale per half.
+template <int MT, int ROWS, bool WIDE, class T>
 void rows(const Args<T>& p, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t K = p.a.K, groups = p.groups();
+  const int64_t K = p.a.K, groups = p.groups(), span = WIDE ? p.group : 64;
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   int64_t n = n0;
   for (; n + ROWS <= n1; n += ROWS) {
     __m256 acc[ROWS][MT];
     for (int r = 0; r < ROWS; ++r)
       for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) {
-      __m256i xlo[MT], xhi[MT];
-      __m256 dlo[MT], dhi[MT];
-      for (int m = 0; m < MT; ++m) {
-        const int8_t* xr = p.a.row(m0 + m) + k;
-        xlo[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
-        xhi[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));
-        dlo[m] = _mm256_broadcast_ss(p.a.lanes(m0 + m) + k / 4);
-        dhi[m] = _mm256_broadcast_ss(p.a.lanes(m0 + m) + k / 4 + 8);
+    for (int64_t g0 = 0; g0 < K; g0 += span) {
+      __m256 lo_sum[ROWS][MT], hi_sum[WIDE ? 1 : ROWS][WIDE ? 1 : MT];
+      for (int r = 0; r < ROWS; ++r)
+        for (int m = 0; m < MT; ++m) lo_sum[r][m] = _mm256_setzero_ps();
+      if constexpr (!WIDE) {
+        for (int r = 0; r < ROWS; ++r)
+          for (int m = 0; m < MT; ++m) hi_sum[r][m] = _mm256_setzero_ps();
+      }
+      for (int64_t k = g0; k < g0 + span; k += 64) {
+        for (int r = 0; r < ROWS; ++r) {
+          const uint8_t* wr = p.w + (n + r) * (K / 2) + k / 2;
+          _mm_prefetch(reinterpret_cast<const char*>(wr) + kPrefetch, _MM_HINT_T0);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
+          const __m256i lo = _mm256_and_si256(v, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          for (int m = 0; m < MT; ++m) {
+            const int8_t* xr = p.a.row(m0 + m) + k;
+            const float* lanes = p.a.lanes(m0 + m) + k / 4;
+            const __m256i plo = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))), ones);
+            const __m256i phi = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32))), ones);
+            lo_sum[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(plo), _mm256_broadcast_ss(lanes), lo_sum[r][m]);
+            __m256& high = WIDE ? lo_sum[r][m] : hi_sum[WIDE ? 0 : r][WIDE ? 0 : m];
+            high = _mm256_fmadd_ps(_mm256_cvtepi32_ps(phi), _mm256_broadcast_ss(lanes + 8), high);
+          }
+        }
       }
       for (int r = 0; r < ROWS; ++r) {
-        const uint8_t* wr = p.w + (n + r) * (K / 2) + k / 2;
-        _mm_prefetch(reinterpret_cast<const char*>(wr) + kPrefetch, _MM_HINT_T0);
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
-        const __m256i lo = _mm256_and_si256(v, low4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
         const uint16_t* s = p.scales + (n + r) * groups;
-        const __m256 slo = _mm256_set1_ps(bf16_to_float(s[k / p.group]));
-        const __m256 shi = _mm256_set1_ps(bf16_to_float(s[(k + 32) / p.group]));
+        const __m256 s_lo = _mm256_set1_ps(bf16_to_float(s[g0 / p.group]));
         for (int m = 0; m < MT; ++m) {
-          const __m256i plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xlo[m]), ones);
-          const __m256i phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xhi[m]), ones);
-          acc[r][m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(plo), dlo[m]), slo, acc[r][m]);
-          acc[r][m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(phi), dhi[m]), shi, acc[r][m]);
+          acc[r][m] = _mm256_fmadd_ps(lo_sum[r][m], s_lo, acc[r][m]);
+          if constexpr (!WIDE) {
+            acc[r][m] = _mm256_fmadd_ps(hi_sum[r][m], _mm256_set1_ps(bf16_to_float(s[g0 / p.group + 1])), acc[r][m]);
+          }
         }
       }
     }
@@ -160,17 +174,23 @@ void rows(const Args<T>& p, int64_t m0, int64_t n0, int64_t n1) {
       for (int m = 0; m < MT; ++m)
         finish(p, m0 + m, n + r, hsum(acc[r][m]), dot_mins(p.mins + (n + r) * groups, p.a.sums(m0 + m), groups));
   }
-  if (n < n1) rows<MT, 1>(p, m0, n, n1);
+  if (n < n1) rows<MT, 1, WIDE>(p, m0, n, n1);
+}
+
+template <bool WIDE, class T>
+void tile_of(const Args<T>& p, int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
+  switch (mt) {
+    case 1: rows<1, 1, WIDE>(p, m0, n0, n1); break;
+    case 2: rows<2, 1, WIDE>(p, m0, n0, n1); break;
+    case 3: rows<3, 1, WIDE>(p, m0, n0, n1); break;
+    default: rows<4, 1, WIDE>(p, m0, n0, n1); break;
+  }
 }
 
 template <class T>
 void tile(const Args<T>& p, int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
-  switch (mt) {
-    case 1: rows<1, 1>(p, m0, n0, n1); break;
-    case 2: rows<2, 2>(p, m0, n0, n1); break;
-    case 3: rows<3, 1>(p, m0, n0, n1); break;
-    default: rows<4, 1>(p, m0, n0, n1); break;
-  }
+  if (p.group >= 64) return tile_of<true>(p, m0, mt, n0, n1);
+  tile_of<false>(p, m0, mt, n0, n1);
 }
 
 }  // namespace avx2
