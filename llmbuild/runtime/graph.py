@@ -26,7 +26,6 @@ from llmbuild.errors import EngineError
 from llmbuild.manifest import EXPORTED, GRAPH, GRAPH_INPUTS, WEIGHTS
 from llmbuild.runtime.weights import load_weights
 
-
 INPUT_DTYPES = {
     "input_ids": torch.int64,
     "positions": torch.int64,
