@@ -71,8 +71,9 @@ from llmbuild.recipe import Recipe
 from llmbuild.tensor_parallel import rank_config
 
 StageCallback = Callable[[str, float | None], None]
-QUALITY = "quality.json"
 """Called with (stage, None) when a stage starts and (stage, seconds) when it ends."""
+QUALITY = "quality-{isa}.json"
+"""The cached quality metrics of a build's weights, per kernel tier the gate ran (tiers differ in summation order)."""
 
 _OOM_HINT = "out of memory: free memory, or build a smaller model / a shorter limits.max_seq_len"
 
@@ -146,7 +147,8 @@ def build_engine(
             rank.mkdir()
         model: LlamaModel | None = None
         quality: Quality | None = None
-        cached_quality = cache.lookup("weights", weights_key, QUALITY)
+        quality_file = QUALITY.format(isa=check_isa)
+        cached_quality = cache.lookup("weights", weights_key, quality_file)
         names = [f"{rank.name}.safetensors" for rank in ranks]
         cached_weights = [p for name in names if (p := cache.lookup("weights", weights_key, name))]
         if len(cached_weights) == tp and (not q.quantized or cached_quality):
@@ -184,7 +186,7 @@ def build_engine(
                     quality = compare(reference.to(device), model.to(device), windows)
                     model.to("cpu")
                     del reference
-                    _store_json(cache, "weights", weights_key, QUALITY, asdict(quality))
+                    _store_json(cache, "weights", weights_key, quality_file, asdict(quality))
             with _stage("save weights" if tp == 1 else f"shard + save weights ({tp} ranks)", timings, on_stage):
                 state = model.state_dict()
                 for r, (rank, name) in enumerate(zip(ranks, names, strict=True)):

@@ -33,6 +33,9 @@ constexpr int64_t kSmallM = 8;
 // Weight rows per panel when x has more than 4 rows (a few tens of KB, cache-resident).
 constexpr int64_t kPanel = 16;
 
+// Bytes ahead of the current position of each weight row to prefetch.
+constexpr int64_t kPrefetch = 4096;
+
 struct Args {
   const c10::BFloat16* w;
   const c10::BFloat16* bias;
@@ -77,31 +80,45 @@ std::vector<float> split_even_odd(const c10::BFloat16* x, int64_t M, int64_t K) 
 }
 
 // Output rows [n0, n1) for x rows [m0, m0 + M), ROWS weight rows at a time, even and odd accumulators.
+// U vectors of 16 weights per iteration, each with accumulators of its own: a lone weight row (M x ROWS
+// of 1 or 2) would otherwise wait on the FMA latency, not on memory.
 template <int M, int ROWS>
 void rows(const Args& p, const c10::BFloat16* x, const float* xs, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t K = p.K, k_main = K / 16 * 16, half = k_main / 2;
+  constexpr int U = M * ROWS == 1 ? 4 : M * ROWS == 2 ? 2 : 1;
+  const int64_t K = p.K, k_vec = K / 16 * 16, k_main = K / (16 * U) * (16 * U), half = k_vec / 2;
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   int64_t n = n0;
   for (; n + ROWS <= n1; n += ROWS) {
-    __m256 even[ROWS][M], odd[ROWS][M];
-    for (int r = 0; r < ROWS; ++r)
-      for (int m = 0; m < M; ++m) even[r][m] = odd[r][m] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < k_main; k += 16) {
-      for (int r = 0; r < ROWS; ++r) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w + (n + r) * K + k));
-        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
-        for (int m = 0; m < M; ++m) {
-          const float* xm = xs + 2 * (m0 + m) * half + k / 2;
-          even[r][m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xm), even[r][m]);
-          odd[r][m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xm + half), odd[r][m]);
-        }
+    __m256 even[U][ROWS][M], odd[U][ROWS][M];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < ROWS; ++r)
+        for (int m = 0; m < M; ++m) even[u][r][m] = odd[u][r][m] = _mm256_setzero_ps();
+    // one vector of 16 weights of row r at column k into the accumulators of slot u
+    auto fma16 = [&](int u, int r, int64_t k) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w + (n + r) * K + k));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+      for (int m = 0; m < M; ++m) {
+        const float* xm = xs + 2 * (m0 + m) * half + k / 2;
+        even[u][r][m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xm), even[u][r][m]);
+        odd[u][r][m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xm + half), odd[u][r][m]);
       }
+    };
+    for (int64_t k = 0; k < k_main; k += 16 * U) {
+      for (int r = 0; r < ROWS; ++r)
+        for (int64_t line = 0; line < 32 * U; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + (n + r) * K + k) + line + kPrefetch, _MM_HINT_T0);
+      for (int u = 0; u < U; ++u)
+        for (int r = 0; r < ROWS; ++r) fma16(u, r, k + 16 * u);
     }
+    for (int64_t k = k_main; k < k_vec; k += 16)
+      for (int r = 0; r < ROWS; ++r) fma16(0, r, k);
     for (int r = 0; r < ROWS; ++r) {
       for (int m = 0; m < M; ++m) {
-        float dot = hsum(_mm256_add_ps(even[r][m], odd[r][m]));
-        for (int64_t k = k_main; k < K; ++k)
+        __m256 sum = _mm256_add_ps(even[0][r][m], odd[0][r][m]);
+        for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, _mm256_add_ps(even[u][r][m], odd[u][r][m]));
+        float dot = hsum(sum);
+        for (int64_t k = k_vec; k < K; ++k)
           dot += static_cast<float>(x[(m0 + m) * K + k]) * static_cast<float>(p.w[(n + r) * K + k]);
         finish(p, m0 + m, n + r, dot);
       }
@@ -130,26 +147,37 @@ void gemv(const Args& p, const c10::BFloat16* x, int64_t M) {
 #define LLMBUILD_LINEAR_AVX512 1
 namespace avx512 {
 
-// x: [M, K] rows, w: [N, K] row-major, y: [M, N]. Rows [n0, n1) of w, x rows [m0, m0 + M).
+// x: [M, K] rows, w: [N, K] row-major, y: [M, N]. Rows [n0, n1) of w, x rows [m0, m0 + M). A lone
+// weight row (M x ROWS = 1) alternates two accumulators, so that the dot products' latency does not bind.
 template <int M, int ROWS>
 void rows(const Args& p, const c10::BFloat16* x, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t K = p.K, k_main = K / 32 * 32;
+  constexpr int U = M * ROWS == 1 ? 2 : 1;
+  const int64_t K = p.K, k_main = K / 32 * 32, k_pairs = K / (32 * U) * (32 * U);
   const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k_main)) - 1);
   const c10::BFloat16* xr = x + m0 * K;
   int64_t n = n0;
   for (; n + ROWS <= n1; n += ROWS) {
-    __m512 acc[ROWS][M];
+    __m512 acc[ROWS][M], extra = _mm512_setzero_ps();
     for (int r = 0; r < ROWS; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
     const c10::BFloat16* wr = p.w + n * K;
-    for (int64_t k = 0; k <= K - 32; k += 32) {
+    // 32 columns of every row into acc (or, for the second of a pair with U = 2, into extra)
+    auto dot32 = [&](int64_t k, bool second) {
       __m512bh xv[M];
       for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xr + m * K + k);
       for (int r = 0; r < ROWS; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(wr + r * K + k) + kPrefetch, _MM_HINT_T0);
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + r * K + k);
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
+        for (int m = 0; m < M; ++m) {
+          __m512& a = U == 2 && second ? extra : acc[r][m];
+          a = _mm512_dpbf16_ps(a, wv, xv[m]);
+        }
       }
-    }
+    };
+    for (int64_t k = 0; k < k_pairs; k += 32 * U)
+      for (int u = 0; u < U; ++u) dot32(k + 32 * u, u == 1);
+    for (int64_t k = k_pairs; k < k_main; k += 32) dot32(k, false);
+    acc[0][0] = _mm512_add_ps(acc[0][0], extra);
     if (tail) {
       __m512bh xv[M];
       for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(tail, xr + m * K + k_main);

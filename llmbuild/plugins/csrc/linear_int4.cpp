@@ -16,6 +16,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "dequantize_gemm.h"
 #include "int8_activations.h"
@@ -122,9 +123,11 @@ inline float dot_mins(const uint16_t* mins, const float* sums, int64_t groups) {
 // in vpmaddubsw (unsigned 0..15 x signed: pair sums stay within int16), each 32-column product times its
 // activation block's scale. WIDE (groups of 64 or 128: both halves in one group): the products of a group
 // are summed before its weight scale multiplies them once; groups of 32 take their scale per half.
-template <int MT, int ROWS, bool WIDE, class T>
+template <int MT, int ROWS, int G, class T>
 void rows(const Args<T>& p, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t K = p.a.K, groups = p.groups(), span = WIDE ? p.group : 64;
+  constexpr bool WIDE = G >= 64;
+  constexpr int64_t span = WIDE ? G : 64;
+  const int64_t K = p.a.K, groups = p.groups();
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   int64_t n = n0;
   for (; n + ROWS <= n1; n += ROWS) {
@@ -132,13 +135,10 @@ void rows(const Args<T>& p, int64_t m0, int64_t n0, int64_t n1) {
     for (int r = 0; r < ROWS; ++r)
       for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
     for (int64_t g0 = 0; g0 < K; g0 += span) {
-      __m256 lo_sum[ROWS][MT], hi_sum[WIDE ? 1 : ROWS][WIDE ? 1 : MT];
+      // low and high halves in accumulators of their own: two independent FMA chains
+      __m256 lo_sum[ROWS][MT], hi_sum[ROWS][MT];
       for (int r = 0; r < ROWS; ++r)
-        for (int m = 0; m < MT; ++m) lo_sum[r][m] = _mm256_setzero_ps();
-      if constexpr (!WIDE) {
-        for (int r = 0; r < ROWS; ++r)
-          for (int m = 0; m < MT; ++m) hi_sum[r][m] = _mm256_setzero_ps();
-      }
+        for (int m = 0; m < MT; ++m) lo_sum[r][m] = hi_sum[r][m] = _mm256_setzero_ps();
       for (int64_t k = g0; k < g0 + span; k += 64) {
         for (int r = 0; r < ROWS; ++r) {
           const uint8_t* wr = p.w + (n + r) * (K / 2) + k / 2;
@@ -154,18 +154,19 @@ void rows(const Args<T>& p, int64_t m0, int64_t n0, int64_t n1) {
             const __m256i phi = _mm256_madd_epi16(
                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32))), ones);
             lo_sum[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(plo), _mm256_broadcast_ss(lanes), lo_sum[r][m]);
-            __m256& high = WIDE ? lo_sum[r][m] : hi_sum[WIDE ? 0 : r][WIDE ? 0 : m];
-            high = _mm256_fmadd_ps(_mm256_cvtepi32_ps(phi), _mm256_broadcast_ss(lanes + 8), high);
+            hi_sum[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(phi), _mm256_broadcast_ss(lanes + 8), hi_sum[r][m]);
           }
         }
       }
       for (int r = 0; r < ROWS; ++r) {
         const uint16_t* s = p.scales + (n + r) * groups;
-        const __m256 s_lo = _mm256_set1_ps(bf16_to_float(s[g0 / p.group]));
+        const __m256 s_lo = _mm256_set1_ps(bf16_to_float(s[g0 / G]));
         for (int m = 0; m < MT; ++m) {
-          acc[r][m] = _mm256_fmadd_ps(lo_sum[r][m], s_lo, acc[r][m]);
-          if constexpr (!WIDE) {
-            acc[r][m] = _mm256_fmadd_ps(hi_sum[r][m], _mm256_set1_ps(bf16_to_float(s[g0 / p.group + 1])), acc[r][m]);
+          if constexpr (WIDE) {
+            acc[r][m] = _mm256_fmadd_ps(_mm256_add_ps(lo_sum[r][m], hi_sum[r][m]), s_lo, acc[r][m]);
+          } else {
+            acc[r][m] = _mm256_fmadd_ps(lo_sum[r][m], s_lo, acc[r][m]);
+            acc[r][m] = _mm256_fmadd_ps(hi_sum[r][m], _mm256_set1_ps(bf16_to_float(s[g0 / G + 1])), acc[r][m]);
           }
         }
       }
@@ -174,23 +175,46 @@ void rows(const Args<T>& p, int64_t m0, int64_t n0, int64_t n1) {
       for (int m = 0; m < MT; ++m)
         finish(p, m0 + m, n + r, hsum(acc[r][m]), dot_mins(p.mins + (n + r) * groups, p.a.sums(m0 + m), groups));
   }
-  if (n < n1) rows<MT, 1, WIDE>(p, m0, n, n1);
+  if (n < n1) rows<MT, 1, G>(p, m0, n, n1);
 }
 
-template <bool WIDE, class T>
+// One 64-column block of row n into fp32 (prefill below AVX512-BF16 runs its GEMM in fp32), 8 at a time.
+inline void dequantize_block(const uint8_t* w, const uint16_t* s, const uint16_t* mins, int64_t k, int64_t group,
+                             float* out) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i halves[2] = {_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)};
+  for (int h = 0; h < 2; ++h) {
+    const int64_t g = (k + 32 * h) / group;
+    const __m256 scale = _mm256_set1_ps(bf16_to_float(s[g])), low = _mm256_set1_ps(bf16_to_float(mins[g]));
+    const __m128i parts[2] = {_mm256_castsi256_si128(halves[h]), _mm256_extracti128_si256(halves[h], 1)};
+    for (int i = 0; i < 4; ++i) {
+      const __m128i bytes = i % 2 ? _mm_srli_si128(parts[i / 2], 8) : parts[i / 2];
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+      _mm256_storeu_ps(out + 32 * h + 8 * i, _mm256_fmadd_ps(q, scale, low));
+    }
+  }
+}
+
+template <int G, class T>
 void tile_of(const Args<T>& p, int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
+  // batch 1: two weight rows at a time (int4 rows lie K/2 bytes apart, clear of the 4 KiB aliasing that
+  // makes bf16 and int8 rows stream one at a time) for more independent work per loaded x block
   switch (mt) {
-    case 1: rows<1, 1, WIDE>(p, m0, n0, n1); break;
-    case 2: rows<2, 1, WIDE>(p, m0, n0, n1); break;
-    case 3: rows<3, 1, WIDE>(p, m0, n0, n1); break;
-    default: rows<4, 1, WIDE>(p, m0, n0, n1); break;
+    case 1: rows<1, 2, G>(p, m0, n0, n1); break;
+    case 2: rows<2, 1, G>(p, m0, n0, n1); break;
+    case 3: rows<3, 1, G>(p, m0, n0, n1); break;
+    default: rows<4, 1, G>(p, m0, n0, n1); break;
   }
 }
 
 template <class T>
 void tile(const Args<T>& p, int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
-  if (p.group >= 64) return tile_of<true>(p, m0, mt, n0, n1);
-  tile_of<false>(p, m0, mt, n0, n1);
+  switch (p.group) {
+    case 32: return tile_of<32>(p, m0, mt, n0, n1);
+    case 64: return tile_of<64>(p, m0, mt, n0, n1);
+    default: return tile_of<128>(p, m0, mt, n0, n1);
+  }
 }
 
 }  // namespace avx2
@@ -277,12 +301,18 @@ void rows(const Args<T>& p, int64_t m0, int64_t n0, int64_t n1) {
         const __m512i lo = _mm512_and_si512(v, low4);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         const uint16_t* s = p.scales + (n + r) * groups;
-        const __m512 sv_lo = step_scales(s, k, p.group, groups), sv_hi = step_scales(s, k + 32, p.group, groups);
+        const __m512 sv_lo = step_scales(s, k, p.group, groups);
         for (int m = 0; m < MT; ++m) {
           const __m512 dlo = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[m]));
           const __m512 dhi = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xhi[m]));
-          acc[r][m] = _mm512_fmadd_ps(_mm512_mul_ps(dlo, slo[m]), sv_lo, acc[r][m]);
-          acc[r][m] = _mm512_fmadd_ps(_mm512_mul_ps(dhi, shi[m]), sv_hi, acc[r][m]);
+          if (p.group >= 64) {
+            // a 64-column block's low and high halves share a group: one weight scale for both
+            acc[r][m] = _mm512_fmadd_ps(_mm512_fmadd_ps(dhi, shi[m], _mm512_mul_ps(dlo, slo[m])), sv_lo, acc[r][m]);
+          } else {
+            const __m512 sv_hi = step_scales(s, k + 32, p.group, groups);
+            acc[r][m] = _mm512_fmadd_ps(_mm512_mul_ps(dlo, slo[m]), sv_lo, acc[r][m]);
+            acc[r][m] = _mm512_fmadd_ps(_mm512_mul_ps(dhi, shi[m]), sv_hi, acc[r][m]);
+          }
         }
       }
     }
@@ -357,6 +387,14 @@ void dequantize_rows(const at::Tensor& w, const at::Tensor& scales, const at::Te
         if (isa == Isa::kAvx512) {
           avx512::dequantize_block(block, sp + n * groups, mp + n * groups, k, group, o);
           continue;
+        }
+#endif
+#if defined(LLMBUILD_AVX2)
+        if constexpr (std::is_same_v<O, float>) {
+          if (isa >= Isa::kAvx2) {
+            avx2::dequantize_block(block, sp + n * groups, mp + n * groups, k, group, o);
+            continue;
+          }
         }
 #endif
         portable::dequantize_block(block, sp + n * groups, mp + n * groups, k, group, o);
