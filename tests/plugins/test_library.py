@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -63,3 +66,21 @@ def test_a_tier_that_is_not_compiled_in_is_refused():
         pytest.skip("this CPU executes every kernel tier: none is missing from the native library")
     with pytest.raises(RuntimeError, match="is not compiled in"):
         torch.ops.llmbuild_isa.use(missing[0])
+
+
+CROSS = "aarch64-linux-gnu-g++"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(CROSS) is None, reason=f"no {CROSS} (apt-get install g++-aarch64-linux-gnu)")
+def test_the_sources_compile_for_aarch64(tmp_path):
+    # no ARM machine here: the portable tier must at least compile there (x86 intrinsics stay behind isa.h)
+    from torch.utils.cpp_extension import include_paths
+
+    flags = ["-std=c++20", "-O1", "-fopenmp", "-fPIC", "-march=armv8.2-a+dotprod", "-Wall", "-Werror=return-type"]
+    includes = [f"-I{p}" for p in include_paths()]
+    for src in (p for p in library.sources() if p.suffix == ".cpp"):
+        cmd = [CROSS, *flags, *includes, "-c", str(src), "-o", str(tmp_path / f"{src.stem}.o")]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, f"{src.name}: {result.stderr[-2000:]}"
+        assert "warning" not in result.stderr, result.stderr[-2000:]

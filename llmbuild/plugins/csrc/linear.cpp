@@ -2,7 +2,7 @@
 //
 // Decode steps multiply a handful of token rows by each weight matrix, which makes them a pure
 // stream over the weights: aten's bf16 path reaches about half the memory bandwidth there. For
-// bf16 with at most kSmallM rows this runs a kernel that reads every weight row once from memory and
+// bf16 with at most kSmallM* rows this runs a kernel that reads every weight row once from memory and
 // keeps fp32 accumulators in registers; with more than 4 rows, a panel of weight rows stays in cache
 // while each 4-row tile of x passes over it. bf16 products are exact in fp32, so the tiers differ only in
 // summation order:
@@ -25,10 +25,12 @@
 namespace llmbuild {
 namespace {
 
-// Rows of x up to which the decode kernel runs. Measured on the 2-core AVX512-BF16 machine (TinyLlama
-// shapes, one layer + lm_head): 1.37x aten at M=4, 1.23x at M=8, even at M=12..24, where both are
-// compute-bound near 170 GFLOP/s.
-constexpr int64_t kSmallM = 8;
+// Rows of x up to which the decode kernel runs. AVX512-BF16 (2-core machine, TinyLlama shapes, one layer +
+// lm_head): 1.37x aten at M=4, 1.23x at M=8, even at M=12..24, where both are compute-bound near 170
+// GFLOP/s. AVX2: at M=16 the panels still beat widening to fp32 for a GEMM (177 vs 122 GFLOP/s measured,
+// 2 cores of an AMD EPYC kept to AVX2).
+constexpr int64_t kSmallMAvx512 = 8;
+constexpr int64_t kSmallMAvx2 = 16;
 
 // Weight rows per panel when x has more than 4 rows (a few tens of KB, cache-resident).
 constexpr int64_t kPanel = 16;
@@ -210,7 +212,12 @@ void gemv(const Args& p, const c10::BFloat16* x, int64_t M) {
 #endif
 
 bool use_gemv(const at::Tensor& x2d, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  return kernel_isa() >= Isa::kAvx2 && x2d.size(0) >= 1 && x2d.size(0) <= kSmallM &&
+#if defined(LLMBUILD_LINEAR_AVX512)
+  const int64_t small_m = kernel_isa() == Isa::kAvx512 ? kSmallMAvx512 : kSmallMAvx2;
+#else
+  const int64_t small_m = kSmallMAvx2;
+#endif
+  return kernel_isa() >= Isa::kAvx2 && x2d.size(0) >= 1 && x2d.size(0) <= small_m &&
          x2d.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
          (!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous()));
 }
