@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -61,18 +62,35 @@ def sources() -> list[Path]:
     return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h"))
 
 
+def read_sources() -> dict[str, bytes]:
+    """The sources' bytes by file name: the library is keyed by and compiled from this one reading, so an
+    edit made during a build cannot land under the previous sources' key."""
+    return {p.name: p.read_bytes() for p in sources()}
+
+
+@cache
+def compiler_identity(cxx: str) -> str:
+    """What `cxx --version` says (a compiler upgrade must not reuse libraries the old one built)."""
+    path = shutil.which(cxx)
+    if path is None:
+        return cxx
+    proc = subprocess.run([path, "--version"], capture_output=True, text=True)
+    return f"{path}\n{proc.stdout.strip()}"
+
+
 def target_isa(features: tuple[str, ...] | frozenset[str]) -> str:
     """The best kernel tier code compiled for (or a CPU with) these features holds."""
     return next(name for name, needs in ISAS.items() if needs <= set(features))
 
 
-def library_key(target: CpuTarget) -> str:
-    """Hash of everything the built .so depends on."""
+def library_key(target: CpuTarget, source_bytes: dict[str, bytes] | None = None) -> str:
+    """Hash of everything the built .so depends on: sources, flags, compiler, torch and the target."""
     h = hashlib.sha256()
-    for path in sources():
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
+    for name, data in sorted((source_bytes or read_sources()).items()):
+        h.update(name.encode())
+        h.update(data)
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update(compiler_identity(compiler()).encode())
     h.update(torch.__version__.encode())
     h.update(platform.machine().encode())
     h.update(f"{target.name} {target.resolved} {' '.join(target.features)}".encode())
@@ -82,7 +100,9 @@ def library_key(target: CpuTarget) -> str:
 def build_library(target: CpuTarget, cache_dir: Path | None = None, reuse: bool = True) -> Path:
     """The op library compiled for `target`: from the cache (unless `reuse` is False), else compiled into
     it. Loads nothing."""
-    build_dir = (cache_dir or default_cache_dir()) / "plugins" / library_key(target)
+    _check_compiler()
+    source_bytes = read_sources()
+    build_dir = (cache_dir or default_cache_dir()) / "plugins" / library_key(target, source_bytes)
     so = build_dir / FILE
     if reuse and so.is_file():
         return so
@@ -90,7 +110,7 @@ def build_library(target: CpuTarget, cache_dir: Path | None = None, reuse: bool 
     with open(build_dir / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same library
         if not (reuse and so.is_file()):
-            _compile(target, so)
+            _compile(target, source_bytes, so)
     return so
 
 
@@ -124,24 +144,32 @@ def use_isa(name: str) -> Iterator[None]:
         torch.ops.llmbuild_isa.use(best)
 
 
-def _compile(target: CpuTarget, so: Path) -> None:
+def _check_compiler() -> None:
     cxx = compiler()
     if shutil.which(cxx) is None:
         raise LLMBuildError(
             f"building the llmbuild op library needs a C++ compiler ({cxx!r} not found); "
             "install one (e.g. apt-get install g++) or set CXX"
         )
-    flags = [
-        *CFLAGS,
-        f"-march={target.march}",
-        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        # the sources' location must not end up in the engine's bytes (assertion messages name files)
-        f"-ffile-prefix-map={CSRC}=llmbuild/plugins/csrc",
-        *(f"-I{p}" for p in cpp_extension.include_paths()),
-    ]
+
+
+def _compile(target: CpuTarget, source_bytes: dict[str, bytes], so: Path) -> None:
+    cxx = compiler()
     libs = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu", "-ltorch"]
     with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-        units = [p for p in sources() if p.suffix == ".cpp"]
+        src = Path(tmp) / "csrc"
+        src.mkdir()
+        for name, data in source_bytes.items():
+            (src / name).write_bytes(data)
+        flags = [
+            *CFLAGS,
+            f"-march={target.march}",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            # the build's location must not end up in the engine's bytes (assertion messages name files)
+            f"-ffile-prefix-map={src}=llmbuild/plugins/csrc",
+            *(f"-I{p}" for p in cpp_extension.include_paths()),
+        ]
+        units = sorted(src / name for name in source_bytes if name.endswith(".cpp"))
         objects = [str(Path(tmp) / f"{p.stem}.o") for p in units]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             list(pool.map(lambda u, o: _run([cxx, *flags, "-c", str(u), "-o", o], target), units, objects))

@@ -34,6 +34,15 @@ def test_cache_key_follows_the_sources_and_the_target(tmp_path, monkeypatch):
     assert library.library_key(v3) == key  # same bytes, same key
     (src / "ops.h").write_text((src / "ops.h").read_text() + "\n// changed\n")
     assert library.library_key(v3) != key
+    # a build is keyed by the bytes it compiles, read once
+    assert library.library_key(v3, library.read_sources()) == library.library_key(v3)
+
+
+def test_cache_key_follows_the_compiler(monkeypatch):
+    v3 = resolve("x86-64-v3")
+    key = library.library_key(v3)
+    monkeypatch.setattr(library, "compiler_identity", lambda cxx: "g++ (a newer release) 99.1")
+    assert library.library_key(v3) != key
 
 
 def test_the_loaded_library_registers_every_versioned_op():
