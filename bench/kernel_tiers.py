@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llmbuild.benchmark import read_bandwidth_gbs
+from llmbuild.bench.offline import read_bandwidth_gbs
 from llmbuild.cpu_target import known_flags
 from llmbuild.machine import cpu_flags, cpu_model
 from llmbuild.plugins import load_plugins

@@ -5,7 +5,7 @@
 32 heads / 4 kv heads, ffn 5632, vocab 32000. `llama3-8b`: the Llama-3-8B shape of the GPU benchmarks
 (issue 6): hidden 4096, 32 layers, 32 heads / 8 kv heads, ffn 14336, vocab 128256, RoPE theta 500000.
 bf16, N(0, 0.02) matrices and unit norms from a seeded generator (the same recipe as
-../shared/peers/make_checkpoint.py), plus the small local BPE tokenizer of tools/make_demo_checkpoint.py
+../shared/peers/make_checkpoint.py), plus the small local BPE tokenizer of llmbuild/testing/checkpoints.py
 (benchmarks feed token ids directly).
 
     python bench/make_random_checkpoint.py --out checkpoints/tinyllama-1.1b-random
@@ -15,15 +15,13 @@ bf16, N(0, 0.02) matrices and unit norms from a seeded generator (the same recip
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tools/
-from tools.make_demo_checkpoint import train_tokenizer  # noqa: E402
+from llmbuild.testing.checkpoints import train_tokenizer
 
 COMMON = dict(rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 SHAPES = {

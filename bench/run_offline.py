@@ -31,7 +31,7 @@ def hf_child(batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
-    from llmbuild.benchmark import peak_rss_mib
+    from llmbuild.bench.offline import peak_rss_mib
 
     model = AutoModelForCausalLM.from_pretrained(CKPT, dtype=torch.bfloat16).eval()
     stamps: list[float] = []
@@ -80,7 +80,7 @@ def main() -> None:
         print(json.dumps(hf_child(*args.hf_child)))
         return
 
-    from llmbuild.benchmark import Run, bench_offline, format_markdown, summarize
+    from llmbuild.bench.offline import Run, bench_offline, format_markdown, summarize
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if not (CKPT / "config.json").is_file():

@@ -53,7 +53,7 @@ def start_server(port: int, log: Path) -> subprocess.Popen:
 
 
 def served(requests: int, concurrency: int) -> dict:
-    from llmbuild.load_generator import run_load
+    from llmbuild.bench.load_generator import run_load
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,7 +129,7 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    from llmbuild.load_generator import format_report
+    from llmbuild.bench.load_generator import format_report
 
     w = r["workload"]
     s, o, h = r["served_output_tok_s"], r["offline_static_batch_tok_s"], r["hf_static_batch_tok_s"]

@@ -49,6 +49,17 @@ class MemoryPlan:
     def total_bytes(self) -> int:
         return self.weight_bytes + self.num_blocks * self.kv_bytes_per_block
 
+    def as_report(self) -> dict[str, int]:
+        """The plan as an engine's report.json records it."""
+        return {
+            "weight_bytes": self.weight_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_budget_bytes": self.kv_budget_bytes,
+            "kv_blocks": self.num_blocks,
+            "blocks_per_sequence": self.blocks_per_sequence,
+            "max_full_sequences": self.max_full_sequences,
+        }
+
 
 def plan_memory(
     *,

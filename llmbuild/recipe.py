@@ -1,7 +1,7 @@
 """Recipe schema: what to build, for which target, under which limits.
 
-A recipe is YAML validated into frozen pydantic models. Every field has a docstring (shown by
-`llmbuild plan --explain`), unknown keys are errors, and every error names its key path:
+A recipe is YAML validated into frozen pydantic models. Every setting has a docstring (its description
+in `Recipe.model_json_schema()`), unknown keys are errors, and every error names its key path:
 `quantization.group_size: must be one of 32, 64, 128 (got 100)`.
 """
 

@@ -22,7 +22,7 @@ from llmbuild.machine import cpu_flags
 from llmbuild.plugins import load_plugins
 from llmbuild.plugins.library import ISAS, compiled_isas, use_isa
 from llmbuild.recipe import load_recipe
-from tools.make_demo_checkpoint import make_checkpoint, train_tokenizer
+from llmbuild.testing.checkpoints import make_checkpoint, train_tokenizer
 
 TINY = dict(
     hidden_size=64,

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import click
 import pytest
 import yaml
 
-from llmbuild.cli import main
+from llmbuild.cli import cli
+from llmbuild.serve.config import ServeConfig
 from tests.conftest import edit_json, write_recipe
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.helpers import run_cli
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
@@ -237,6 +232,9 @@ def test_internal_errors_are_one_line_without_debug_and_traced_with_it(capsys, e
     assert_one_line_error(code, err, "internal error: ZeroDivisionError: kaboom", "--debug")
     code, _, err = run_cli(capsys, "--debug", "run", str(engine_copy), "--prompt", "x")
     assert code == 1 and "Traceback" in err
+    # --debug is the root group's flag, parsed as such: the same word as a prompt turns nothing on
+    code, _, err = run_cli(capsys, "run", str(engine_copy), "--prompt", "--debug")
+    assert_one_line_error(code, err, "internal error: ZeroDivisionError: kaboom")
 
 
 def test_chat_prompt_uses_the_engine_template(capsys, llama_engine):
@@ -256,3 +254,38 @@ def test_chat_prompt_uses_the_engine_template(capsys, llama_engine):
     )
     assert code == 0, err
     assert len(json.loads(out)["token_ids"]) >= 1
+
+
+REPO = Path(__file__).parents[1]
+MENTION = re.compile(r"`llmbuild ([^`]+)`")
+
+
+def command_for(words: list[str]) -> tuple[click.Command, list[str]]:
+    """The command a `llmbuild ...` line runs (a group's default subcommand included) and its other words."""
+    command: click.Command = cli
+    while isinstance(command, click.Group) and words and not words[0].startswith("-"):
+        if words[0] in command.commands:
+            command, words = command.commands[words[0]], words[1:]
+        else:
+            default = getattr(command, "default", None)
+            assert default, f"llmbuild {' '.join(words)}: no command {words[0]!r}"
+            command = command.commands[default]
+    return command, words
+
+
+def test_commands_named_in_docstrings_and_docs_exist():
+    sources = [*(REPO / "llmbuild").rglob("*.py"), REPO / "README.md", *(REPO / "docs").rglob("*.md")]
+    mentions = {(path.name, m) for path in sources for m in MENTION.findall(path.read_text())}
+    assert len(mentions) > 10
+    for name, mention in sorted(mentions):
+        command, words = command_for(mention.split())
+        options = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+        for word in words:
+            if word.startswith("--"):
+                assert word.split("=", 1)[0] in options, f"{name}: `llmbuild {mention}`: no option {word}"
+
+
+def test_serve_flag_defaults_are_the_server_config_defaults():
+    params = {param.name: param for param in cli.commands["serve"].params}
+    for field in ("max_queue", "max_body_bytes", "max_n", "shutdown_timeout"):
+        assert params[field].default == ServeConfig.model_fields[field].default, field

@@ -1,4 +1,5 @@
-"""runtime/ and serve/ never import builder/: an engine runs without the code that built it."""
+"""runtime/ and serve/ never import builder/ (an engine runs without the code that built it), and no
+module of the package imports itself back through others."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import llmbuild
 
@@ -20,6 +23,57 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
     return names
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Each llmbuild module -> the llmbuild modules it imports (anywhere in it, lazily or not).
+    `from pkg import name` counts as importing pkg.name where that is a module."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module)
+                deps.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[name] = {d for d in deps if d in modules and d != name and not name.startswith(d + ".")}
+    return graph
+
+
+def test_the_package_has_no_import_cycle():
+    graph = package_imports()
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            if state.get(dep) == "open":
+                return path[path.index(dep) :] + [dep]
+            if dep not in state and (cycle := visit(dep, [*path, dep])):
+                return cycle
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            cycle = visit(module, [module])
+            assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_check_sees_a_cycle(monkeypatch):
+    """The check above can fail: a cycle added to the graph is reported."""
+    graph = package_imports()
+    graph["llmbuild.errors"] = graph["llmbuild.errors"] | {"llmbuild.recipe"}
+    monkeypatch.setattr(sys.modules[__name__], "package_imports", lambda: graph)
+    with pytest.raises(AssertionError, match="llmbuild.errors"):
+        test_the_package_has_no_import_cycle()
 
 
 def test_runtime_and_serve_sources_do_not_import_builder():

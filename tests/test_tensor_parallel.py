@@ -4,24 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmbuild.model_config import ModelConfig, RopeConfig
 from llmbuild.tensor_parallel import kv_heads_of_rank, rank_config, split_problems
-
-
-def config(heads: int = 8, kv_heads: int = 2, intermediate: int = 512) -> ModelConfig:
-    return ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=intermediate,
-        num_layers=2,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=32,
-        rms_norm_eps=1e-5,
-        rope=RopeConfig(theta=10000.0),
-        max_position_embeddings=512,
-    )
+from tests.helpers import config
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])

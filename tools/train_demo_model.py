@@ -7,7 +7,7 @@ PSF License Agreement (documentation text: PSF / Zero-Clause BSD, see that packa
 file). Only prose paragraphs are kept (no code blocks, directives or tables); markup roles are
 reduced to their text. 2% of the paragraphs, picked by the seed, are held out for validation.
 
-Model: LlamaForCausalLM (DEMO_SHAPE of make_demo_checkpoint.py: ~5M parameters, tied embeddings)
+Model: LlamaForCausalLM (DEMO_SHAPE of llmbuild/testing/checkpoints.py: ~5M parameters, tied embeddings)
 with a byte-level BPE tokenizer trained on the same text; AdamW, warmup + cosine decay, bf16
 autocast; deterministic for a seed (one thread order: torch.use_deterministic_algorithms).
 
@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tools/
-from tools.make_demo_checkpoint import DEMO_SHAPE, train_tokenizer_on  # noqa: E402
+from llmbuild.testing.checkpoints import DEMO_SHAPE, train_tokenizer_on
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 ROLE = re.compile(r":[a-z:+-]+:`~?([^`<]*?)\s*(?:<[^`>]*>)?`")

@@ -30,7 +30,7 @@ from torch import nn
 
 from llmbuild.builder.calibration import LayerwisePass, observe_inputs
 from llmbuild.builder.models.llama import DecoderLayer, LlamaModel
-from llmbuild.builder.quantize import Grid
+from llmbuild.builder.quant_format import Grid
 from llmbuild.model_config import ModelConfig
 
 SCALE_GRID = 20

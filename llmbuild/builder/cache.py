@@ -2,6 +2,7 @@
 
     <cache>/builds/graph/<config hash>/{model,exported}.pt2      export + AOTInductor compile
     <cache>/builds/weights/<weights key>/rank<r>.safetensors     checkpoint -> engine dtype, per rank
+    <cache>/builds/weights/<weights key>/quality-<isa>.json      the quality gate's metrics of those weights
 
 The compiled graph never depends on weight values (they stay outside the .so), so a new checkpoint
 of the same architecture reuses it; the weights never depend on the target, so a new target reuses
@@ -10,13 +11,29 @@ them. Entries are written atomically and never modified; delete the directory to
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import torch
+
+import llmbuild
+from llmbuild.builder.plan import BuildPlan
+from llmbuild.builder.quality import EVAL_VERSION
+from llmbuild.manifest import Inputs, Target, sha256_json
+from llmbuild.plugins import OP_VERSIONS
+from llmbuild.recipe import Recipe
+
+QUALITY = "quality-{isa}.json"
+"""The cached quality metrics of a build's weights, per kernel tier the gate ran (tiers differ in summation order)."""
 
 
 class BuildCache:
+    """Stage outputs under `<root>/builds/<kind>/<key>/`."""
+
     def __init__(self, root: Path, read: bool = True) -> None:
         self.root = root / "builds"
         self.read = read
@@ -42,3 +59,48 @@ class BuildCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def store_json(self, kind: str, key: str, name: str, data: dict[str, Any]) -> None:
+        """Store `data` as the JSON file `name` under (kind, key)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(data, indent=1) + "\n")
+            self.store(kind, key, path)
+
+
+def weights_key(recipe: Recipe, plan: BuildPlan, inputs: Inputs) -> str:
+    """What the engine's weights files depend on: checkpoint bytes, dtype, quantization, RoPE table
+    length, rank count."""
+    return sha256_json(
+        {
+            "llmbuild": llmbuild.__version__,
+            "checkpoint": inputs.checkpoint_sha256,
+            "dtype": plan.dtype,
+            "quantization": recipe.quantization.model_dump(mode="json"),
+            "calibration_text": inputs.calibration_sha256,
+            "max_seq_len": recipe.limits.max_seq_len,
+            "tensor_parallel": recipe.target.tensor_parallel,
+            "quality_eval": EVAL_VERSION,  # the cached quality metrics live beside the weights
+        }
+    )
+
+
+def config_hash(recipe: Recipe, plan: BuildPlan, target: Target) -> str:
+    """Hash of exactly what changes the built artifact (serve defaults and KV budget excluded): the
+    graph's cache key, and the manifest's config_hash."""
+    return sha256_json(
+        {
+            "llmbuild": llmbuild.__version__,
+            "torch": torch.__version__,
+            "target": target.model_dump(mode="json"),
+            "model": plan.checkpoint.config.model_dump(mode="json"),
+            "dtype": plan.dtype,
+            "kv_cache_dtype": plan.kv_cache_dtype,
+            "limits": recipe.limits.model_dump(mode="json"),
+            "block_size": recipe.kv_cache.block_size,
+            # the graph depends on which layers are quantized to what, not on how the values were found
+            "quantization": recipe.quantization.model_dump(mode="json", include={"weights", "group_size", "exclude"}),
+            "plugins": OP_VERSIONS,
+            "graph_options": recipe.plugins.model_dump(mode="json"),
+        }
+    )

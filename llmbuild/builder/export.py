@@ -11,6 +11,7 @@ from torch.export import Dim, ExportedProgram
 
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.recipe import LimitsSection
+from llmbuild.runtime.step_inputs import INPUT_SPECS, StepDim, StepInputs
 
 # Example sizes for tracing: distinct and >= 2 so that no dimension is specialised or unified.
 _T, _B, _N, _BLOCKS = 7, 3, 5, 11
@@ -24,19 +25,19 @@ def example_step(
     max_seq_len: int,
     kv_dtype: torch.dtype,
 ) -> tuple:
-    """A small, valid packed step (positional arguments of the graph, see manifest.GRAPH_INPUTS)."""
+    """A small, valid packed step: the graph's positional arguments (StepInputs, then the KV caches)."""
     max_blocks = math.ceil(max_seq_len / block_size)
     kv = [torch.zeros(_BLOCKS, num_kv_heads, block_size, head_dim, dtype=kv_dtype) for _ in range(2 * num_layers)]
-    return (
-        torch.zeros(_T, dtype=torch.int64),
-        torch.tensor([0, 1, 2, 0, 1, 0, 1], dtype=torch.int64),
-        torch.tensor([0, 1, 2, block_size, block_size + 1, 2 * block_size, 2 * block_size + 1], dtype=torch.int64),
-        torch.tensor([[0], [1], [2]], dtype=torch.int32).expand(_B, max_blocks).contiguous(),
-        torch.tensor([3, 2, 2], dtype=torch.int32),
-        torch.tensor([0, 3, 5, 7], dtype=torch.int32),
-        torch.tensor([0, 1, 2, 4, 6], dtype=torch.int64),
-        kv,
+    inputs = StepInputs.from_lists(
+        input_ids=[0] * _T,
+        positions=[0, 1, 2, 0, 1, 0, 1],
+        slot_mapping=[0, 1, 2, block_size, block_size + 1, 2 * block_size, 2 * block_size + 1],
+        block_tables=[[b] * max_blocks for b in range(_B)],
+        seq_lens=[3, 2, 2],
+        cu_seqlens_q=[0, 3, 5, 7],
+        logits_indices=[0, 1, 2, 4, 6],
     )
+    return (*inputs.as_tuple(), kv)
 
 
 def export_graph(model: LlamaModel, limits: LimitsSection, block_size: int, kv_dtype: torch.dtype) -> ExportedProgram:
@@ -44,19 +45,17 @@ def export_graph(model: LlamaModel, limits: LimitsSection, block_size: int, kv_d
     cache-block dimensions."""
     cfg = model.cfg
     args = example_step(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, limits.max_seq_len, kv_dtype)
-    tokens = Dim("tokens", min=1, max=max(limits.max_num_tokens, _T))
     seqs = Dim("seqs", min=1, max=max(limits.max_batch_size, _B))
-    rows = Dim("logit_rows", min=1, max=max(limits.max_num_tokens, _N))
-    blocks = Dim("cache_blocks", min=1)
+    sizes = {
+        StepDim.TOKENS: Dim("tokens", min=1, max=max(limits.max_num_tokens, _T)),
+        StepDim.SEQS: seqs,
+        StepDim.SEQS_PLUS_ONE: seqs + 1,
+        StepDim.ROWS: Dim("logit_rows", min=1, max=max(limits.max_num_tokens, _N)),
+    }
+    # only the first dimension of each input is dynamic (a block table's width is the engine's)
     shapes = (
-        {0: tokens},
-        {0: tokens},
-        {0: tokens},
-        {0: seqs},
-        {0: seqs},
-        {0: seqs + 1},
-        {0: rows},
-        [{0: blocks}] * (2 * cfg.num_layers),
+        *({0: sizes[spec.dims[0]]} for spec in INPUT_SPECS),
+        [{0: Dim("cache_blocks", min=1)}] * (2 * cfg.num_layers),
     )
     with torch.no_grad():
         return torch.export.export(model, args, dynamic_shapes=shapes, strict=False)

@@ -20,7 +20,7 @@ from torch import nn
 
 from llmbuild.builder.calibration import LayerwisePass, observe_inputs
 from llmbuild.builder.models.llama import LlamaModel
-from llmbuild.builder.quantize import Grid
+from llmbuild.builder.quant_format import Grid
 from llmbuild.errors import BuildError
 
 BLOCK = 128

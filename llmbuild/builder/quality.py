@@ -24,7 +24,7 @@ from llmbuild.errors import BuildError, EngineError
 from llmbuild.manifest import RECIPE, REPORT, TOKENIZER_DIR, Manifest
 from llmbuild.recipe import QualitySection, load_recipe
 from llmbuild.runtime.engine import Engine
-from llmbuild.runtime.model_runner import allocate_kv_cache
+from llmbuild.runtime.kv_cache import allocate_kv_cache
 
 HELD_OUT = Path(__file__).parents[1] / "data" / "heldout.txt"
 EVAL_VERSION = 2

@@ -1,126 +1,28 @@
 """Weight quantization of a model graph: linear layers replaced by quantized ones, in place.
 
-Formats: int8 with one scale per output row (symmetric), int4 in groups of `group_size` columns
-(asymmetric: a scale and a min per group). Methods: round to nearest (rtn), AWQ (builder/awq.py:
-activation-aware per-channel scales and clipping ranges searched on calibration text) and GPTQ
-(builder/gptq.py: rounding with Hessian-based error compensation). `exclude` patterns (fnmatch, on
-our module names such as `layers.0.mlp.down` or `lm_head`) keep chosen layers in the model dtype;
-a tied lm_head shares the embedding matrix and always stays in the model dtype.
+Formats (builder/quant_format.py): int8 with one scale per output row (symmetric), int4 in groups
+of `group_size` columns (asymmetric: a scale and a min per group), fp8. Methods: round to nearest
+(rtn), AWQ (builder/awq.py: activation-aware per-channel scales and clipping ranges searched on
+calibration text) and GPTQ (builder/gptq.py: rounding with Hessian-based error compensation).
+`exclude` patterns (fnmatch, on our module names such as `layers.0.mlp.down` or `lm_head`) keep
+chosen layers in the model dtype; a tied lm_head shares the embedding matrix and always stays in
+the model dtype.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from llmbuild.builder.awq import awq_quantize
+from llmbuild.builder.gptq import gptq_quantize
+from llmbuild.builder.models.llama import LlamaModel
+from llmbuild.builder.quant_format import ScaledLinear, grid_of
 from llmbuild.errors import RecipeError
-
-if TYPE_CHECKING:
-    from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.plugins.linear_fp8 import quantize_fp8
-from llmbuild.plugins.linear_int4 import int4_params, pack_int4, round_int4
-from llmbuild.plugins.linear_int8 import int8_scales, round_int8
 from llmbuild.recipe import QuantizationSection
-
-
-class ScaledLinear(nn.Module):
-    """int8 or float8_e4m3fn weight [N, K] with scales (int8: one per row, in the model dtype; fp8: fp32,
-    one per row or one for the tensor), run by the linear_int8 or linear_fp8 plugin op."""
-
-    weight: torch.Tensor
-    scales: torch.Tensor
-
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("weight", q)
-        self.register_buffer("scales", scales)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.out_features, self.in_features = q.shape
-        self.op = torch.ops.llmbuild.linear_fp8 if q.dtype == torch.float8_e4m3fn else torch.ops.llmbuild.linear_int8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x, self.weight, self.scales, self.bias)
-
-
-class Int4Linear(nn.Module):
-    """Packed 4-bit weight [N, K/2] with a bf16 scale and min per group, run by the linear_int4 plugin op."""
-
-    weight: torch.Tensor
-    scales: torch.Tensor
-    mins: torch.Tensor
-
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("weight", pack_int4(q))
-        self.register_buffer("scales", scales)
-        self.register_buffer("mins", mins)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.out_features, self.in_features = q.shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.llmbuild.linear_int4(x, self.weight, self.scales, self.mins, self.bias)
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A weight format's grid: w ~ q * scale + min, q in [qmin, qmax], one (scale, min) per `group` columns.
-
-    int8: symmetric (min 0), group = the whole row, scales in the model dtype. int4: asymmetric, the
-    range of each group spans 0, scales and mins in bf16. Values are rounded against the stored
-    (rounded) scale and min, so the grid quantized onto is the one the kernel multiplies with.
-    """
-
-    fmt: str
-    group: int
-    dtype: torch.dtype
-
-    @staticmethod
-    def of(quantization: QuantizationSection, in_features: int, dtype: torch.dtype) -> Grid:
-        if quantization.weights == "int8":
-            return Grid("int8", in_features, dtype)
-        return Grid("int4", quantization.group_size, torch.bfloat16)
-
-    @property
-    def qmax(self) -> int:
-        return 127 if self.fmt == "int8" else 15
-
-    def fit(self, w: torch.Tensor, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, min) [..., 1] in fp32 (rounded to the stored dtype) for groups w [..., group], with
-        the range shrunk by `clip` (<= 1; clipping search)."""
-        if self.fmt == "int8":
-            scale = int8_scales(w, self.dtype, clip)
-            return scale, torch.zeros_like(scale)
-        return int4_params(w, clip)
-
-    def round(self, w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        """q (float) of w on the grid (scale, min)."""
-        return round_int8(w, scale) if self.fmt == "int8" else round_int4(w, scale, low)
-
-    def fake(self, w: torch.Tensor, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """w [N, K] quantized and dequantized (fp32); `clip` broadcasts against [N, K / group, 1]."""
-        n, k = w.shape
-        g = w.float().reshape(n, k // self.group, self.group)
-        scale, low = self.fit(g, clip)
-        return (self.round(g, scale, low) * scale + low).reshape(n, k)
-
-    def module(self, w: torch.Tensor, bias: torch.Tensor | None, clip: torch.Tensor | float = 1.0) -> nn.Module:
-        """The quantized module of weight w [N, K] (fp32 or model dtype), rounded to nearest."""
-        n, k = w.shape
-        g = w.float().reshape(n, k // self.group, self.group)
-        scale, low = self.fit(g, clip)
-        return self.module_from_codes(self.round(g, scale, low).reshape(n, k), scale[..., 0], low[..., 0], bias)
-
-    def module_from_codes(
-        self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None
-    ) -> nn.Module:
-        """The quantized module of codes q [N, K] (float) with per-group scale, min [N, K / group]."""
-        if self.fmt == "int8":
-            return ScaledLinear(q.to(torch.int8), scale.reshape(-1).to(self.dtype), bias)
-        return Int4Linear(q.to(torch.uint8), scale.to(self.dtype), low.to(self.dtype), bias)
 
 
 def chosen_linears(model: nn.Module, quantization: QuantizationSection) -> dict[str, nn.Linear]:
@@ -178,15 +80,12 @@ def quantize_model(
         return list(chosen)
     check_group_fit({name: m.in_features for name, m in chosen.items()}, quantization)
     dtype = next(iter(chosen.values())).weight.dtype if chosen else torch.float32
-    grids = {name: Grid.of(quantization, m.in_features, dtype) for name, m in chosen.items()}
+    grids = {name: grid_of(quantization, m.in_features, dtype) for name, m in chosen.items()}
     if quantization.method == "rtn":
         replacements = {name: grids[name].module(m.weight.data, m.bias) for name, m in chosen.items()}
     else:
         if calibration is None:
             raise ValueError(f"method={quantization.method} needs calibration token windows")
-        from llmbuild.builder.awq import awq_quantize
-        from llmbuild.builder.gptq import gptq_quantize
-
         run = awq_quantize if quantization.method == "awq" else gptq_quantize
         replacements = run(model, grids, calibration)
     _replace(model, replacements)

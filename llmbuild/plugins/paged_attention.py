@@ -75,6 +75,17 @@ def check_inputs(
         )
 
 
+def write_kv_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store the step's k, v [T, H_kv, D] at their flat cache slots (block * block_size + offset)."""
+    block_size = k_cache.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    # Advanced indices split by a slice put the token dim first: the target is [T, H_kv, D].
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,10 +104,7 @@ def paged_attention_ref(
     """
     check_inputs(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q)
     _, num_kv_heads, block_size, head_dim = k_cache.shape
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    # Advanced indices split by a slice put the token dim first: the target is [T, H_kv, D].
-    k_cache[blocks, :, offsets] = k
-    v_cache[blocks, :, offsets] = v
+    write_kv_cache(k_cache, v_cache, k, v, slot_mapping)
 
     out = torch.empty_like(q)
     starts = cu_seqlens_q.tolist()
@@ -166,10 +174,7 @@ def quantized_paged_attention_ref(
         )
     k_scales, v_scales = kv_scales
     k_codes, v_codes = quantize_kv(k, k_scales, k_cache.dtype), quantize_kv(v, v_scales, v_cache.dtype)
-    block_size = k_cache.shape[2]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    k_cache[blocks, :, offsets] = k_codes
-    v_cache[blocks, :, offsets] = v_codes
+    write_kv_cache(k_cache, v_cache, k_codes, v_codes, slot_mapping)
     return paged_attention_ref(
         q,
         (k_codes.float() * k_scales[:, None]).to(q.dtype),

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from llmbuild.runtime.step_inputs import StepInputs
+
 
 def bucket_for(batch_sizes: Sequence[int], num_seqs: int) -> int | None:
     """The smallest captured batch size that holds num_seqs sequences; None above the largest."""
@@ -33,40 +35,40 @@ def bucket_for(batch_sizes: Sequence[int], num_seqs: int) -> int | None:
     return batch_sizes[i] if i < len(batch_sizes) else None
 
 
-def is_decode_step(inputs: tuple[torch.Tensor, ...]) -> bool:
+def is_decode_step(inputs: StepInputs) -> bool:
     """One token per sequence, and every sequence samples (what a captured graph computes)."""
-    ids, _, _, _, seq_lens, _, rows = inputs
-    return ids.shape[0] == seq_lens.shape[0] == rows.shape[0]
+    shape = inputs.shape()
+    return shape.tokens == shape.seqs == shape.rows
 
 
-def pad_decode_step(inputs: tuple[torch.Tensor, ...], bucket: int, scratch_block: int, block_size: int) -> tuple:
-    """A decode step's inputs (manifest.GRAPH_INPUTS order, caches excluded) padded to `bucket` sequences."""
-    ids, positions, slots, tables, seq_lens, cu_seqlens, rows = inputs
-    n, pad = ids.shape[0], bucket - ids.shape[0]
+def pad_decode_step(inputs: StepInputs, bucket: int, scratch_block: int, block_size: int) -> StepInputs:
+    """A decode step's inputs padded to `bucket` sequences."""
+    n, pad = inputs.input_ids.shape[0], bucket - inputs.input_ids.shape[0]
     if pad < 0 or not is_decode_step(inputs):
-        raise ValueError(f"cannot pad a step of {n} tokens / {seq_lens.shape[0]} sequences to a decode bucket {bucket}")
+        raise ValueError(
+            f"cannot pad a step of {n} tokens / {inputs.seq_lens.shape[0]} sequences to a decode bucket {bucket}"
+        )
+    tables = inputs.block_tables
     dummy_table = torch.zeros(pad, tables.shape[1], dtype=tables.dtype)
     dummy_table[:, 0] = scratch_block
-    return (
-        torch.cat([ids, ids.new_zeros(pad)]),
-        torch.cat([positions, positions.new_zeros(pad)]),
-        torch.cat([slots, slots.new_full((pad,), scratch_block * block_size)]),
-        torch.cat([tables, dummy_table]),
-        torch.cat([seq_lens, seq_lens.new_ones(pad)]),
-        torch.arange(bucket + 1, dtype=cu_seqlens.dtype),  # one token per sequence
-        torch.arange(bucket, dtype=rows.dtype),
+    return StepInputs(
+        input_ids=torch.cat([inputs.input_ids, inputs.input_ids.new_zeros(pad)]),
+        positions=torch.cat([inputs.positions, inputs.positions.new_zeros(pad)]),
+        slot_mapping=torch.cat([inputs.slot_mapping, inputs.slot_mapping.new_full((pad,), scratch_block * block_size)]),
+        block_tables=torch.cat([tables, dummy_table]),
+        seq_lens=torch.cat([inputs.seq_lens, inputs.seq_lens.new_ones(pad)]),
+        cu_seqlens_q=torch.arange(bucket + 1, dtype=inputs.cu_seqlens_q.dtype),  # one token per sequence
+        logits_indices=torch.arange(bucket, dtype=inputs.logits_indices.dtype),
     )
 
 
-Step = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
+Step = Callable[[StepInputs], torch.Tensor]
 """The engine graph on one step's inputs (caches bound): logits [rows, vocab]."""
-Capture = Callable[[Step, tuple[torch.Tensor, ...], Any], tuple[Callable[[], None], torch.Tensor, Any]]
+Capture = Callable[[Step, StepInputs, Any], tuple[Callable[[], None], torch.Tensor, Any]]
 """(step, static inputs, memory pool) -> (replay, static logits, memory pool for the next capture)."""
 
 
-def capture_cuda_graph(
-    step: Step, static: tuple[torch.Tensor, ...], pool: Any
-) -> tuple[Callable[[], None], torch.Tensor, Any]:
+def capture_cuda_graph(step: Step, static: StepInputs, pool: Any) -> tuple[Callable[[], None], torch.Tensor, Any]:
     """Capture `step` on the buffers `static` as a CUDA graph sharing the memory pool `pool`."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -95,33 +97,27 @@ class DecodeGraphs:
         self.batch_sizes = sorted(batch_sizes)
         self.scratch_block = scratch_block
         self.block_size = block_size
-        empty = (
-            torch.zeros(0, dtype=torch.int64),
-            torch.zeros(0, dtype=torch.int64),
-            torch.zeros(0, dtype=torch.int64),
-            torch.zeros(0, max_blocks_per_seq, dtype=torch.int32),
-            torch.zeros(0, dtype=torch.int32),
-            torch.zeros(1, dtype=torch.int32),
-            torch.zeros(0, dtype=torch.int64),
-        )
-        self._graphs: dict[int, tuple[Callable[[], None], tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self.pin_memory = device.type == "cuda"  # see ModelRunner.pin_memory
+        empty = StepInputs.empty(max_blocks_per_seq)
+        self._graphs: dict[int, tuple[Callable[[], None], StepInputs, torch.Tensor]] = {}
         pool = None
         # largest first: the smaller graphs' activations fit in the memory the largest one left in the pool
         for bucket in reversed(self.batch_sizes):
-            static = tuple(t.to(device) for t in pad_decode_step(empty, bucket, scratch_block, block_size))
+            static = pad_decode_step(empty, bucket, scratch_block, block_size).to(device)
             replay, logits, pool = capture(step, static, pool)
             self._graphs[bucket] = (replay, static, logits)
 
-    def replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    def replay(self, inputs: StepInputs) -> torch.Tensor | None:
         """The step's logits from a captured graph (valid until the next replay), or None when no graph
         fits it (a step with prompt tokens, or more sequences than the largest bucket)."""
-        num_seqs = inputs[0].shape[0]
+        num_seqs = inputs.input_ids.shape[0]
         bucket = bucket_for(self.batch_sizes, num_seqs)
         if bucket is None or not is_decode_step(inputs):
             return None
         replay, static, logits = self._graphs[bucket]
         padded = pad_decode_step(inputs, bucket, self.scratch_block, self.block_size)
-        for buffer, value in zip(static, padded, strict=True):
-            buffer.copy_(value, non_blocking=True)
+        if self.pin_memory:
+            padded = padded.pin_memory()
+        padded.copy_to(static, non_blocking=self.pin_memory)
         replay()
         return logits[:num_seqs]

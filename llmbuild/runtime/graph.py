@@ -1,6 +1,6 @@
 """The engine graph of one rank, behind one call signature for both backends.
 
-    graph(inputs, kv_caches) -> logits      inputs: manifest.GRAPH_INPUTS without the caches
+    graph(inputs, kv_caches) -> logits      inputs: StepInputs.as_tuple() (manifest.GRAPH_INPUTS, caches excluded)
 
 `eager` runs the exported program op by op (every engine has one); `compiled` runs the AOTInductor
 package (compiled engines only).
@@ -23,20 +23,12 @@ import torch
 from safetensors import SafetensorError
 
 from llmbuild.errors import EngineError
-from llmbuild.manifest import EXPORTED, GRAPH, GRAPH_INPUTS, WEIGHTS
+from llmbuild.manifest import EXPORTED, GRAPH, WEIGHTS
+from llmbuild.runtime.step_inputs import INPUT_NAMES, INPUT_SPECS
 from llmbuild.runtime.weights import load_weights
 
-INPUT_DTYPES = {
-    "input_ids": torch.int64,
-    "positions": torch.int64,
-    "slot_mapping": torch.int64,
-    "block_tables": torch.int32,
-    "seq_lens": torch.int32,
-    "cu_seqlens_q": torch.int32,
-    "logits_indices": torch.int64,
-}
-"""The dtype of each step input (manifest.GRAPH_INPUTS without the caches), as the graph was traced."""
-_DTYPES = tuple(INPUT_DTYPES[name] for name in GRAPH_INPUTS[:-1])
+_DTYPES = tuple(s.dtype for s in INPUT_SPECS)
+"""The dtype of each step input, as the graph was traced."""
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -47,7 +39,7 @@ def dense_inputs(inputs: tuple[torch.Tensor, ...], kv_caches: list[torch.Tensor]
     """The step's inputs and caches as the graph must read them: each input contiguous, at offset 0,
     in its traced dtype (copied only if not already); caches checked, never copied (they are written)."""
     if len(inputs) != len(_DTYPES):
-        raise ValueError(f"the engine graph takes {len(_DTYPES)} step inputs ({', '.join(GRAPH_INPUTS[:-1])})")
+        raise ValueError(f"the engine graph takes {len(_DTYPES)} step inputs ({', '.join(INPUT_NAMES)})")
     out = [
         t if t.dtype == d and _dense(t) else t.to(dtype=d, memory_format=torch.contiguous_format, copy=True)
         for t, d in zip(inputs, _DTYPES, strict=True)

@@ -23,7 +23,8 @@ from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, format_byte
 from llmbuild.runtime.block_pool import BlockPool
 from llmbuild.runtime.detokenizer import IncrementalDetokenizer
 from llmbuild.runtime.engine import Engine
-from llmbuild.runtime.model_runner import ModelRunner, allocate_kv_cache
+from llmbuild.runtime.kv_cache import allocate_kv_cache
+from llmbuild.runtime.model_runner import ModelRunner
 from llmbuild.runtime.rank_workers import RankWorkers
 from llmbuild.runtime.request import FinishReason, Request
 from llmbuild.runtime.sampler import Sampler, TokenLogprobs

@@ -1,4 +1,4 @@
-"""ModelRunner: owns the KV cache and turns a StepBatch into one call of the engine graph.
+"""ModelRunner: holds the KV cache and turns a StepBatch into one call of the engine graph.
 
 The step's sequences are packed back to back without padding (see plugins/paged_attention.py);
 only the rows of sequences that sample a token come back as logits.
@@ -11,24 +11,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmbuild.model_config import ModelConfig
 from llmbuild.runtime.cuda_graphs import Capture, DecodeGraphs, capture_cuda_graph
 from llmbuild.runtime.graph import Graph
 from llmbuild.runtime.scheduler import StepBatch
+from llmbuild.runtime.step_inputs import StepInputs
 
 if TYPE_CHECKING:
     from llmbuild.runtime.rank_workers import RankWorkers
-
-
-def allocate_kv_cache(
-    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str = "cpu"
-) -> list[torch.Tensor]:
-    """One K and one V tensor per layer, each [num_blocks, num_kv_heads, block_size, head_dim].
-
-    NOTE: separate tensors per layer, never views of one stacked tensor (pytorch issue 198068).
-    """
-    shape = (num_blocks, model.num_kv_heads, block_size, model.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * model.num_layers)]
 
 
 class ModelRunner:
@@ -48,6 +37,11 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks_per_seq = math.ceil(max_seq_len / block_size)
         self.workers = workers
+        # NOTE: on cuda the host inputs are page-locked and copied with non_blocking: from pageable
+        # memory the copy would be synchronous whatever the flag says. The asynchronous copy is safe
+        # because each step's host tensors are fresh and never written after prepare(), and torch's
+        # caching host allocator does not reuse a pinned block before the copy that reads it completes.
+        self.pin_memory = self.device.type == "cuda"
         self.decode_graphs: DecodeGraphs | None = None
 
     def capture_decode_graphs(
@@ -65,7 +59,7 @@ class ModelRunner:
         inputs, num_rows = self.prepare(batch)
         return self.run(inputs)[:num_rows]
 
-    def run(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def run(self, inputs: StepInputs) -> torch.Tensor:
         """The graph on prepared inputs (on every rank of a tensor-parallel engine); rank 0's logits."""
         with torch.inference_mode():
             if self.decode_graphs is not None:
@@ -76,13 +70,13 @@ class ModelRunner:
                 return self._step(inputs)
             return self.workers.step(self.graph, inputs, self.kv_caches)
 
-    def _step(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _step(self, inputs: StepInputs) -> torch.Tensor:
         if self.device.type != "cpu":
-            inputs = tuple(t.to(self.device, non_blocking=True) for t in inputs)
-        return self.graph(inputs, self.kv_caches)
+            inputs = inputs.to(self.device, non_blocking=self.pin_memory)
+        return self.graph(inputs.as_tuple(), self.kv_caches)
 
-    def prepare(self, batch: StepBatch) -> tuple[tuple[torch.Tensor, ...], int]:
-        """Packed graph inputs (manifest.GRAPH_INPUTS order, caches excluded) and the logit row count."""
+    def prepare(self, batch: StepBatch) -> tuple[StepInputs, int]:
+        """The step's packed graph inputs and its logit row count."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -103,14 +97,14 @@ class ModelRunner:
             cu_seqlens.append(cu_seqlens[-1] + seq.num_new_tokens)
             if seq.samples:
                 rows.append(cu_seqlens[-1] - 1)
-        num_rows = len(rows)
-        inputs = (
-            torch.tensor(ids, dtype=torch.int64),
-            torch.tensor(positions, dtype=torch.int64),
-            torch.tensor(slots, dtype=torch.int64),
-            torch.tensor(tables, dtype=torch.int32),
-            torch.tensor(seq_lens, dtype=torch.int32),
-            torch.tensor(cu_seqlens, dtype=torch.int32),
-            torch.tensor(rows or [0], dtype=torch.int64),  # the graph needs >= 1 row; dropped below
+        inputs = StepInputs.from_lists(
+            pin_memory=self.pin_memory,
+            input_ids=ids,
+            positions=positions,
+            slot_mapping=slots,
+            block_tables=tables,
+            seq_lens=seq_lens,
+            cu_seqlens_q=cu_seqlens,
+            logits_indices=rows or [0],  # the graph needs >= 1 row; dropped by execute
         )
-        return inputs, num_rows
+        return inputs, len(rows)

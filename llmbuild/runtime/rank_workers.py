@@ -40,7 +40,8 @@ import torch.distributed as dist
 from llmbuild.errors import EngineError
 from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.graph import Graph
-from llmbuild.runtime.model_runner import allocate_kv_cache
+from llmbuild.runtime.kv_cache import allocate_kv_cache
+from llmbuild.runtime.step_inputs import StepInputs, StepShape
 from llmbuild.tensor_parallel import GROUP_NAME, rank_config
 
 STOP, STEP, KEEP_ALIVE, ALLOCATE = 0, 1, 2, 3
@@ -148,14 +149,14 @@ class RankWorkers:
         """Tell the workers the KV-cache size rank 0 planned; they allocate their shares."""
         _broadcast_header(self.group, ALLOCATE, num_blocks)
 
-    def step(self, graph: Graph, inputs: tuple[torch.Tensor, ...], kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    def step(self, graph: Graph, inputs: StepInputs, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """Run one step on every rank; returns rank 0's logits."""
-        ids, positions, slots, tables, seq_lens, cu_seqlens, rows = inputs
+        shape = inputs.shape()
         try:
-            _broadcast_header(self.group, STEP, ids.shape[0], seq_lens.shape[0], rows.shape[0])
-            dist.broadcast(torch.cat([t.flatten().long() for t in inputs]), src=0, group=self.group)
+            _broadcast_header(self.group, STEP, shape.tokens, shape.seqs, shape.rows)
+            dist.broadcast(inputs.flatten(), src=0, group=self.group)
             self._last_send = time.monotonic()
-            return graph(inputs, kv_caches)
+            return graph(inputs.as_tuple(), kv_caches)
         except RuntimeError as exc:  # a collective failed: name the worker that died, if one did
             self.raise_if_dead(wait=2.0)
             raise EngineError(f"tensor-parallel step failed: {str(exc).splitlines()[0]}") from exc
@@ -220,23 +221,13 @@ def _load_rank(
     return engine, [s for s in statuses if s is not None]
 
 
-def _receive_step(group: dist.ProcessGroup, header: list[int], max_blocks_per_seq: int) -> tuple[torch.Tensor, ...]:
-    """The step inputs rank 0 broadcast after a STEP header (manifest.GRAPH_INPUTS order, caches excluded)."""
-    _, t, b, n = header
-    sizes = [t, t, t, b * max_blocks_per_seq, b, b + 1, n]
-    payload = torch.empty(sum(sizes), dtype=torch.int64)
+def _receive_step(group: dist.ProcessGroup, header: list[int], max_blocks_per_seq: int) -> StepInputs:
+    """The step inputs rank 0 broadcast after a STEP header."""
+    _, tokens, seqs, rows = header
+    shape = StepShape(tokens, seqs, rows, max_blocks_per_seq)
+    payload = torch.empty(StepInputs.flat_size(shape), dtype=torch.int64)
     dist.broadcast(payload, src=0, group=group)
-    ids, positions, slots, tables, seq_lens, cu_seqlens, rows = payload.split(sizes)
-    # NOTE: fresh tensors, not views into the payload: compiled graphs assume aligned input storage
-    return (
-        ids.clone(),
-        positions.clone(),
-        slots.clone(),
-        tables.reshape(b, max_blocks_per_seq).int(),
-        seq_lens.int(),
-        cu_seqlens.int(),
-        rows.clone(),
-    )
+    return StepInputs.unflatten(payload, shape)
 
 
 def _worker_main(path: str, verify: bool, backend: str | None, threads: int) -> None:
@@ -262,7 +253,7 @@ def _worker_main(path: str, verify: bool, backend: str | None, threads: int) -> 
                     model = rank_config(manifest.model, tp)
                     kv_caches = allocate_kv_cache(model, header[1], block_size, engine.kv_cache_dtype)
                 elif header[0] == STEP:
-                    engine.graph(_receive_step(group, header, max_blocks_per_seq), kv_caches)
+                    engine.graph(_receive_step(group, header, max_blocks_per_seq).as_tuple(), kv_caches)
     finally:
         dist.destroy_process_group()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from llmbuild.errors import RequestError
 
@@ -71,3 +72,43 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+class SamplingDefaults(Protocol):
+    """An engine's default sampling options: its manifest's `serve` section (recipe.ServeSection)."""
+
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+
+
+def resolve_sampling_params(
+    defaults: SamplingDefaults,
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    max_seq_len: int | None = None,
+    **options: Any,
+) -> SamplingParams:
+    """SamplingParams of one request: what it sets, and the engine's defaults for what it leaves None.
+
+    max_tokens, temperature, top_p and top_k fall back to `defaults` (the manifest's `serve`
+    section); `max_seq_len`, when given, caps max_tokens (no request can outgrow the engine's
+    sequence limit). `options` are the other SamplingParams fields, passed through. Raises
+    RequestError for values SamplingParams refuses.
+    """
+    max_tokens = defaults.max_tokens if max_tokens is None else max_tokens
+    return SamplingParams(
+        max_tokens=max_tokens if max_seq_len is None else min(max_tokens, max_seq_len),
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=defaults.top_p if top_p is None else top_p,
+        top_k=defaults.top_k if top_k is None else top_k,
+        **options,
+    )

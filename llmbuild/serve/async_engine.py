@@ -41,6 +41,10 @@ class _Stream:
     last_token: float | None = None
 
 
+_ADMITTED = object()
+"""Put on a generate() call's sink once the step loop has queued all its requests (after any refusal)."""
+
+
 class RequestStream:
     """The outputs of one generate() call, as an async iterator of (index, RequestOutput)."""
 
@@ -50,24 +54,45 @@ class RequestStream:
         self._pending = set(request_ids)
         self._sink = sink
         self._closed = False
+        self._admitted = False
 
     def __aiter__(self) -> RequestStream:
         return self
+
+    async def admitted(self) -> None:
+        """Wait until the step loop has queued every request (one step at most, not the first token).
+
+        Raises RequestError when the engine refused one (nothing else of the call runs), and
+        EngineDeadError when the step loop has failed.
+        """
+        if not self._admitted:
+            item = await self._get()
+            assert item is None, "outputs come only after their requests were admitted"
 
     async def __anext__(self) -> tuple[int, RequestOutput]:
         if not self._pending:
             self.close()
             raise StopAsyncIteration
+        item = await self._get()
+        while item is None:
+            item = await self._get()
+        index, out = item
+        if out.finish_reason is not None:
+            self._pending.discard(out.request_id)
+        return index, out
+
+    async def _get(self) -> tuple[int, RequestOutput] | None:
+        """The next output, or None for the admission marker; raises what the step loop sent instead."""
         item = await self._sink.get()
+        if item is _ADMITTED:
+            self._admitted = True
+            return None
         if isinstance(item, BaseException):
             self.close()
             if isinstance(item, RequestError):
                 raise item
             raise EngineDeadError(f"the engine stopped after an internal error: {item}") from item
-        index, out = item
-        if out.finish_reason is not None:
-            self._pending.discard(out.request_id)
-        return index, out
+        return item
 
     def close(self) -> None:
         """Abort the unfinished requests (idempotent); called on early exit and on garbage collection."""
@@ -177,6 +202,9 @@ class AsyncEngine:
                         continue
                     self._streams[stream.request.request_id] = stream
                     self.metrics.prompt_tokens.inc(stream.request.num_prompt_tokens)
+                if payload:
+                    first = payload[0]
+                    first.loop.call_soon_threadsafe(first.sink.put_nowait, _ADMITTED)
             else:
                 for request_id in payload:
                     stream = self._streams.pop(request_id, None)

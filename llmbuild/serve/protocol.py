@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,7 +26,11 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _GenerationRequest(_Strict):
+Prompt = str | list[int]
+"""One prompt: text to tokenize, or token ids."""
+
+
+class GenerationRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extensions)."""
 
     model: str | None = None
@@ -53,23 +58,40 @@ class _GenerationRequest(_Strict):
     logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
-    def _supported(self) -> _GenerationRequest:
+    def _supported(self) -> GenerationRequest:
         if self.logit_bias:
             raise ValueError("logit_bias is not supported; leave it out")
         return self
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
+        """The stop field as a tuple (a string is one stop sequence)."""
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @property
     def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """The output length the client asked for (None: the engine's default)."""
+        return self.max_tokens
 
-class CompletionRequest(_GenerationRequest):
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top alternatives to return with each token's logprob (None: no logprobs)."""
+        return None
+
+    @property
+    def logprobs_param(self) -> str:
+        """The field that asks for top alternatives, as errors name it."""
+        return "logprobs"
+
+
+class CompletionRequest(GenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
@@ -86,7 +108,11 @@ class CompletionRequest(_GenerationRequest):
             raise ValueError(f"best_of ({self.best_of}) different from n ({self.n}) is not supported")
         return self
 
-    def prompts(self) -> list[str | list[int]]:
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[Prompt]:
         """The prompt field as a list of prompts (a string, or a list of token ids, is one prompt)."""
         p = self.prompt
         if isinstance(p, str):
@@ -107,6 +133,7 @@ class ChatMessage(_Strict):
     name: str | None = None
 
     def text(self) -> str:
+        """The content as one string (text parts joined; none is empty)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
@@ -114,7 +141,7 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -144,6 +171,14 @@ class ChatCompletionRequest(_GenerationRequest):
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def logprobs_param(self) -> str:
+        return "top_logprobs"
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them: role and plain-text content."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
 
 def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:
     """One line for an OpenAI error body, naming the first offending field, and that field's name."""
@@ -158,18 +193,22 @@ _UNION_TAGS = {"str", "int", "float", "bool", "list[int]", "list[str]", "list[li
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: int = 400) -> dict:
+    """An OpenAI error object."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def new_id(prefix: str) -> str:
+    """A unique response id such as cmpl-<hex>."""
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def now() -> int:
+    """Unix seconds, the `created` field of responses."""
     return int(time.time())
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """The usage object; cached prompt tokens are reported only when there are some."""
     body: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -183,7 +222,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 class LogprobsBuilder:
     """Accumulates one choice's logprobs in the completions or the chat format."""
 
-    def __init__(self, decode: Any, chat: bool) -> None:
+    def __init__(self, decode: Callable[[int], str], chat: bool) -> None:
         self._decode = decode
         self._chat = chat
         self._entries: list[tuple[TokenLogprobs, int]] = []
@@ -194,6 +233,7 @@ class LogprobsBuilder:
         self._entries.append((lp, offset))
 
     def body(self) -> dict:
+        """Every entry so far (for a whole, non-streamed response)."""
         return self._format(self._entries)
 
     def take(self) -> dict:

@@ -27,9 +27,10 @@ import uvicorn
 
 from llmbuild.errors import LLMBuildError
 from llmbuild.runtime.llm_engine import LLMEngine
-from llmbuild.serve.app import ServerState, create_app
+from llmbuild.serve.app import create_app
 from llmbuild.serve.async_engine import AsyncEngine
 from llmbuild.serve.config import ServeConfig
+from llmbuild.serve.context import ServerState
 from llmbuild.serve.metrics import Metrics
 
 log = logging.getLogger("llmbuild.serve")

@@ -6,7 +6,8 @@ import torch
 
 from llmbuild.builder.awq import search_clip, search_scale
 from llmbuild.builder.quality import compare
-from llmbuild.builder.quantize import Grid, Int4Linear, quantize_model
+from llmbuild.builder.quant_format import Int4Grid, Int4Linear
+from llmbuild.builder.quantize import quantize_model
 from llmbuild.recipe import QuantizationSection
 from tests.builder.quantization_fixtures import (
     SMALL_CALIBRATION,
@@ -28,7 +29,7 @@ def test_scale_search_protects_an_outlier_channel_and_never_loses_to_rtn():
     x = torch.randn(512, 128, generator=gen)
     x[:, 7] *= 30  # one channel carries large activations
     w = torch.randn(64, 128, generator=gen)
-    grid = Grid("int4", 64, torch.bfloat16)
+    grid = Int4Grid(64, torch.bfloat16)
     s = search_scale(x, x.abs().mean(0), w, grid)
     assert s[7] > 3 * s.median()
     awq = output_error(x, w, grid.fake(w * s) / s)
@@ -41,7 +42,7 @@ def test_clip_search_shrinks_ranges_only_where_it_lowers_the_error():
     x = torch.randn(256, 128, generator=gen)
     w = torch.randn(32, 128, generator=gen)
     w[0, 3] = 12.0  # a lone large weight stretches its group's range
-    grid = Grid("int4", 64, torch.bfloat16)
+    grid = Int4Grid(64, torch.bfloat16)
     clip = search_clip(x, w, grid)
     assert clip.shape == (32, 2, 1) and ((clip <= 1) & (clip >= 0.5)).all()
     assert output_error(x, w, grid.fake(w, clip)) <= output_error(x, w, grid.fake(w))

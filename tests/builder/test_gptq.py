@@ -7,7 +7,8 @@ import torch
 
 from llmbuild.builder.gptq import gptq
 from llmbuild.builder.quality import compare
-from llmbuild.builder.quantize import Grid, Int4Linear, quantize_model
+from llmbuild.builder.quant_format import Grid, Int4Grid, Int4Linear, Int8Grid
+from llmbuild.builder.quantize import quantize_model
 from llmbuild.recipe import QuantizationSection
 from tests.builder.quantization_fixtures import (
     SMALL_CALIBRATION,
@@ -25,25 +26,25 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor) -> tor
     return (q.reshape(n, scales.shape[1], -1) * scales[..., None] + lows[..., None]).reshape(n, k)
 
 
-@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4", 128), ("int8", 256)])
-def test_gptq_with_uncorrelated_inputs_is_round_to_nearest(fmt, group):
+@pytest.mark.parametrize(
+    "grid", [Int4Grid(32, torch.bfloat16), Int4Grid(128, torch.bfloat16), Int8Grid(256, torch.bfloat16)]
+)
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest(grid: Grid):
     # H = identity: no column's error can be compensated by another, so GPTQ must round as RTN does
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
-    grid = Grid(fmt, group, torch.bfloat16)
     q, scales, lows = gptq(w, torch.eye(256), grid)
     torch.testing.assert_close(dequantize(q, scales, lows), grid.fake(w), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("fmt,group", [("int4", 64), ("int8", 256)])
-def test_gptq_compensates_rounding_errors_on_correlated_inputs(fmt, group):
+@pytest.mark.parametrize("grid", [Int4Grid(64, torch.bfloat16), Int8Grid(256, torch.bfloat16)])
+def test_gptq_compensates_rounding_errors_on_correlated_inputs(grid: Grid):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2048, 16, generator=gen) @ torch.randn(16, 256, generator=gen) + 0.1 * torch.randn(
         2048, 256, generator=gen
     )
     w = torch.randn(64, 256, generator=gen)
-    grid = Grid(fmt, group, torch.bfloat16)
     q, scales, lows = gptq(w, x.T @ x, grid)
-    assert q.min() >= (-127 if fmt == "int8" else 0) and q.max() <= grid.qmax and torch.equal(q, q.round())
+    assert q.min() >= grid.qmin and q.max() <= grid.qmax and torch.equal(q, q.round())
     err_gptq = (x @ (w - dequantize(q, scales, lows)).T).pow(2).mean()
     err_rtn = (x @ (w - grid.fake(w)).T).pow(2).mean()
     assert err_gptq < 0.5 * err_rtn
@@ -53,7 +54,7 @@ def test_dead_inputs_get_zero_weights():
     w = torch.randn(8, 64)
     h = torch.eye(64)
     h[5, 5] = 0  # an input that is always zero
-    q, scales, lows = gptq(w, h, Grid("int4", 64, torch.bfloat16))
+    q, scales, lows = gptq(w, h, Int4Grid(64, torch.bfloat16))
     assert dequantize(q, scales, lows)[:, 5].abs().max() <= scales.max() / 2
 
 

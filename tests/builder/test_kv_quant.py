@@ -25,9 +25,8 @@ from tests.builder.quantization_fixtures import (
     sequence_logits,
     small_calibration,
 )
-from tests.builder.test_quantize import first_token_agreement
 from tests.conftest import write_recipe
-from tests.runtime.test_parity_hf import random_prompt, teacher_forced_logits
+from tests.helpers import first_token_agreement, random_prompt, teacher_forced_logits
 
 KV_INT8 = {"kv_cache": "int8", "calibration": SMALL_CALIBRATION.model_dump()}
 # steps of at most 64 tokens: the quality gate and the runtime prefill 256-token windows in chunks

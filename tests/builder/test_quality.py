@@ -13,8 +13,7 @@ import torch
 from llmbuild.builder.quality import Quality, engine_quality, gate_failures, model_graph, window_logits
 from llmbuild.recipe import QualitySection
 from tests.builder.quantization_fixtures import DEMO, sequence_logits
-from tests.builder.test_retarget import tiny_model
-from tests.test_cli import run_cli
+from tests.helpers import run_cli, tiny_model
 
 
 @pytest.fixture(scope="module")

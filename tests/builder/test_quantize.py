@@ -4,7 +4,6 @@ quantized engines build, store quantized weights and generate like the bf16 engi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,27 +13,13 @@ from transformers import AutoTokenizer
 from llmbuild.builder.build import build_engine
 from llmbuild.builder.plan import make_plan
 from llmbuild.builder.quality import compare
-from llmbuild.builder.quantize import Int4Linear, ScaledLinear, quantize_model
+from llmbuild.builder.quant_format import Int4Linear, ScaledLinear
+from llmbuild.builder.quantize import quantize_model
 from llmbuild.errors import BuildError, RecipeError
 from llmbuild.recipe import QuantizationSection, load_recipe
-from llmbuild.runtime.llm_engine import LLMEngine
-from llmbuild.runtime.sampling_params import SamplingParams
 from tests.builder.quantization_fixtures import DEMO, demo_model
 from tests.conftest import write_recipe
-
-
-def first_token_agreement(engine_a: Path, engine_b: Path) -> float:
-    """Share of 40 held-out prefixes on which both engines pick the same greedy next token.
-
-    Greedy continuations of a small model diverge at near-ties, so next-token choices are compared
-    teacher-forced rather than whole generations."""
-    tok = AutoTokenizer.from_pretrained(DEMO)
-    ids = tok((DEMO / "validation.txt").read_text())["input_ids"]
-    prompts = [ids[i : i + 12] for i in range(0, 40 * 12, 12)]
-    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    a = [c.token_ids[0] for c in LLMEngine.from_dir(engine_a).generate(prompts, params)]
-    b = [c.token_ids[0] for c in LLMEngine.from_dir(engine_b).generate(prompts, params)]
-    return sum(x == y for x, y in zip(a, b, strict=True)) / len(prompts)
+from tests.helpers import first_token_agreement
 
 
 @pytest.fixture(scope="module")

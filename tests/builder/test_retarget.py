@@ -9,41 +9,14 @@ import torch
 from torch.export.passes import move_to_device_pass
 
 from llmbuild.builder.export import export_graph
-from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.quantize import quantize_model
 from llmbuild.builder.retarget import cuda_ops, eval_device, retarget
 from llmbuild.errors import RecipeError
-from llmbuild.model_config import ModelConfig, RopeConfig
 from llmbuild.plugins import load_plugins
-from llmbuild.recipe import LimitsSection, PluginsSection, QuantizationSection
-from tests.plugins.triton.test_elementwise import DEVICE
+from llmbuild.recipe import QuantizationSection
+from tests.helpers import CFG, DEVICE, LIMITS, tiny_model
 
 BLOCK = 4
-CFG = ModelConfig(
-    architecture="LlamaForCausalLM",
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-5,
-    rope=RopeConfig(theta=10000.0),
-    max_position_embeddings=64,
-)
-LIMITS = LimitsSection(max_batch_size=4, max_seq_len=32, max_num_tokens=32)
-FUSED = PluginsSection(gemv=True, fused_rms_norm=True, fused_rope=True, fused_swiglu=True)
-
-
-def tiny_model() -> LlamaModel:
-    model = LlamaModel.empty(CFG, LIMITS.max_seq_len, torch.float32, FUSED)
-    g = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():
-        p.data = (
-            1 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name else 0.2 * torch.randn(p.shape, generator=g)
-        )
-    return model
 
 
 def plugin_namespaces(program) -> set[str]:

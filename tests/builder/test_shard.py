@@ -15,7 +15,7 @@ from llmbuild.builder.quantize import quantize_model
 from llmbuild.builder.shard import shard_state_dict
 from llmbuild.recipe import QuantizationSection
 from llmbuild.tensor_parallel import kv_heads_of_rank, rank_config
-from tests.test_tensor_parallel import config
+from tests.helpers import config
 
 FORMATS = {  # weights -> (dtype, relative tolerance of a recomposed output)
     "none": (torch.float32, 1e-5),

@@ -6,13 +6,11 @@ import pytest
 import torch
 
 from llmbuild.plugins.paged_attention import (
-    CODE_MAX,
     paged_attention_ref,
-    quantize_kv,
     quantized_paged_attention_ref,
+    write_kv_cache,
 )
-
-H, HKV, D, BS, NUM_BLOCKS = 4, 2, 16, 4, 32
+from tests.helpers import BS, HKV, D, make_case, quantized_case
 
 
 def dense_attention(q, k, v, scale):
@@ -25,48 +23,6 @@ def dense_attention(q, k, v, scale):
     pos_q = torch.arange(length - n, length)[:, None]
     scores = scores.masked_fill(torch.arange(length)[None, :] > pos_q, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
-
-
-def make_case(
-    dtype, ctx_lens=(5, 20, 12), new_tokens=(5, 1, 3), seed=0, heads=(H, HKV), num_blocks=NUM_BLOCKS, head_dim=D
-):
-    """A packed step mixing a fresh prompt, a decode and a continued chunk, with scattered blocks
-    (heads: query and kv head counts)."""
-    h, hkv = heads
-    D = head_dim
-    g = torch.Generator().manual_seed(seed)
-    k_cache = torch.zeros(num_blocks, hkv, BS, D, dtype=dtype)
-    v_cache = torch.zeros_like(k_cache)
-    free = torch.randperm(num_blocks, generator=g).tolist()  # non-contiguous block tables
-    max_blocks = max(-(-length // BS) for length in ctx_lens) + 1
-    tables, full_k, full_v, q_parts, k_new, v_new, slots = [], [], [], [], [], [], []
-    for length, n in zip(ctx_lens, new_tokens, strict=True):
-        blocks = [free.pop() for _ in range(-(-length // BS))]
-        tables.append(blocks + [0] * (max_blocks - len(blocks)))
-        k = torch.randn(length, hkv, D, generator=g).to(dtype)
-        v = torch.randn(length, hkv, D, generator=g).to(dtype)
-        for p in range(length - n):  # the already-cached prefix
-            k_cache[blocks[p // BS], :, p % BS] = k[p]
-            v_cache[blocks[p // BS], :, p % BS] = v[p]
-        full_k.append(k)
-        full_v.append(v)
-        q_parts.append(torch.randn(n, h, D, generator=g).to(dtype))
-        k_new.append(k[length - n :])
-        v_new.append(v[length - n :])
-        slots += [blocks[p // BS] * BS + p % BS for p in range(length - n, length)]
-    cu = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32)
-    args = (
-        torch.cat(q_parts),
-        torch.cat(k_new),
-        torch.cat(v_new),
-        k_cache,
-        v_cache,
-        torch.tensor(slots),
-        torch.tensor(tables, dtype=torch.int32),
-        torch.tensor(ctx_lens, dtype=torch.int32),
-        cu,
-    )
-    return args, full_k, full_v, q_parts
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -115,18 +71,6 @@ def test_bad_shapes_fail_with_a_message():
 def test_opcheck():
     args, *_ = make_case(torch.float32)
     torch.library.opcheck(torch.ops.llmbuild.paged_attention.default, (*args, D**-0.5))
-
-
-def quantized_case(dtype, codes=torch.int8, seed=0, **case):
-    """make_case with int8 or fp8 caches: per-head scales from the absmax of the sequences' K and V."""
-    args, full_k, full_v, q_parts = make_case(dtype, seed=seed, **case)
-    k_all, v_all = torch.cat(full_k).float(), torch.cat(full_v).float()
-    kv_scales = torch.stack([k_all.abs().amax(dim=(0, 2)), v_all.abs().amax(dim=(0, 2))]) / CODE_MAX[codes]
-    caches = [
-        quantize_kv(cache.transpose(1, 2), head_scales, codes).transpose(1, 2).contiguous()  # [blocks, bs, H_kv, D]
-        for cache, head_scales in zip(args[3:5], kv_scales, strict=True)
-    ]
-    return (*args[:3], *caches, *args[5:]), kv_scales, full_k, full_v, q_parts
 
 
 CODES = [torch.int8, torch.float8_e4m3fn]
@@ -214,3 +158,13 @@ def test_quantized_op_rejects_bad_scales_and_caches():
 def test_quantized_opcheck():
     args, kv_scales, *_ = quantized_case(torch.float32)
     torch.library.opcheck(torch.ops.llmbuild.quantized_paged_attention.default, (*args, kv_scales, D**-0.5))
+
+
+def test_write_kv_cache_stores_each_token_at_its_slot():
+    k_cache, v_cache = torch.zeros(3, HKV, BS, D), torch.zeros(3, HKV, BS, D)
+    k, v = torch.randn(3, HKV, D), torch.randn(3, HKV, D)
+    slots = torch.tensor([2 * BS + 1, 0, BS - 1])  # block 2 offset 1, block 0 offset 0, block 0 last
+    write_kv_cache(k_cache, v_cache, k, v, slots)
+    for token, (block, offset) in enumerate([(2, 1), (0, 0), (0, BS - 1)]):
+        assert torch.equal(k_cache[block, :, offset], k[token]) and torch.equal(v_cache[block, :, offset], v[token])
+    assert k_cache.count_nonzero() == k.count_nonzero() and v_cache.count_nonzero() == v.count_nonzero()

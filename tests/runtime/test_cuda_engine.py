@@ -17,8 +17,7 @@ from llmbuild.machine import gpu_arch
 from llmbuild.manifest import Manifest
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
-from tests.runtime.test_cuda_graphs import generate
-from tests.runtime.test_parity_hf import GREEDY, random_prompt, teacher_forced_logits
+from tests.helpers import GREEDY, generate, random_prompt, teacher_forced_logits
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; bench/gpu_check.sh runs these on one)"

@@ -9,6 +9,8 @@ import torch
 from llmbuild.runtime.cuda_graphs import DecodeGraphs, bucket_for, is_decode_step, pad_decode_step
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
+from llmbuild.runtime.step_inputs import StepInputs
+from tests.helpers import generate
 
 BUCKETS = (1, 2, 4, 8)
 
@@ -18,7 +20,7 @@ def test_the_smallest_bucket_that_holds_the_batch_else_none(num_seqs, bucket):
     assert bucket_for(BUCKETS, num_seqs) == bucket
 
 
-def decode_inputs(llm: LLMEngine, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
+def decode_inputs(llm: LLMEngine, prompts: list[list[int]]) -> StepInputs:
     """The graph inputs of the first step in which every prompt decodes."""
     for prompt in prompts:
         llm.add_request(llm.make_request(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
@@ -43,8 +45,8 @@ def test_a_padded_decode_step_changes_nothing_real(make_ckpt, make_engine, backe
     block_size = llm.engine.manifest.kv_cache.block_size
     padded = pad_decode_step(inputs, 8, scratch, block_size)
     with torch.inference_mode():
-        plain = llm.engine.graph(inputs, plain_caches)
-        out = llm.engine.graph(padded, padded_caches)
+        plain = llm.engine.graph(inputs.as_tuple(), plain_caches)
+        out = llm.engine.graph(padded.as_tuple(), padded_caches)
     assert out.shape[0] == 8
     torch.testing.assert_close(out[:3], plain, atol=1e-4, rtol=0)  # other GEMM blockings at M=8
     for before, plain_cache, padded_cache in zip(caches, plain_caches, padded_caches, strict=True):
@@ -69,16 +71,6 @@ def test_only_decode_steps_pad(llama_engine):
         pad_decode_step(decode, 1, 0, 16)
 
 
-def generate(llm: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
-    """Each prompt's tokens, all run together (in-flight batched) with its own sampling parameters."""
-    requests = [llm.make_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
-    for request in requests:
-        llm.add_request(request)
-    while llm.has_unfinished():
-        llm.step()
-    return [list(r.output_token_ids) for r in requests]
-
-
 class RerunCapture:
     """The CPU stand-in for a CUDA graph capture: a replay re-runs the step on the captured buffers
     and writes the captured logits tensor, which is what a graph replay does on a GPU."""
@@ -89,7 +81,7 @@ class RerunCapture:
 
     def __call__(self, step, static, pool):
         logits = step(static)
-        self.captured.append(static[0].shape[0])
+        self.captured.append(static.input_ids.shape[0])
 
         def replay() -> None:
             self.replays += 1
@@ -119,7 +111,7 @@ def test_decode_graphs_generate_what_plain_steps_generate(make_ckpt, make_engine
 def test_a_step_with_prompt_tokens_or_too_many_sequences_is_not_replayed(llama_engine):
     llm = LLMEngine.from_dir(llama_engine)
     capture = RerunCapture()
-    step = lambda inputs: torch.zeros(inputs[0].shape[0], 4)  # noqa: E731
+    step = lambda inputs: torch.zeros(inputs.input_ids.shape[0], 4)  # noqa: E731
     graphs = DecodeGraphs(step, (1, 2), 4, 0, 16, torch.device("cpu"), capture)
     llm.add_request(llm.make_request([5, 6, 7], SamplingParams(max_tokens=4)))
     prefill, _ = llm.runner.prepare(llm.scheduler.schedule())

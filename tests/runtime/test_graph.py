@@ -9,7 +9,7 @@ import torch
 
 from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.graph import dense_inputs
-from llmbuild.runtime.model_runner import allocate_kv_cache
+from llmbuild.runtime.kv_cache import allocate_kv_cache
 
 BS = 16
 WIDTH = 16  # blocks per sequence: the tiny engine's max_seq_len 256 in blocks of 16

@@ -15,38 +15,11 @@ from transformers import AutoModelForCausalLM
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
 from tests.conftest import ARCHS
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
+from tests.helpers import GREEDY, random_prompt, teacher_forced_logits
 
 
 def hf_model(ckpt, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
-
-
-def random_prompt(n: int, seed: int, vocab: int = 512) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (n,), generator=g).tolist()
-
-
-def teacher_forced_logits(llm: LLMEngine, prompt: list[int], forced: list[int]) -> torch.Tensor:
-    """Engine logits for every prompt position (one prefill step), then one decode step per forced token.
-
-    Row i predicts the token after position i of prompt + forced.
-    """
-    request = llm.make_request(prompt, SamplingParams(max_tokens=len(forced) + 1, **GREEDY))
-    llm.add_request(request)
-    batch = llm.scheduler.schedule()
-    assert batch.num_tokens == len(prompt)
-    inputs, _ = llm.runner.prepare(batch)
-    rows = [llm.runner.run((*inputs[:-1], torch.arange(len(prompt))))]
-    llm.scheduler.update(batch, [forced[0]])
-    for token in forced[1:] + [0]:
-        batch = llm.scheduler.schedule()
-        assert batch.num_tokens == 1
-        rows.append(llm.runner.execute(batch))
-        llm.scheduler.update(batch, [token])
-    llm.abort(request)
-    return torch.cat(rows)
 
 
 FUSED = {"fused_rms_norm": True, "fused_rope": True, "fused_swiglu": True}

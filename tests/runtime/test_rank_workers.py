@@ -23,7 +23,7 @@ from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
 from tests.builder.quantization_fixtures import DEMO
 from tests.conftest import ARCHS
-from tests.runtime.test_parity_hf import GREEDY, random_prompt, teacher_forced_logits
+from tests.helpers import GREEDY, random_prompt, teacher_forced_logits, worker_pids
 
 CASES = [
     pytest.param(("llama", 2, "eager"), id="llama-tp2-eager"),
@@ -31,21 +31,6 @@ CASES = [
     pytest.param(("qwen2", 4, "eager"), id="qwen2-tp4-eager-replicated-kv"),
     pytest.param(("llama", 2, "compiled"), id="llama-tp2-compiled", marks=pytest.mark.slow),
 ]
-
-
-def worker_pids(parent: int | None = None) -> list[int]:
-    """Live tensor-parallel workers started by process `parent` (default: this one)."""
-    parent = parent or os.getpid()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == parent and b"llmbuild.runtime.rank_workers" in cmdline:
-            pids.append(int(entry.name))
-    return pids
 
 
 @pytest.fixture(scope="module", params=CASES)

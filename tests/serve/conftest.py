@@ -1,19 +1,37 @@
-"""Real `llmbuild serve` processes on 127.0.0.1, started from the CLI, for real clients."""
+"""Real `llmbuild serve` processes on 127.0.0.1, started from the CLI, for real clients; and the
+app in-process over a fake engine (FakeLLM), for tests of its pieces that need no model."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+
+from llmbuild.errors import RequestError
+from llmbuild.recipe import ServeSection
+from llmbuild.runtime.llm_engine import RequestOutput
+from llmbuild.runtime.request import Request
+from llmbuild.runtime.sampler import TokenLogprobs
+from llmbuild.runtime.sampling_params import SamplingParams
+from llmbuild.serve.app import create_app
+from llmbuild.serve.async_engine import AsyncEngine
+from llmbuild.serve.config import ServeConfig
+from llmbuild.serve.context import ServeContext
+from llmbuild.serve.metrics import Metrics
 
 API_KEY = "sk-test-key"
 
@@ -93,3 +111,101 @@ def server(serve_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     s = start_server(serve_engine, tmp_path_factory.mktemp("server") / "server.log")
     yield s
     assert s.stop() == 0, s.log.read_text()
+
+
+class FakeTokenizer:
+    """One token per character (id = code point + 3; 1 is BOS) and a `role: content` chat template
+    that knows only the system, user and assistant roles."""
+
+    chat_template = "role: content"
+
+    def encode(self, text: str) -> list[int]:
+        return [1] + [ord(c) + 3 for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i - 3) for i in ids if i >= 3)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+        assert kwargs["tokenize"] and not kwargs["return_dict"]
+        for m in messages:
+            if m["role"] not in ("system", "user", "assistant"):
+                raise ValueError(f"unknown role {m['role']}")
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return self.encode(text + ("assistant: " if kwargs["add_generation_prompt"] else ""))
+
+
+class FakeLLM:
+    """The part of LLMEngine that AsyncEngine and the app use. Every step gives each request the
+    next letter of the alphabet (a, b, c, ...) until its max_tokens; `refuse` makes add_request
+    raise RequestError with that message, as a request that can never fit the KV cache does."""
+
+    def __init__(self, max_seq_len: int = 64) -> None:
+        self.tokenizer = FakeTokenizer()
+        self.limits = SimpleNamespace(max_batch_size=4, max_seq_len=max_seq_len)
+        serve = ServeSection(max_tokens=5, temperature=0.5, top_p=0.9, top_k=7)
+        self.engine = SimpleNamespace(manifest=SimpleNamespace(name="fake", limits=self.limits, serve=serve))
+        self.pool = SimpleNamespace(num_blocks=32, num_free=32)
+        self.scheduler = SimpleNamespace(
+            waiting=[], running=[], num_preemptions=0, prefix_queried_tokens=0, prefix_hit_tokens=0
+        )
+        self.model_seconds = 0.0
+        self.refuse: str | None = None
+        self.running: list[Request] = []
+        self._ids = itertools.count()
+
+    def make_request(self, prompt: list[int], params: SamplingParams, priority: int = 0) -> Request:
+        if any(t >= 1000 for t in prompt):
+            raise RequestError("prompt token id is out of range [0, 1000)")
+        max_tokens = min(params.max_tokens, self.limits.max_seq_len - len(prompt))
+        return Request(f"req-{next(self._ids)}", list(prompt), params, max_tokens, priority=priority)
+
+    def add_request(self, request: Request) -> None:
+        if self.refuse is not None:
+            raise RequestError(self.refuse)
+        self.running.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running)
+
+    def keep_alive(self) -> None:
+        pass
+
+    def abort(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+
+    def step(self) -> list[RequestOutput]:
+        outputs = []
+        for r in list(self.running):
+            token = ord("a") + 3 + len(r.output_token_ids) % 26
+            r.output_token_ids.append(token)
+            done = len(r.output_token_ids) >= r.max_tokens
+            if done:
+                self.running.remove(r)
+            lp = None if r.params.logprobs is None else TokenLogprobs(token, -0.5, [(token, -0.5), (token + 1, -1.5)])
+            outputs.append(RequestOutput(r.request_id, token, chr(token - 3), "length" if done else None, lp))
+        return outputs
+
+
+@pytest.fixture
+def fake_llm() -> FakeLLM:
+    return FakeLLM()
+
+
+@pytest.fixture
+def serve_context(fake_llm: FakeLLM) -> ServeContext:
+    """The context of a server over fake_llm (its step loop not running), with small caps."""
+    config = ServeConfig(max_n=4, max_prompts=3, max_top_logprobs=5, max_stop=2, max_stop_len=8, max_body_bytes=2048)
+    return ServeContext.create(AsyncEngine(fake_llm, Metrics("fake"), 4), config)
+
+
+@pytest.fixture
+def app_client(fake_llm: FakeLLM) -> Iterator[TestClient]:
+    """The app over fake_llm in-process, its AsyncEngine stepping on a thread; no API key."""
+    engine = AsyncEngine(fake_llm, Metrics("fake"), max_queue=4)
+    loop = threading.Thread(target=engine.run, name="fake-step-loop", daemon=True)
+    loop.start()
+    with TestClient(create_app(engine, ServeConfig())) as client:
+        yield client
+    loop.join(timeout=10)
+    assert not loop.is_alive()

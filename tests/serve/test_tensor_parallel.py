@@ -10,7 +10,7 @@ import openai
 
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
-from tests.runtime.test_rank_workers import worker_pids
+from tests.helpers import worker_pids
 from tests.serve.conftest import API_KEY, start_server
 
 PROMPT = "The build system compiles"

@@ -3,8 +3,6 @@ under the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -12,8 +10,8 @@ from llmbuild.plugins.rms_norm import add_rms_norm_ref, rms_norm_ref
 from llmbuild.plugins.rope import rope_ref
 from llmbuild.plugins.swiglu import swiglu_ref
 from llmbuild.plugins.triton import elementwise as triton_elementwise
+from tests.helpers import DEVICE
 
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 DTYPES = [torch.float32, torch.bfloat16]
 
 

@@ -17,8 +17,7 @@ from llmbuild.plugins.linear_int4 import linear_int4_ref, pack_int4, quantize_in
 from llmbuild.plugins.linear_int8 import linear_int8_ref, quantize_int8
 from llmbuild.plugins.paged_attention import quantized_paged_attention_ref
 from llmbuild.plugins.triton import ops  # noqa: F401  (registers torch.ops.llmbuild_triton)
-from tests.plugins.test_paged_attention import D, quantized_case
-from tests.plugins.triton.test_elementwise import DEVICE
+from tests.helpers import DEVICE, D, quantized_case
 
 # every CPU op has a Triton twin, except the projection (aten's linear on a GPU: builder/retarget.py)
 OPS = sorted(name.split("::")[1] for name in OP_VERSIONS if name != "llmbuild::linear")

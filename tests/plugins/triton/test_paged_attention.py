@@ -10,8 +10,7 @@ import torch
 
 from llmbuild.plugins.paged_attention import paged_attention_ref, quantized_paged_attention_ref
 from llmbuild.plugins.triton import ops  # noqa: F401  (registers torch.ops.llmbuild_triton)
-from tests.plugins.test_paged_attention import D, make_case, quantized_case
-from tests.plugins.triton.test_elementwise import DEVICE
+from tests.helpers import DEVICE, D, make_case, quantized_case
 
 STEPS = {
     "mixed": {},  # a 5-token prompt, a decode at 20, a 3-token chunk continuing 9 cached

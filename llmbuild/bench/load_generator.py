@@ -187,4 +187,5 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def as_json(report: dict[str, Any]) -> str:
+    """A run_load report as indented JSON, newline-terminated."""
     return json.dumps(report, indent=1) + "\n"

@@ -1,4 +1,4 @@
-"""`llmbuild bench`: offline TTFT, decode and batch throughput of an engine, measured in-process.
+"""`llmbuild bench ENGINE`: offline TTFT, decode and batch throughput of an engine, measured in-process.
 
 With `compare_eager` the engine's exported program runs too, in the same process, runs interleaved
 (compiled, eager, compiled, eager, ...) so that a noisy machine slows both alike. The memory read

@@ -1,0 +1,54 @@
+"""A build's stages as the user sees them: timed into report.json, announced to the CLI, and named,
+with the likely fix, when they fail."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from llmbuild.errors import BuildError, LLMBuildError
+
+StageCallback = Callable[[str, float | None], None]
+"""Called with (stage, None) when a stage starts and (stage, seconds) when it ends."""
+
+_OOM_HINT = "out of memory: free memory, or build a smaller model / a shorter limits.max_seq_len"
+
+
+class Stages:
+    """Runs the named stages of one build and keeps their timings (report.json's stages_seconds, in run order)."""
+
+    def __init__(self, on_stage: StageCallback | None = None) -> None:
+        self.timings: dict[str, float] = {}
+        self._on_stage: StageCallback = on_stage or _ignore
+
+    @contextmanager
+    def run(self, name: str) -> Iterator[None]:
+        """Time the body as stage `name`; an unexpected exception becomes a BuildError naming the stage."""
+        self._on_stage(name, None)
+        start = time.perf_counter()
+        try:
+            yield
+        except LLMBuildError:
+            raise
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise BuildError(f"stage '{name}' failed: {type(exc).__name__}: {detail} ({hint(exc)})") from exc
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        self._on_stage(name, self.timings[name])
+
+
+def hint(exc: Exception) -> str:
+    """The likely fix for an exception that escaped a build stage."""
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text:
+        return _OOM_HINT
+    if isinstance(exc, OSError):
+        return "check free disk space and permissions of the output and cache directories"
+    if "compil" in text or "g++" in text or "c++" in text:
+        return "the C++ compiler failed; check that g++ works, then rerun with --debug for its output"
+    return "rerun with --debug for the traceback"
+
+
+def _ignore(name: str, seconds: float | None) -> None:
+    pass

@@ -1,0 +1,59 @@
+"""`llmbuild inspect ENGINE`: an engine's manifest, and whether it runs on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from llmbuild.cli.console import console
+
+
+@click.command("inspect")
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect_command(engine: Path, as_json: bool) -> None:
+    """Show ENGINE's manifest: target, model, limits, files, sizes and hashes."""
+    from llmbuild.manifest import Manifest
+    from llmbuild.runtime.engine import target_mismatch
+
+    manifest = Manifest.load(engine)
+    if as_json:
+        click.echo(manifest.model_dump_json(indent=1))
+        return
+    out = console()
+    t, cfg = manifest.target, manifest.model
+    mismatch = target_mismatch(manifest)
+    out.print(
+        f"[bold]{manifest.name}[/]  format v{manifest.format_version}, llmbuild {manifest.llmbuild_version}, "
+        f"torch {manifest.torch_version}"
+    )
+    out.print(
+        f"target   {t.device} {t.machine}{' ' + t.arch if t.arch else ''}, backend {t.backend}, tp {t.tensor_parallel}"
+    )
+    resolved = f" ({t.cpu_resolved})" if t.cpu_resolved != t.cpu else ""
+    out.print(
+        f"cpu      target.cpu {t.cpu}{resolved}, kernels {t.kernel_isa}"
+        + (f", needs {' '.join(t.required_isa)}" if t.required_isa else "")
+    )
+    out.print("runs here: " + ("[green]yes[/]" if mismatch is None else f"[red]no[/] ({mismatch})"))
+    out.print(
+        f"model    {cfg.architecture}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads "
+        f"{cfg.num_heads}/{cfg.num_kv_heads} kv, head_dim {cfg.head_dim}, vocab {cfg.vocab_size}, "
+        f"{cfg.num_params / 1e6:.1f}M params"
+    )
+    out.print(
+        f"dtype    {manifest.dtype} (KV cache {manifest.kv_cache_dtype}), quantization {manifest.quantization.weights}"
+    )
+    lim = manifest.limits
+    out.print(
+        f"limits   max_batch_size {lim.max_batch_size}, max_seq_len {lim.max_seq_len}, "
+        f"max_num_tokens {lim.max_num_tokens}, KV block {manifest.kv_cache.block_size}"
+    )
+    out.print(f"plugins  {', '.join(f'{k} v{v}' for k, v in manifest.plugins.items())}")
+    out.print(f"config   {manifest.config_hash[:16]}  checkpoint {manifest.inputs.checkpoint_sha256[:16]}")
+    out.print("files")
+    for rel, digest in manifest.files.items():
+        path = engine / rel
+        size = path.stat().st_size if path.is_file() else -1
+        out.print(f"  {size:>12,}  {digest[:16]}  {rel}", markup=False)

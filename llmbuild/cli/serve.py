@@ -1,0 +1,116 @@
+"""`llmbuild serve ENGINE`: the OpenAI-compatible HTTP server, configured from flags and the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from llmbuild.cli.console import console
+from llmbuild.serve.config import ServeConfig
+
+
+def _default(field: str) -> Any:
+    """ServeConfig's default for `field`, so that a flag's default is defined once, by the server."""
+    return ServeConfig.model_fields[field].default
+
+
+@click.command("serve")
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--host", help="Address to bind (default: the engine's serve.host, 127.0.0.1).")
+@click.option("--port", type=int, help="Port (default: the engine's serve.port, 8000).")
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    envvar="LLMBUILD_API_KEY",
+    help="Accepted bearer token (repeatable; env LLMBUILD_API_KEY). Prefer --api-key-file: argv is visible in ps.",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File with one accepted API key per line (# comments and blank lines ignored).",
+)
+@click.option("--model-name", help="Model id clients send and /v1/models lists (default: the engine name).")
+@click.option(
+    "--max-queue", type=int, default=_default("max_queue"), show_default=True, help="Waiting requests before 429s."
+)
+@click.option(
+    "--max-body-bytes", type=int, default=_default("max_body_bytes"), show_default=True, help="Largest request body."
+)
+@click.option("--max-prompt-tokens", type=int, help="Longest prompt accepted (default: max_seq_len - 1).")
+@click.option("--max-n", type=int, default=_default("max_n"), show_default=True, help="Largest n (choices per prompt).")
+@click.option(
+    "--shutdown-timeout",
+    type=float,
+    default=_default("shutdown_timeout"),
+    show_default=True,
+    help="Seconds SIGTERM waits for in-flight requests.",
+)
+@click.option("--no-prefix-caching", is_flag=True, help="Do not reuse KV blocks of repeated prompt prefixes.")
+@click.option("--backend", type=click.Choice(["compiled", "eager"]), help="Override the engine's backend.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+)
+def serve_command(
+    engine: Path,
+    host: str | None,
+    port: int | None,
+    api_keys: tuple[str, ...],
+    api_key_file: Path | None,
+    model_name: str | None,
+    max_queue: int,
+    max_body_bytes: int,
+    max_prompt_tokens: int | None,
+    max_n: int,
+    shutdown_timeout: float,
+    no_prefix_caching: bool,
+    backend: str | None,
+    log_level: str,
+) -> None:
+    """Serve ENGINE behind an OpenAI-compatible HTTP API (loopback only unless --host says otherwise)."""
+    from llmbuild.manifest import Manifest
+    from llmbuild.serve.server import serve as run_server
+
+    keys = list(api_keys)
+    if api_key_file is not None:
+        keys += _read_api_keys(api_key_file)
+    defaults = Manifest.load(engine).serve
+    try:
+        config = ServeConfig(
+            host=host or defaults.host,
+            port=defaults.port if port is None else port,
+            model_name=model_name,
+            api_keys=tuple(keys),
+            max_queue=max_queue,
+            max_body_bytes=max_body_bytes,
+            max_prompt_tokens=max_prompt_tokens,
+            max_n=max_n,
+            shutdown_timeout=shutdown_timeout,
+            enable_prefix_caching=not no_prefix_caching,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise click.UsageError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+        console(stderr=True).print(
+            f"[bold yellow]warning:[/] serving on {config.host} without an API key: anyone who can reach this "
+            "port can use the model; pass --api-key-file"
+        )
+    run_server(engine, config, backend=backend, log_level=log_level)
+
+
+def _read_api_keys(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise click.UsageError(f"--api-key-file: cannot read {path}: {exc.strerror}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise click.UsageError(f"--api-key-file: {path} holds no key (one key per line)")
+    return keys

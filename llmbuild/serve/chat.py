@@ -1,0 +1,41 @@
+"""POST /v1/chat/completions: messages through the engine's chat template, n choices."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from llmbuild.runtime.chat_template import ChatTemplateError, NoChatTemplateError, apply_chat_template
+from llmbuild.runtime.request import Request as EngineRequest
+from llmbuild.serve.api_error import APIError
+from llmbuild.serve.context import ServeContext
+from llmbuild.serve.generation import make_requests, sampling_params
+from llmbuild.serve.intake import check_limits, read_body
+from llmbuild.serve.protocol import ChatCompletionRequest
+from llmbuild.serve.responses import respond
+
+
+async def create_chat_completion(ctx: ServeContext, request: Request) -> Response:
+    """The route's handler: read, check, apply the template, queue, answer."""
+    body = await read_body(ctx, request, ChatCompletionRequest)
+    requests = await asyncio.to_thread(chat_requests, ctx, body)
+    return await respond(ctx, request, body, requests, chat=True)
+
+
+def chat_requests(ctx: ServeContext, body: ChatCompletionRequest) -> list[EngineRequest]:
+    """The engine requests of a chat body, after the server's caps (tokenizes: off the event loop)."""
+    check_limits(ctx, body)
+    params = sampling_params(ctx, body)
+    return make_requests(ctx, [chat_prompt(ctx, body)], params, body.n, body.priority)
+
+
+def chat_prompt(ctx: ServeContext, body: ChatCompletionRequest) -> list[int]:
+    """The prompt token ids of the body's messages under the engine's chat template (400 if none fits)."""
+    try:
+        return apply_chat_template(ctx.tokenizer, body.template_messages(), body.add_generation_prompt)
+    except NoChatTemplateError as exc:
+        raise APIError(400, f"{exc}; use /v1/completions") from None
+    except ChatTemplateError as exc:
+        raise APIError(400, f"messages do not fit the engine's chat template: {exc}", param="messages") from None

@@ -1,0 +1,30 @@
+"""POST /v1/completions: one or more prompts (text or token ids), n choices each."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from llmbuild.runtime.request import Request as EngineRequest
+from llmbuild.serve.context import ServeContext
+from llmbuild.serve.generation import make_requests, sampling_params
+from llmbuild.serve.intake import check_limits, check_prompt_count, read_body
+from llmbuild.serve.protocol import CompletionRequest
+from llmbuild.serve.responses import respond
+
+
+async def create_completion(ctx: ServeContext, request: Request) -> Response:
+    """The route's handler: read, check, queue, answer."""
+    body = await read_body(ctx, request, CompletionRequest)
+    requests = await asyncio.to_thread(completion_requests, ctx, body)
+    return await respond(ctx, request, body, requests, chat=False)
+
+
+def completion_requests(ctx: ServeContext, body: CompletionRequest) -> list[EngineRequest]:
+    """The engine requests of a completion body, after the server's caps (tokenizes: off the event loop)."""
+    prompts = body.prompts()
+    check_prompt_count(ctx, prompts)
+    check_limits(ctx, body)
+    return make_requests(ctx, prompts, sampling_params(ctx, body), body.n, body.priority)

@@ -1,0 +1,92 @@
+"""Answering a generation request: queue its engine requests, then stream them or answer whole."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from llmbuild.errors import LLMBuildError
+from llmbuild.runtime.request import Request as EngineRequest
+from llmbuild.serve import protocol
+from llmbuild.serve.api_error import APIError
+from llmbuild.serve.async_engine import RequestStream
+from llmbuild.serve.choice import Choice, usage
+from llmbuild.serve.context import ServeContext
+from llmbuild.serve.protocol import GenerationRequest, LogprobsBuilder
+from llmbuild.serve.streaming import ChunkHeader, sse, stream_events
+
+
+async def respond(
+    ctx: ServeContext, request: Request, body: GenerationRequest, requests: list[EngineRequest], chat: bool
+) -> Response:
+    """Queue the requests; stream SSE events or answer with the whole completion.
+
+    A stream starts only once the engine has admitted every request, so a request it refuses
+    gets the same status as without streaming.
+    """
+    stream = submit(ctx, requests)
+    rid, created = protocol.new_id("chatcmpl" if chat else "cmpl"), protocol.now()
+    logprobs = body.num_logprobs is not None
+    choices = [Choice(logprobs=LogprobsBuilder(ctx.decode, chat) if logprobs else None) for _ in requests]
+    if body.stream:
+        try:
+            await stream.admitted()
+        except LLMBuildError as exc:
+            raise APIError.from_engine(exc) from None
+        header = ChunkHeader(rid, created, ctx.model_name, chat)
+        return sse(stream_events(stream, requests, choices, header, body))
+    await collect(stream, choices, request)
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": ctx.model_name,
+            "choices": [_choice_body(i, c, chat) for i, c in enumerate(choices)],
+            "usage": usage(requests, choices, body.n),
+        }
+    )
+
+
+def submit(ctx: ServeContext, requests: list[EngineRequest]) -> RequestStream:
+    """Hand the requests to the engine: 429 when its queue is full, 503 when it has stopped."""
+    try:
+        return ctx.engine.generate(requests)
+    except LLMBuildError as exc:
+        raise APIError.from_engine(exc) from None
+
+
+async def collect(stream: RequestStream, choices: list[Choice], request: Request) -> None:
+    """Run a non-streaming request to the end; abort it if the client goes away first."""
+
+    async def consume() -> None:
+        async for index, out in stream:
+            choices[index].add(out)
+
+    task = asyncio.ensure_future(consume())
+    try:
+        # a client that left stops costing KV blocks within a tenth of a second
+        while not (await asyncio.wait({task}, timeout=0.1))[0]:
+            if await request.is_disconnected():
+                task.cancel()
+                return
+        task.result()
+    except LLMBuildError as exc:
+        raise APIError.from_engine(exc) from None
+    finally:
+        stream.close()
+
+
+def _choice_body(index: int, choice: Choice, chat: bool) -> dict[str, Any]:
+    text = "".join(choice.text)
+    result: dict[str, Any] = {"index": index}
+    if chat:
+        result["message"] = {"role": "assistant", "content": text}
+    else:
+        result["text"] = text
+    result["logprobs"] = choice.logprobs.body() if choice.logprobs else None
+    result["finish_reason"] = choice.finish_reason
+    return result

@@ -1,0 +1,92 @@
+"""Streaming responses: a completion as server-sent events, one chunk per generated token."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from llmbuild.errors import RequestError
+from llmbuild.runtime.request import Request as EngineRequest
+from llmbuild.serve.api_error import APIError
+from llmbuild.serve.async_engine import EngineDeadError, RequestStream
+from llmbuild.serve.choice import Choice, usage
+from llmbuild.serve.protocol import GenerationRequest
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHeader:
+    """The fields every chunk of one streamed response repeats."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+
+    def chunk(self, choices: list[dict], include_usage: bool, usage: dict | None = None) -> str:
+        """One SSE event of these choices (and, when the client asked for usage, the usage field)."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if include_usage:
+            out["usage"] = usage
+        return event(out)
+
+
+async def stream_events(
+    stream: RequestStream,
+    requests: list[EngineRequest],
+    choices: list[Choice],
+    header: ChunkHeader,
+    body: GenerationRequest,
+) -> AsyncIterator[str]:
+    """SSE events of a streaming completion (chat: deltas after a role chunk; else text pieces).
+
+    An error after the headers went out ends the stream with an error event, whose code is the
+    status the same error gets without streaming.
+    """
+    include_usage = body.include_usage
+    try:
+        if header.chat:
+            for i in range(len(choices)):
+                role = {"role": "assistant", "content": ""}
+                yield header.chunk(
+                    [{"index": i, "delta": role, "logprobs": None, "finish_reason": None}], include_usage
+                )
+        async for index, out in stream:
+            c = choices[index]
+            c.add(out)
+            # one chunk per token, even when its text is held back (a partial character or a
+            # possible stop-string prefix), so clients can count tokens and time each one
+            piece: dict[str, Any] = {"index": index}
+            if header.chat:
+                piece["delta"] = {"content": out.text} if out.text or not out.finish_reason else {}
+            else:
+                piece["text"] = out.text
+            piece["logprobs"] = c.logprobs.take() if c.logprobs else None
+            piece["finish_reason"] = out.finish_reason
+            yield header.chunk([piece], include_usage)
+        if include_usage:
+            yield header.chunk([], include_usage, usage(requests, choices, body.n))
+        yield "data: [DONE]\n\n"
+    except (EngineDeadError, RequestError) as exc:
+        yield event(APIError.from_engine(exc).body())
+    finally:
+        stream.close()
+
+
+def event(body: dict) -> str:
+    """One server-sent event carrying `body` as JSON."""
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def sse(events: AsyncIterator[str]) -> StreamingResponse:
+    """A response streaming `events` as they come."""
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
