@@ -287,5 +287,5 @@ def test_commands_named_in_docstrings_and_docs_exist():
 
 def test_serve_flag_defaults_are_the_server_config_defaults():
     params = {param.name: param for param in cli.commands["serve"].params}
-    for field in ("max_queue", "max_body_bytes", "max_n", "shutdown_timeout"):
+    for field in ("max_queue", "max_body_bytes", "max_n", "shutdown_timeout", "public_probes"):
         assert params[field].default == ServeConfig.model_fields[field].default, field

@@ -33,6 +33,14 @@ def _default(field: str) -> Any:
     type=click.Path(path_type=Path, dir_okay=False),
     help="File with one accepted API key per line (# comments and blank lines ignored).",
 )
+@click.option(
+    "--public-probes",
+    is_flag=True,
+    default=_default("public_probes"),
+    help="Let /ready (status and model name) and /metrics (Prometheus series: request counts, latencies, queue, "
+    "KV-cache use, model name) answer without an API key, for Kubernetes probes and scrapers. /health never needs "
+    "one; every /v1 route, /tokenize and /detokenize still do.",
+)
 @click.option("--model-name", help="Model id clients send and /v1/models lists (default: the engine name).")
 @click.option(
     "--max-queue", type=int, default=_default("max_queue"), show_default=True, help="Waiting requests before 429s."
@@ -63,6 +71,7 @@ def serve_command(
     port: int | None,
     api_keys: tuple[str, ...],
     api_key_file: Path | None,
+    public_probes: bool,
     model_name: str | None,
     max_queue: int,
     max_body_bytes: int,
@@ -87,6 +96,7 @@ def serve_command(
             port=defaults.port if port is None else port,
             model_name=model_name,
             api_keys=tuple(keys),
+            public_probes=public_probes,
             max_queue=max_queue,
             max_body_bytes=max_body_bytes,
             max_prompt_tokens=max_prompt_tokens,

@@ -22,6 +22,7 @@ from llmbuild.serve.chat import create_chat_completion
 from llmbuild.serve.completions import create_completion
 from llmbuild.serve.config import ServeConfig
 from llmbuild.serve.context import ServeContext, ServerState
+from llmbuild.serve.tokenize import detokenize, tokenize
 
 
 def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | None = None) -> FastAPI:
@@ -40,22 +41,27 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
     app.exception_handler(APIError)(_api_error)
     app.exception_handler(StarletteHTTPException)(_http_error)
     guarded = [Depends(BearerAuth(config.api_keys))]
+    probes = [] if config.public_probes else guarded
 
     @app.get("/health")
     async def health() -> Response:
         return status.health(ctx)
 
-    @app.get("/ready", dependencies=guarded)
+    @app.get("/ready", dependencies=probes)
     async def ready() -> Response:
         return status.ready(ctx)
 
-    @app.get("/metrics", dependencies=guarded)
+    @app.get("/metrics", dependencies=probes)
     async def metrics() -> Response:
         return status.metrics(ctx)
 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict:
         return status.models(ctx)
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
+    async def model(model_id: str) -> dict:
+        return status.model(ctx, model_id)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(request: Request) -> Response:
@@ -64,6 +70,14 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(ctx, request)
+
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize_route(request: Request) -> Response:
+        return await tokenize(ctx, request)
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize_route(request: Request) -> Response:
+        return await detokenize(ctx, request)
 
     return app
 

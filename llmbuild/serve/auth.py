@@ -1,4 +1,4 @@
-"""BearerAuth: the API-key check every route but /health depends on."""
+"""BearerAuth: the API-key check of every API route (and of /ready and /metrics unless --public-probes)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ class ServeConfig(BaseModel):
     """Name clients use in `model` (default: the engine's name)."""
     api_keys: tuple[str, ...] = ()
     """Accepted bearer tokens; empty = no authentication."""
+    public_probes: bool = False
+    """Let /ready and /metrics answer without a key (/health always does), for probes and scrapers."""
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_prompt_tokens: int | None = Field(None, ge=1)
     """Longest prompt accepted (default: the engine's max_seq_len - 1)."""

@@ -30,6 +30,8 @@ class ServeContext:
     model_name: str
     """The name clients give in `model`."""
     max_seq_len: int
+    vocab_size: int
+    """Token ids run from 0 to vocab_size - 1 (the model's embedding rows)."""
     max_prompt_tokens: int
     """Longest prompt accepted: the config's cap, within the engine's max_seq_len - 1."""
     defaults: SamplingDefaults
@@ -50,6 +52,7 @@ class ServeContext:
             state=state or ServerState(),
             model_name=config.model_name or manifest.name,
             max_seq_len=max_seq_len,
+            vocab_size=manifest.model.vocab_size,
             max_prompt_tokens=min(config.max_prompt_tokens or max_seq_len - 1, max_seq_len - 1),
             defaults=manifest.serve,
             tokenizer=engine.llm.tokenizer,

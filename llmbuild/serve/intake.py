@@ -1,21 +1,34 @@
 """Request intake: a body read under the size cap, decoded as strict UTF-8 JSON, validated, and
-checked against the server's per-request caps before anything reaches the engine."""
+checked against the server's per-request caps before anything reaches the engine.
+
+Unknown fields pass validation (protocol.py); intake names them in one warning line per request
+and the answer names them in its X-Ignored-Fields header, so a client learns what had no effect.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from llmbuild.serve import protocol
 from llmbuild.serve.api_error import APIError
 from llmbuild.serve.context import ServeContext
-from llmbuild.serve.protocol import GenerationRequest, Prompt
+from llmbuild.serve.protocol import GenerationRequest, Prompt, RequestModel
 
-Body = TypeVar("Body", bound=BaseModel)
+Body = TypeVar("Body", bound=RequestModel)
+
+log = logging.getLogger(__name__)
+
+IGNORED_FIELDS_HEADER = "X-Ignored-Fields"
+_MOST_NAMED = 20
+"""Unknown fields named in the log line and the header; a body of thousands of keys stays one short line."""
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 async def read_body(ctx: ServeContext, request: Request, model: type[Body]) -> Body:
@@ -31,7 +44,10 @@ async def read_body(ctx: ServeContext, request: Request, model: type[Body]) -> B
         raw += chunk
         if len(raw) > limit:
             raise APIError(413, f"request body is larger than the limit of {limit} bytes")
-    return parse_body(bytes(raw), model)
+    body = parse_body(bytes(raw), model)
+    if ignored := ignored_fields(body):
+        log.warning("%s %s: ignored unknown fields: %s", request.method, request.url.path, ignored)
+    return body
 
 
 def parse_body(raw: bytes, model: type[Body]) -> Body:
@@ -53,13 +69,37 @@ def parse_body(raw: bytes, model: type[Body]) -> Body:
         raise APIError(400, message, param=param) from None
 
 
+def ignored_fields(body: RequestModel) -> str:
+    """The body's unknown fields as one line of printable ASCII ('' for none), safe in a log or a header.
+
+    Names other than plain identifiers are JSON-quoted (ASCII escapes), so that a key holding a
+    newline or non-Latin-1 text can neither forge a log line nor break the header.
+    """
+    names = body.ignored_fields()
+    shown = [n if _PLAIN_NAME.fullmatch(n) else json.dumps(n[:64]) for n in names[:_MOST_NAMED]]
+    if len(names) > _MOST_NAMED:
+        shown.append(f"and {len(names) - _MOST_NAMED} more")
+    return ", ".join(shown)
+
+
+def ignored_header(body: RequestModel) -> dict[str, str]:
+    """The X-Ignored-Fields header of the answer to `body` (empty when it had no unknown fields)."""
+    ignored = ignored_fields(body)
+    return {IGNORED_FIELDS_HEADER: ignored} if ignored else {}
+
+
+def check_model(ctx: ServeContext, model: str | None) -> None:
+    """404 naming the served model when a request names another (None: any route's default)."""
+    if model is not None and model != ctx.model_name:
+        raise APIError(
+            404, f"model '{model}' does not exist; this server serves '{ctx.model_name}'", "not_found_error", "model"
+        )
+
+
 def check_limits(ctx: ServeContext, body: GenerationRequest) -> None:
     """The served model's name and the caps on n, logprobs and stop sequences (404 or 400)."""
-    config, name = ctx.config, ctx.model_name
-    if body.model is not None and body.model != name:
-        raise APIError(
-            404, f"model '{body.model}' does not exist; this server serves '{name}'", "not_found_error", "model"
-        )
+    config = ctx.config
+    check_model(ctx, body.model)
     if body.n > config.max_n:
         raise APIError(400, f"n: at most {config.max_n} (got {body.n})", param="n")
     logprobs, param = body.num_logprobs, body.logprobs_param

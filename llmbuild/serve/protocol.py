@@ -1,7 +1,9 @@
 """OpenAI wire format: request bodies (validated strictly) and the response objects built from outputs.
 
-Request models refuse unknown fields and wrong JSON types instead of guessing: a typo such as
-`temprature` is a 400 that names it, not a silently ignored setting.
+Known fields refuse wrong JSON types and out-of-range values instead of guessing (a 400 that names
+the field). Unknown fields are accepted and ignored, as vLLM does, because OpenAI SDK clients
+(LangChain, LiteLLM) send fields such as `parallel_tool_calls` or vendor extras with every request;
+`ignored_fields()` names them so that the server can say so in its log and a response header.
 """
 
 from __future__ import annotations
@@ -11,18 +13,30 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmbuild.runtime.sampler import TokenLogprobs
 
 _INT64 = 2**63
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+class RequestModel(BaseModel):
+    """Strict types for known fields; unknown keys kept aside (model_extra) and reported, never used."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False, frozen=True)
+
+    def ignored_fields(self, prefix: str = "") -> list[str]:
+        """Dotted paths of the keys no field took, nested objects included (list items share one path)."""
+        found = dict.fromkeys(prefix + key for key in self.model_extra or {})  # a dict: ordered, deduplicated
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, RequestModel):
+                    found.update(dict.fromkeys(item.ignored_fields(f"{prefix}{name}.")))
+        return list(found)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
@@ -30,7 +44,7 @@ Prompt = str | list[int]
 """One prompt: text to tokenize, or token ids."""
 
 
-class GenerationRequest(_Strict):
+class GenerationRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extensions)."""
 
     model: str | None = None
@@ -54,7 +68,8 @@ class GenerationRequest(_Strict):
     skip_special_tokens: bool = True
     priority: int = Field(0, ge=-1000, le=1000)
     """Lower is served first (vLLM's convention); equal priorities are first come, first served."""
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
+    """The end user's id (OpenAI's abuse monitoring): accepted, not used."""
     logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
@@ -102,11 +117,16 @@ class CompletionRequest(GenerationRequest):
     def _completion_supported(self) -> CompletionRequest:
         if self.echo:
             raise ValueError("echo is not supported; leave it out or set it to false")
-        if self.suffix:
-            raise ValueError("suffix is not supported; leave it out")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(f"best_of ({self.best_of}) different from n ({self.n}) is not supported")
         return self
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("insertion (text after the completion) is not supported; leave suffix out")
+        return suffix
 
     @property
     def num_logprobs(self) -> int | None:
@@ -122,12 +142,12 @@ class CompletionRequest(GenerationRequest):
         return list(p)  # type: ignore[arg-type]
 
 
-class TextPart(_Strict):
+class TextPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -139,6 +159,10 @@ class ChatMessage(_Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, str]:
+        """The message as a chat template takes it: role and plain-text content."""
+        return {"role": self.role, "content": self.text()}
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -177,7 +201,41 @@ class ChatCompletionRequest(GenerationRequest):
 
     def template_messages(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them: role and plain-text content."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
+
+
+class TokenizeRequest(RequestModel):
+    """POST /tokenize, vLLM's shape: a text `prompt`, or chat `messages` through the engine's chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None
+    """Add the tokenizer's special tokens (BOS): default true for a prompt, false for messages."""
+    add_generation_prompt: bool = True
+    """With messages: end with the template's opening of an assistant turn."""
+    return_token_strs: bool = False
+    """Also return each token's string (`token_strs`)."""
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt (text) or messages (chat), not both or neither")
+        if self.messages is not None and self.add_special_tokens:
+            # the template writes the special tokens itself; adding BOS again would double it
+            raise ValueError("add_special_tokens: true is not supported with messages (the chat template adds them)")
+        return self
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them: role and plain-text content."""
+        return [m.for_template() for m in self.messages or []]
+
+
+class DetokenizeRequest(RequestModel):
+    """POST /detokenize, vLLM's shape: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:

@@ -15,6 +15,7 @@ from llmbuild.serve.api_error import APIError
 from llmbuild.serve.async_engine import RequestStream
 from llmbuild.serve.choice import Choice, usage
 from llmbuild.serve.context import ServeContext
+from llmbuild.serve.intake import ignored_header
 from llmbuild.serve.protocol import GenerationRequest, LogprobsBuilder
 from llmbuild.serve.streaming import ChunkHeader, sse, stream_events
 
@@ -37,7 +38,9 @@ async def respond(
         except LLMBuildError as exc:
             raise APIError.from_engine(exc) from None
         header = ChunkHeader(rid, created, ctx.model_name, chat)
-        return sse(stream_events(stream, requests, choices, header, body))
+        response = sse(stream_events(stream, requests, choices, header, body))
+        response.headers.update(ignored_header(body))
+        return response
     await collect(stream, choices, request)
     return JSONResponse(
         {
@@ -47,7 +50,8 @@ async def respond(
             "model": ctx.model_name,
             "choices": [_choice_body(i, c, chat) for i, c in enumerate(choices)],
             "usage": usage(requests, choices, body.n),
-        }
+        },
+        headers=ignored_header(body),
     )
 
 

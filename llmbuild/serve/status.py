@@ -1,4 +1,9 @@
-"""The server's own state: liveness and readiness probes, Prometheus metrics, the model list."""
+"""The server's own state: liveness and readiness probes, Prometheus metrics, the model list.
+
+Readiness: the port opens only once the engine has loaded (server.py loads it first), so a probe
+sees "connection refused" while it loads; from the first SIGTERM on, /ready answers 503 on any
+connection still open (uvicorn stops accepting new ones then).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmbuild.serve.context import ServeContext
+from llmbuild.serve.intake import check_model
 
 
 def health(ctx: ServeContext) -> Response:
@@ -29,15 +35,16 @@ def metrics(ctx: ServeContext) -> Response:
 
 def models(ctx: ServeContext) -> dict:
     """The OpenAI model list: the one model this server serves."""
+    return {"object": "list", "data": [model(ctx, ctx.model_name)]}
+
+
+def model(ctx: ServeContext, model_id: str) -> dict:
+    """The OpenAI model object of `model_id`; a 404 naming the served model for any other id."""
+    check_model(ctx, model_id)
     return {
-        "object": "list",
-        "data": [
-            {
-                "id": ctx.model_name,
-                "object": "model",
-                "created": ctx.started,
-                "owned_by": "llmbuild",
-                "max_model_len": ctx.max_seq_len,
-            }
-        ],
+        "id": ctx.model_name,
+        "object": "model",
+        "created": ctx.started,
+        "owned_by": "llmbuild",
+        "max_model_len": ctx.max_seq_len,
     }

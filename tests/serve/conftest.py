@@ -143,7 +143,10 @@ class FakeLLM:
         self.tokenizer = FakeTokenizer()
         self.limits = SimpleNamespace(max_batch_size=4, max_seq_len=max_seq_len)
         serve = ServeSection(max_tokens=5, temperature=0.5, top_p=0.9, top_k=7)
-        self.engine = SimpleNamespace(manifest=SimpleNamespace(name="fake", limits=self.limits, serve=serve))
+        model = SimpleNamespace(vocab_size=1000)
+        self.engine = SimpleNamespace(
+            manifest=SimpleNamespace(name="fake", model=model, limits=self.limits, serve=serve)
+        )
         self.pool = SimpleNamespace(num_blocks=32, num_free=32)
         self.scheduler = SimpleNamespace(
             waiting=[], running=[], num_preemptions=0, prefix_queried_tokens=0, prefix_hit_tokens=0

@@ -8,7 +8,14 @@ import pytest
 from starlette.requests import Request
 
 from llmbuild.serve.api_error import APIError
-from llmbuild.serve.intake import check_limits, check_prompt_count, parse_body, read_body
+from llmbuild.serve.intake import (
+    check_limits,
+    check_prompt_count,
+    ignored_fields,
+    ignored_header,
+    parse_body,
+    read_body,
+)
 from llmbuild.serve.protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -55,7 +62,7 @@ def test_read_body_refuses_while_draining(serve_context):
         (b"{nope", "not valid JSON", None),
         (b'{"prompt": "x", "temperature": NaN}', "NaN is not a valid JSON number", None),
         (b"[1]", "must be a JSON object", None),
-        (b'{"prompt": "x", "temprature": 1}', "temprature: Extra inputs are not permitted", "temprature"),
+        (b'{"prompt": "x", "suffix": "y"}', "suffix: insertion (text after the completion)", "suffix"),
         (b'{"prompt": "x", "max_tokens": "3"}', "max_tokens:", "max_tokens"),
     ],
 )
@@ -63,6 +70,16 @@ def test_parse_body_answers_400_naming_the_problem(raw, message, param):
     with pytest.raises(APIError) as err:
         parse_body(raw, CompletionRequest)
     assert err.value.status == 400 and message in err.value.message and err.value.param == param
+
+
+def test_unknown_fields_pass_and_are_named_safely():
+    body = parse_body(
+        b'{"prompt": "x", "temprature": 1, "a\\u0000b": 2, "stream_options": {"x": 1}}', CompletionRequest
+    )
+    assert body.temperature is None  # a typo is ignored, not guessed at
+    assert ignored_fields(body) == 'temprature, "a\\u0000b", stream_options.x'
+    assert ignored_header(body) == {"X-Ignored-Fields": 'temprature, "a\\u0000b", stream_options.x'}
+    assert ignored_header(parse_body(b'{"prompt": "x"}', CompletionRequest)) == {}
 
 
 def completion(**fields) -> CompletionRequest:

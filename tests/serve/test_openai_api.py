@@ -189,3 +189,31 @@ def test_prefix_cache_reuses_a_repeated_system_prompt(client, server):
     hits = server.metric("llmbuild_prefix_cache_hit_tokens_total") - before
     assert hits >= 8 * (first.usage.prompt_tokens // 8 - 3)  # all full blocks of the shared system prompt
     assert second.usage.prompt_tokens_details.cached_tokens == hits
+
+
+def test_unknown_fields_from_extra_body_are_ignored(client, offline):
+    _, text, _ = greedy(offline, PROMPT, 6, ignore_eos=True)
+    raw = client.completions.with_raw_response.create(
+        model="serve",
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=0,
+        user="alice",
+        extra_body={"ignore_eos": True, "parallel_tool_calls": False, "guided_choice": ["a"]},
+    )
+    assert raw.headers["x-ignored-fields"] == "parallel_tool_calls, guided_choice"
+    assert raw.parse().choices[0].text == text
+    chat = client.chat.completions.create(
+        model="serve",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        parallel_tool_calls=False,
+        user="alice",
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    assert chat.usage.completion_tokens <= 2
+
+
+def test_suffix_is_refused_with_a_clear_message(client):
+    with pytest.raises(openai.BadRequestError, match="suffix: insertion .* is not supported"):
+        client.completions.create(model="serve", prompt=PROMPT, max_tokens=2, suffix="end")

@@ -40,7 +40,9 @@ BAD_FIELDS = [
     ({"prompt": "x", "seed": 2**70}, "seed"),
     ({"prompt": "x", "min_tokens": 50, "max_tokens": 3}, "min_tokens"),
     ({"prompt": "x", "presence_penalty": 5}, "presence_penalty"),
-    ({"prompt": "x", "temprature": 0.5}, "temprature"),
+    ({"prompt": "x", "temprature": 0.5}, None),  # unknown: ignored and named in X-Ignored-Fields
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "user": ["alice"]}, "user"),
     ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
     ({"prompt": ""}, "prompt"),
@@ -118,8 +120,11 @@ def test_every_route_but_health_needs_the_key(server):
             ("GET", "/v1/models"),
             ("GET", "/metrics"),
             ("GET", "/ready"),
+            ("GET", "/v1/models/serve"),
             ("POST", "/v1/completions"),
             ("POST", "/v1/chat/completions"),
+            ("POST", "/tokenize"),
+            ("POST", "/detokenize"),
         ]:
             for c in (anon, wrong):
                 r = c.request(method, path, json=OK)
