@@ -65,6 +65,14 @@ def _default(field: str) -> Any:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=_default("log_format"),
+    show_default=True,
+    help="Log lines as text or one JSON object per line; either way one line per finished request (id, route, "
+    "status, tokens, cached tokens, TTFT, end-to-end time, finish reasons), in place of uvicorn's access log.",
+)
 def serve_command(
     engine: Path,
     host: str | None,
@@ -81,6 +89,7 @@ def serve_command(
     no_prefix_caching: bool,
     backend: str | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Serve ENGINE behind an OpenAI-compatible HTTP API (loopback only unless --host says otherwise)."""
     from llmbuild.manifest import Manifest
@@ -103,6 +112,7 @@ def serve_command(
             max_n=max_n,
             shutdown_timeout=shutdown_timeout,
             enable_prefix_caching=not no_prefix_caching,
+            log_format=log_format,
         )
     except ValidationError as exc:
         err = exc.errors()[0]

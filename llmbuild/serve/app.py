@@ -22,6 +22,7 @@ from llmbuild.serve.chat import create_chat_completion
 from llmbuild.serve.completions import create_completion
 from llmbuild.serve.config import ServeConfig
 from llmbuild.serve.context import ServeContext, ServerState
+from llmbuild.serve.request_log import RequestLogMiddleware, request_record
 from llmbuild.serve.tokenize import detokenize, tokenize
 
 
@@ -38,6 +39,7 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
 
     app = FastAPI(title="llmbuild", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = ctx.state
+    app.add_middleware(RequestLogMiddleware)
     app.exception_handler(APIError)(_api_error)
     app.exception_handler(StarletteHTTPException)(_http_error)
     guarded = [Depends(BearerAuth(config.api_keys))]
@@ -83,9 +85,11 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    request_record(request).error = exc.kind
     return exc.response()
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    request_record(request).error = kind
     return JSONResponse(protocol.error_body(str(exc.detail), kind, None, exc.status_code), exc.status_code)

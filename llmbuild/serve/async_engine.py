@@ -101,7 +101,7 @@ class RequestStream:
         self._closed = True
         self._engine.num_unfinished -= self._count
         if self._pending:
-            self._engine._abort(sorted(self._pending))
+            self._engine._abort(sorted(self._pending), self._sink)
 
     def __del__(self) -> None:
         self.close()
@@ -150,8 +150,8 @@ class AsyncEngine:
         self._commands.put(("add", streams))
         return RequestStream(self, [r.request_id for r in requests], sink)
 
-    def _abort(self, request_ids: list[str]) -> None:
-        self._commands.put(("abort", request_ids))
+    def _abort(self, request_ids: list[str], sink: asyncio.Queue) -> None:
+        self._commands.put(("abort", (request_ids, sink)))
 
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """The step loop, in the calling thread, until stop() or `should_stop()` (checked when idle)."""
@@ -196,6 +196,7 @@ class AsyncEngine:
             if kind == "add":
                 for stream in payload:
                     try:
+                        self._check_unique(stream.request.request_id)
                         self.llm.add_request(stream.request)
                     except RequestError as exc:
                         stream.loop.call_soon_threadsafe(stream.sink.put_nowait, exc)
@@ -206,9 +207,12 @@ class AsyncEngine:
                     first = payload[0]
                     first.loop.call_soon_threadsafe(first.sink.put_nowait, _ADMITTED)
             else:
-                for request_id in payload:
-                    stream = self._streams.pop(request_id, None)
-                    if stream is not None:
+                request_ids, sink = payload
+                for request_id in request_ids:
+                    stream = self._streams.get(request_id)
+                    # the sink tells whose request this is: a refused duplicate id must not abort the original
+                    if stream is not None and stream.sink is sink:
+                        del self._streams[request_id]
                         self.llm.abort(stream.request)
                         self.metrics.finished("abort")
             try:
@@ -216,6 +220,12 @@ class AsyncEngine:
             except queue.Empty:
                 return
         self._stop.set()
+
+    def _check_unique(self, request_id: str) -> None:
+        # outputs are routed by request id: a client reusing an X-Request-Id while its first
+        # request still runs gets a 400 instead of the other request's tokens
+        if request_id in self._streams:
+            raise RequestError(f"request id '{request_id}' is already in use by a request in flight (X-Request-Id)")
 
     def _deliver(self, out: RequestOutput, now: float) -> None:
         stream = self._streams.get(out.request_id)

@@ -14,21 +14,22 @@ from llmbuild.serve.context import ServeContext
 from llmbuild.serve.generation import make_requests, sampling_params
 from llmbuild.serve.intake import check_limits, read_body
 from llmbuild.serve.protocol import ChatCompletionRequest
+from llmbuild.serve.request_log import request_record
 from llmbuild.serve.responses import respond
 
 
 async def create_chat_completion(ctx: ServeContext, request: Request) -> Response:
     """The route's handler: read, check, apply the template, queue, answer."""
     body = await read_body(ctx, request, ChatCompletionRequest)
-    requests = await asyncio.to_thread(chat_requests, ctx, body)
+    requests = await asyncio.to_thread(chat_requests, ctx, body, request_record(request).id)
     return await respond(ctx, request, body, requests, chat=True)
 
 
-def chat_requests(ctx: ServeContext, body: ChatCompletionRequest) -> list[EngineRequest]:
+def chat_requests(ctx: ServeContext, body: ChatCompletionRequest, request_id: str) -> list[EngineRequest]:
     """The engine requests of a chat body, after the server's caps (tokenizes: off the event loop)."""
     check_limits(ctx, body)
     params = sampling_params(ctx, body)
-    return make_requests(ctx, [chat_prompt(ctx, body)], params, body.n, body.priority)
+    return make_requests(ctx, [chat_prompt(ctx, body)], params, body.n, request_id, body.priority)
 
 
 def chat_prompt(ctx: ServeContext, body: ChatCompletionRequest) -> list[int]:

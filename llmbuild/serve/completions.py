@@ -12,19 +12,20 @@ from llmbuild.serve.context import ServeContext
 from llmbuild.serve.generation import make_requests, sampling_params
 from llmbuild.serve.intake import check_limits, check_prompt_count, read_body
 from llmbuild.serve.protocol import CompletionRequest
+from llmbuild.serve.request_log import request_record
 from llmbuild.serve.responses import respond
 
 
 async def create_completion(ctx: ServeContext, request: Request) -> Response:
     """The route's handler: read, check, queue, answer."""
     body = await read_body(ctx, request, CompletionRequest)
-    requests = await asyncio.to_thread(completion_requests, ctx, body)
+    requests = await asyncio.to_thread(completion_requests, ctx, body, request_record(request).id)
     return await respond(ctx, request, body, requests, chat=False)
 
 
-def completion_requests(ctx: ServeContext, body: CompletionRequest) -> list[EngineRequest]:
+def completion_requests(ctx: ServeContext, body: CompletionRequest, request_id: str) -> list[EngineRequest]:
     """The engine requests of a completion body, after the server's caps (tokenizes: off the event loop)."""
     prompts = body.prompts()
     check_prompt_count(ctx, prompts)
     check_limits(ctx, body)
-    return make_requests(ctx, prompts, sampling_params(ctx, body), body.n, body.priority)
+    return make_requests(ctx, prompts, sampling_params(ctx, body), body.n, request_id, body.priority)

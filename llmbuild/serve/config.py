@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -32,3 +34,5 @@ class ServeConfig(BaseModel):
     shutdown_timeout: float = Field(30.0, ge=0)
     """Seconds SIGTERM waits for in-flight requests before cutting them off."""
     enable_prefix_caching: bool = True
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text, or one JSON object per line (the per-request line's fields as keys)."""

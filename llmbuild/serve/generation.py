@@ -40,14 +40,18 @@ def sampling_params(ctx: ServeContext, body: GenerationRequest) -> SamplingParam
 
 
 def make_requests(
-    ctx: ServeContext, prompts: Sequence[Prompt], params: SamplingParams, n: int, priority: int = 0
+    ctx: ServeContext, prompts: Sequence[Prompt], params: SamplingParams, n: int, request_id: str, priority: int = 0
 ) -> list[EngineRequest]:
     """n requests per prompt, the n of a prompt consecutive; with a seed, choice j draws from seed + j.
+
+    The engine requests are named for the HTTP request: `request_id` itself when there is one,
+    else `<request_id>-<i>` for the i-th (prompt-major), so that the ids in the engine stay unique.
 
     Tokenizes text prompts (blocking work: call it off the event loop). 400 for an empty or too
     long prompt, or one the engine refuses.
     """
-    requests = []
+    requests: list[EngineRequest] = []
+    single = len(prompts) * n == 1
     for prompt in prompts:
         if not prompt:  # "" would still tokenize to a BOS token: refuse it as the empty prompt it is
             raise APIError(400, "prompt: must not be empty", param="prompt")
@@ -63,7 +67,8 @@ def make_requests(
             if params.seed is not None and j:
                 p = replace(params, seed=(params.seed + j) % (2**63))
             try:
-                requests.append(ctx.llm.make_request(ids, p, priority=priority))
+                engine_id = request_id if single else f"{request_id}-{len(requests)}"
+                requests.append(ctx.llm.make_request(ids, p, request_id=engine_id, priority=priority))
             except RequestError as exc:
                 raise APIError(400, str(exc), param="prompt") from None
     return requests

@@ -20,6 +20,7 @@ from llmbuild.serve import protocol
 from llmbuild.serve.api_error import APIError
 from llmbuild.serve.context import ServeContext
 from llmbuild.serve.protocol import GenerationRequest, Prompt, RequestModel
+from llmbuild.serve.request_log import request_record
 
 Body = TypeVar("Body", bound=RequestModel)
 
@@ -46,7 +47,15 @@ async def read_body(ctx: ServeContext, request: Request, model: type[Body]) -> B
             raise APIError(413, f"request body is larger than the limit of {limit} bytes")
     body = parse_body(bytes(raw), model)
     if ignored := ignored_fields(body):
-        log.warning("%s %s: ignored unknown fields: %s", request.method, request.url.path, ignored)
+        rid = request_record(request).id
+        log.warning(
+            "request_id=%s %s %s: ignored unknown fields: %s",
+            rid,
+            request.method,
+            request.url.path,
+            ignored,
+            extra={"request_id": rid},
+        )
     return body
 
 

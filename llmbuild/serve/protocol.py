@@ -9,7 +9,6 @@ the field). Unknown fields are accepted and ignored, as vLLM does, because OpenA
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -253,11 +252,6 @@ _UNION_TAGS = {"str", "int", "float", "bool", "list[int]", "list[str]", "list[li
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: int = 400) -> dict:
     """An OpenAI error object."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def new_id(prefix: str) -> str:
-    """A unique response id such as cmpl-<hex>."""
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def now() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from fastapi import Request
@@ -17,6 +18,7 @@ from llmbuild.serve.choice import Choice, usage
 from llmbuild.serve.context import ServeContext
 from llmbuild.serve.intake import ignored_header
 from llmbuild.serve.protocol import GenerationRequest, LogprobsBuilder
+from llmbuild.serve.request_log import RequestRecord, request_record
 from llmbuild.serve.streaming import ChunkHeader, sse, stream_events
 
 
@@ -29,19 +31,21 @@ async def respond(
     gets the same status as without streaming.
     """
     stream = submit(ctx, requests)
-    rid, created = protocol.new_id("chatcmpl" if chat else "cmpl"), protocol.now()
+    record = request_record(request)
+    rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{record.id}", protocol.now()
     logprobs = body.num_logprobs is not None
     choices = [Choice(logprobs=LogprobsBuilder(ctx.decode, chat) if logprobs else None) for _ in requests]
+    record.requests, record.choices, record.n, record.streamed = requests, choices, body.n, body.stream
     if body.stream:
         try:
             await stream.admitted()
         except LLMBuildError as exc:
             raise APIError.from_engine(exc) from None
         header = ChunkHeader(rid, created, ctx.model_name, chat)
-        response = sse(stream_events(stream, requests, choices, header, body))
+        response = sse(stream_events(stream, requests, choices, header, body, record))
         response.headers.update(ignored_header(body))
         return response
-    await collect(stream, choices, request)
+    await collect(stream, choices, request, record)
     return JSONResponse(
         {
             "id": rid,
@@ -63,11 +67,13 @@ def submit(ctx: ServeContext, requests: list[EngineRequest]) -> RequestStream:
         raise APIError.from_engine(exc) from None
 
 
-async def collect(stream: RequestStream, choices: list[Choice], request: Request) -> None:
+async def collect(stream: RequestStream, choices: list[Choice], request: Request, record: RequestRecord) -> None:
     """Run a non-streaming request to the end; abort it if the client goes away first."""
 
     async def consume() -> None:
         async for index, out in stream:
+            if record.first_token is None:
+                record.first_token = time.perf_counter()
             choices[index].add(out)
 
     task = asyncio.ensure_future(consume())

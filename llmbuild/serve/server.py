@@ -31,6 +31,7 @@ from llmbuild.serve.app import create_app
 from llmbuild.serve.async_engine import AsyncEngine
 from llmbuild.serve.config import ServeConfig
 from llmbuild.serve.context import ServerState
+from llmbuild.serve.log_format import configure_logging
 from llmbuild.serve.metrics import Metrics
 
 log = logging.getLogger("llmbuild.serve")
@@ -38,6 +39,7 @@ log = logging.getLogger("llmbuild.serve")
 
 def serve(engine_dir: str | Path, config: ServeConfig, backend: str | None = None, log_level: str = "info") -> None:
     """Load the engine at engine_dir and serve it until shut down (must run on the main thread)."""
+    configure_logging(config.log_format, log_level)
     llm = LLMEngine.from_dir(engine_dir, backend=backend, enable_prefix_caching=config.enable_prefix_caching)
     state = ServerState()
     engine = AsyncEngine(llm, Metrics(config.model_name or llm.engine.manifest.name), config.max_queue)
@@ -48,6 +50,8 @@ def serve(engine_dir: str | Path, config: ServeConfig, backend: str | None = Non
             host=config.host,
             port=config.port,
             log_level=log_level,
+            log_config=None,  # configure_logging() above: our format for uvicorn's lines too
+            access_log=False,  # request_log.py writes one line per request, with its id and tokens
             timeout_graceful_shutdown=int(config.shutdown_timeout) or None,
             server_header=False,
             proxy_headers=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from llmbuild.serve.api_error import APIError
 from llmbuild.serve.async_engine import EngineDeadError, RequestStream
 from llmbuild.serve.choice import Choice, usage
 from llmbuild.serve.protocol import GenerationRequest
+from llmbuild.serve.request_log import RequestRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,7 @@ async def stream_events(
     choices: list[Choice],
     header: ChunkHeader,
     body: GenerationRequest,
+    record: RequestRecord,
 ) -> AsyncIterator[str]:
     """SSE events of a streaming completion (chat: deltas after a role chunk; else text pieces).
 
@@ -61,6 +64,8 @@ async def stream_events(
                     [{"index": i, "delta": role, "logprobs": None, "finish_reason": None}], include_usage
                 )
         async for index, out in stream:
+            if record.first_token is None:
+                record.first_token = time.perf_counter()
             c = choices[index]
             c.add(out)
             # one chunk per token, even when its text is held back (a partial character or a
@@ -77,7 +82,9 @@ async def stream_events(
             yield header.chunk([], include_usage, usage(requests, choices, body.n))
         yield "data: [DONE]\n\n"
     except (EngineDeadError, RequestError) as exc:
-        yield event(APIError.from_engine(exc).body())
+        error = APIError.from_engine(exc)
+        record.error = error.kind
+        yield event(error.body())
     finally:
         stream.close()
 

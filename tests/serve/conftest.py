@@ -156,11 +156,13 @@ class FakeLLM:
         self.running: list[Request] = []
         self._ids = itertools.count()
 
-    def make_request(self, prompt: list[int], params: SamplingParams, priority: int = 0) -> Request:
+    def make_request(
+        self, prompt: list[int], params: SamplingParams, request_id: str | None = None, priority: int = 0
+    ) -> Request:
         if any(t >= 1000 for t in prompt):
             raise RequestError("prompt token id is out of range [0, 1000)")
         max_tokens = min(params.max_tokens, self.limits.max_seq_len - len(prompt))
-        return Request(f"req-{next(self._ids)}", list(prompt), params, max_tokens, priority=priority)
+        return Request(request_id or f"req-{next(self._ids)}", list(prompt), params, max_tokens, priority=priority)
 
     def add_request(self, request: Request) -> None:
         if self.refuse is not None:

@@ -17,7 +17,7 @@ def chat(*messages: tuple[str, str], **fields) -> ChatCompletionRequest:
 
 def test_chat_requests_take_the_templated_prompt_and_the_body_options(serve_context, fake_llm):
     body = chat(("system", "be brief"), ("user", "hi"), n=2, max_tokens=3, seed=1)
-    requests = chat_requests(serve_context, body)
+    requests = chat_requests(serve_context, body, "rid")
     expected = fake_llm.tokenizer.encode("system: be brief\nuser: hi\nassistant: ")
     assert [r.prompt_token_ids for r in requests] == [expected, expected]
     assert [r.params.seed for r in requests] == [1, 2] and requests[0].params.max_tokens == 3

@@ -40,10 +40,11 @@ def test_options_sampling_refuses_are_400(serve_context):
 
 def test_n_requests_per_prompt_with_consecutive_seeds(serve_context):
     params = sampling_params(serve_context, completion(seed=2**63 - 1))
-    requests = make_requests(serve_context, ["ab", [7, 8]], params, n=2, priority=3)
+    requests = make_requests(serve_context, ["ab", [7, 8]], params, n=2, request_id="rid", priority=3)
     assert [r.prompt_token_ids for r in requests] == [[1, 100, 101]] * 2 + [[7, 8]] * 2
     assert [r.params.seed for r in requests] == [2**63 - 1, 0, 2**63 - 1, 0]
     assert {r.priority for r in requests} == {3}
+    assert [r.request_id for r in requests] == ["rid-0", "rid-1", "rid-2", "rid-3"]
 
 
 @pytest.mark.parametrize(
@@ -56,5 +57,5 @@ def test_n_requests_per_prompt_with_consecutive_seeds(serve_context):
 )
 def test_bad_prompts_are_400_naming_the_prompt(serve_context, prompt, message):
     with pytest.raises(APIError) as err:
-        make_requests(serve_context, [prompt], sampling_params(serve_context, completion()), n=1)
+        make_requests(serve_context, [prompt], sampling_params(serve_context, completion()), n=1, request_id="rid")
     assert err.value.status == 400 and err.value.param == "prompt" and message in err.value.message
