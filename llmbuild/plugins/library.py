@@ -84,17 +84,36 @@ def target_isa(features: tuple[str, ...] | frozenset[str]) -> str:
 
 
 def library_key(target: CpuTarget, source_bytes: dict[str, bytes] | None = None) -> str:
-    """Hash of everything the built .so depends on: sources, flags, compiler, torch and the target."""
+    """Hash of everything the built .so depends on: sources, the compile and link commands (flags, header
+    and library paths), compiler, torch and the target."""
     h = hashlib.sha256()
     for name, data in sorted((source_bytes or read_sources()).items()):
         h.update(name.encode())
         h.update(data)
-    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update("\0".join(compile_flags(target) + LDFLAGS + link_libraries()).encode())
     h.update(compiler_identity(compiler()).encode())
     h.update(torch.__version__.encode())
     h.update(platform.machine().encode())
     h.update(f"{target.name} {target.resolved} {' '.join(target.features)}".encode())
     return h.hexdigest()[:24]
+
+
+def compile_flags(target: CpuTarget) -> tuple[str, ...]:
+    """The compiler's flags for `target`, less the build directory's own path map."""
+    headers = cpp_extension.include_paths()
+    return (
+        *CFLAGS,
+        f"-march={target.march}",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        # torch's headers name their files in assertion messages: where torch is installed (this venv, a
+        # CI checkout's) must not change the library's bytes
+        f"-ffile-prefix-map={Path(headers[0]).parent}=torch",
+        *(f"-I{p}" for p in headers),
+    )
+
+
+def link_libraries() -> tuple[str, ...]:
+    return (*(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch")
 
 
 def build_library(target: CpuTarget, cache_dir: Path | None = None, reuse: bool = True) -> Path:
@@ -155,25 +174,18 @@ def _check_compiler() -> None:
 
 def _compile(target: CpuTarget, source_bytes: dict[str, bytes], so: Path) -> None:
     cxx = compiler()
-    libs = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu", "-ltorch"]
     with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
         src = Path(tmp) / "csrc"
         src.mkdir()
         for name, data in source_bytes.items():
             (src / name).write_bytes(data)
-        flags = [
-            *CFLAGS,
-            f"-march={target.march}",
-            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            # the build's location must not end up in the engine's bytes (assertion messages name files)
-            f"-ffile-prefix-map={src}=llmbuild/plugins/csrc",
-            *(f"-I{p}" for p in cpp_extension.include_paths()),
-        ]
+        # the build's location must not end up in the engine's bytes (assertion messages name files)
+        flags = [*compile_flags(target), f"-ffile-prefix-map={src}=llmbuild/plugins/csrc"]
         units = sorted(src / name for name in source_bytes if name.endswith(".cpp"))
         objects = [str(Path(tmp) / f"{p.stem}.o") for p in units]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             list(pool.map(lambda u, o: _run([cxx, *flags, "-c", str(u), "-o", o], target), units, objects))
-        _run([cxx, *LDFLAGS, *objects, "-o", str(Path(tmp) / FILE), *libs], target)
+        _run([cxx, *LDFLAGS, *objects, "-o", str(Path(tmp) / FILE), *link_libraries()], target)
         os.replace(Path(tmp) / FILE, so)
 
 

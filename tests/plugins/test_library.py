@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,24 @@ def test_cache_key_follows_the_compiler(monkeypatch):
     v3 = resolve("x86-64-v3")
     key = library.library_key(v3)
     monkeypatch.setattr(library, "compiler_identity", lambda cxx: "g++ (a newer release) 99.1")
+    assert library.library_key(v3) != key
+
+
+def test_the_library_names_no_path_of_this_machine():
+    # torch's headers and the build directory name files in assertion messages; a library built in a CI
+    # checkout and one built here from the same key must be the same bytes
+    data = library.loaded_library().read_bytes()
+    torch_dir = str(Path(torch.__file__).parent).encode()
+    assert torch_dir not in data
+    assert b"torch/include/c10/" in data  # the mapped name took its place
+    assert str(library.default_cache_dir()).encode() not in data
+    assert b"/tmp" not in data
+
+
+def test_cache_key_follows_where_torch_is_installed(monkeypatch):
+    v3 = resolve("x86-64-v3")
+    key = library.library_key(v3)
+    monkeypatch.setattr(library.cpp_extension, "include_paths", lambda: ["/elsewhere/torch/include"])
     assert library.library_key(v3) != key
 
 
