@@ -24,12 +24,13 @@ from llmbuild.runtime.block_pool import BlockPool
 from llmbuild.runtime.detokenizer import IncrementalDetokenizer
 from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.kv_cache import allocate_kv_cache
+from llmbuild.runtime.logprobs import TokenLogprobs, token_logprobs
 from llmbuild.runtime.model_runner import ModelRunner
 from llmbuild.runtime.rank_workers import RankWorkers
 from llmbuild.runtime.request import FinishReason, Request
-from llmbuild.runtime.sampler import Sampler, TokenLogprobs
+from llmbuild.runtime.sampler import Sampler
 from llmbuild.runtime.sampling_params import SamplingParams
-from llmbuild.runtime.scheduler import Scheduler, SchedulerConfig
+from llmbuild.runtime.scheduler import Scheduler, SchedulerConfig, StepBatch
 from llmbuild.tensor_parallel import rank_config
 
 
@@ -43,6 +44,8 @@ class RequestOutput:
     """New text that is safe to show (complete characters, no possible stop-string prefix)."""
     finish_reason: str | None
     logprobs: TokenLogprobs | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With params.prompt_logprobs, on the request's first output: one entry per prompt token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,9 @@ class LLMEngine:
         bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"prompt token id {bad!r} is out of range [0, {vocab})")
+        bias = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bias is not None:
+            raise RequestError(f"logit_bias token id {bias} is out of range [0, {vocab})")
         if len(ids) >= max_len:
             raise RequestError(
                 f"prompt has {len(ids)} tokens but the engine's max_seq_len is {max_len} (prompt and output "
@@ -209,10 +215,13 @@ class LLMEngine:
         start = time.perf_counter()
         logits = self.runner.execute(batch)
         sampling = batch.sampling_requests
+        logits, prompt_logits = logits[: len(sampling)], logits[len(sampling) :]
         tokens = self.sampler.sample(logits, sampling)
         logprobs = None
         if any(r.params.logprobs is not None for r in sampling):
             logprobs = dict(zip(sampling, self.sampler.logprobs(logits, sampling, tokens), strict=True))
+        if prompt_logits.shape[0]:
+            score_prompts(batch, prompt_logits)
         self.model_seconds += time.perf_counter() - start
         advanced = self.scheduler.update(batch, tokens)
         return [self._output(request, logprobs[request] if logprobs else None) for request in advanced]
@@ -255,7 +264,8 @@ class LLMEngine:
             text += detok.flush()
             del self._detokenizers[request.request_id]
         reason = request.finish_reason.value if request.finish_reason else None
-        return RequestOutput(request.request_id, request.output_token_ids[-1], text, reason, logprobs)
+        scored = request.prompt_logprobs if len(request.output_token_ids) == 1 and request.prompt_logprobs else None
+        return RequestOutput(request.request_id, request.output_token_ids[-1], text, reason, logprobs, scored)
 
     def _plan_memory(self, engine: Engine) -> MemoryPlan:
         manifest = engine.manifest
@@ -274,3 +284,19 @@ class LLMEngine:
                 "memory_fraction or lower limits.max_seq_len"
             )
         return plan
+
+
+def score_prompts(batch: StepBatch, logits: torch.Tensor) -> None:
+    """Append the prompt logprobs of the step's scored positions to their requests.
+
+    `logits` holds one row per scored position, sequences in batch order (ModelRunner.execute).
+    """
+    row = 0
+    for seq in batch.scoring_seqs:
+        request, positions = seq.request, seq.scored_positions
+        if not request.prompt_logprobs:
+            request.prompt_logprobs.append(None)  # the first prompt token follows nothing
+        targets = [request.prompt_token_ids[p + 1] for p in positions]
+        k = request.params.prompt_logprobs or 0
+        request.prompt_logprobs.extend(token_logprobs(logits[row : row + len(positions)], targets, k))
+        row += len(positions)

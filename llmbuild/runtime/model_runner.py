@@ -1,7 +1,8 @@
 """ModelRunner: holds the KV cache and turns a StepBatch into one call of the engine graph.
 
 The step's sequences are packed back to back without padding (see plugins/paged_attention.py);
-only the rows of sequences that sample a token come back as logits.
+only the rows of sequences that sample a token (and of prompt positions a request scores) come back
+as logits.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class ModelRunner:
             )
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        """Run one step; returns fp32 logits [number of sampling sequences, vocab]."""
+        """Run one step; returns fp32 logits [rows, vocab]: one per sampling sequence, then one per
+        scored prompt position (batch.scoring_seqs), in batch order."""
         inputs, num_rows = self.prepare(batch)
         return self.run(inputs)[:num_rows]
 
@@ -76,7 +78,7 @@ class ModelRunner:
         return self.graph(inputs.as_tuple(), self.kv_caches)
 
     def prepare(self, batch: StepBatch) -> tuple[StepInputs, int]:
-        """The step's packed graph inputs and its logit row count."""
+        """The step's packed graph inputs and its logit row count (see execute)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -97,6 +99,9 @@ class ModelRunner:
             cu_seqlens.append(cu_seqlens[-1] + seq.num_new_tokens)
             if seq.samples:
                 rows.append(cu_seqlens[-1] - 1)
+        for seq, seq_start in zip(batch.seqs, cu_seqlens, strict=False):
+            # the row of position p is p's offset in the packed step
+            rows.extend(seq_start - seq.request.num_computed_tokens + p for p in seq.scored_positions)
         inputs = StepInputs.from_lists(
             pin_memory=self.pin_memory,
             input_ids=ids,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmbuild.runtime.logprobs import TokenLogprobs
 from llmbuild.runtime.sampling_params import SamplingParams
 
 _arrival_order = itertools.count()
@@ -50,6 +51,9 @@ class Request:
     """Content hashes of this request's first full blocks of tokens (see BlockPool), filled lazily."""
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache on (the latest) admission, not computed."""
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    """With params.prompt_logprobs: entry i scores prompt token i (entry 0 is None), filled as the
+    prompt's chunks are computed (runtime/llm_engine.py)."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
 

@@ -1,28 +1,17 @@
 """Sampler: one next token per row of logits, each row with its request's own parameters.
 
-Order of operations (as in vLLM): penalties -> min_tokens EOS suppression -> temperature ->
+Order of operations (as in vLLM): logit_bias -> penalties -> min_tokens EOS suppression -> temperature ->
 top-k -> top-p -> min-p -> draw. Seeded requests draw from their own generator, so a seed
 gives the same tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from llmbuild.runtime.logprobs import TokenLogprobs, token_logprobs
 from llmbuild.runtime.request import Request
 from llmbuild.runtime.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprobs:
-    """Log-probability of a sampled token under the model's (unprocessed) distribution, with the top ones."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-    """(token id, logprob) of the most likely tokens, best first."""
 
 
 class Sampler:
@@ -48,28 +37,22 @@ class Sampler:
         return tokens
 
     def logprobs(self, logits: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[TokenLogprobs | None]:
-        """For each request that asked for logprobs: its sampled token's and its top alternatives'.
-
-        As in the OpenAI API and vLLM, these are of the raw model distribution (before
-        temperature, penalties and filtering).
-        """
+        """For each request that asked for logprobs: its sampled token's and its top alternatives'
+        (runtime/logprobs.py: of the raw model distribution)."""
         out: list[TokenLogprobs | None] = []
         for row, request, token in zip(logits, requests, tokens, strict=True):
             k = request.params.logprobs
-            if k is None:
-                out.append(None)
-                continue
-            logp = torch.log_softmax(row.float(), dim=-1)
-            top = torch.topk(logp, k) if k else None
-            pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
-            out.append(TokenLogprobs(token, float(logp[token]), pairs))
+            out.append(None if k is None else token_logprobs(row[None], [token], k)[0])
         return out
 
     def _adjusts_logits(self, request: Request) -> bool:
-        return request.params.penalized or len(request.output_token_ids) < request.params.min_tokens
+        return request.params.adjusts_logits or len(request.output_token_ids) < request.params.min_tokens
 
     def _adjust(self, row: torch.Tensor, request: Request) -> torch.Tensor:
         params = request.params
+        if params.logit_bias:
+            biased, biases = zip(*params.logit_bias, strict=True)
+            row[list(biased)] += torch.tensor(biases, dtype=row.dtype)
         if params.repetition_penalty != 1:
             seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long)
             picked = row[seen]

@@ -33,6 +33,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     """Return the sampled token's log-probability and this many top alternatives (None = off)."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's log-probability (the first token has none: nothing precedes it) and
+    this many top alternatives at its position (None = off). The prompt is then computed whole,
+    never taken from the prefix cache."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling; -100 / 100 ban / force a token."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,6 +66,14 @@ class SamplingParams:
                 "stop_token_ids must be non-negative integers",
             ),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0 (got {self.logprobs})"),
+            (
+                self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+                f"prompt_logprobs must be >= 0 (got {self.prompt_logprobs})",
+            ),
+            (
+                all(isinstance(t, int) and t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias),
+                "logit_bias maps token ids (>= 0) to biases in [-100, 100]",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -72,6 +86,11 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or a logit bias change every step's logits (min_tokens only the first ones)."""
+        return self.penalized or bool(self.logit_bias)
 
 
 class SamplingDefaults(Protocol):

@@ -32,6 +32,17 @@ class ScheduledSeq:
     samples: bool
     """The chunk reaches the request's last known token, so the step samples its next token."""
 
+    @property
+    def scored_positions(self) -> range:
+        """Positions of this chunk whose logits score the next prompt token (params.prompt_logprobs),
+        less those scored before a preemption."""
+        request = self.request
+        if request.params.prompt_logprobs is None:
+            return range(0)
+        start = max(request.num_computed_tokens, len(request.prompt_logprobs) - 1)
+        end = min(request.num_computed_tokens + self.num_new_tokens, request.num_prompt_tokens - 1)
+        return range(start, max(start, end))
+
 
 @dataclass(frozen=True, slots=True)
 class StepBatch:
@@ -44,6 +55,11 @@ class StepBatch:
     @property
     def sampling_requests(self) -> list[Request]:
         return [s.request for s in self.seqs if s.samples]
+
+    @property
+    def scoring_seqs(self) -> list[ScheduledSeq]:
+        """The sequences with prompt positions to score: their logit rows follow the sampling rows."""
+        return [s for s in self.seqs if s.scored_positions]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +171,11 @@ class Scheduler:
         """Start the request after its longest cached prefix of full blocks.
 
         At least one token is always left to compute (the step must produce logits to sample
-        from), so a shared block is never written to.
+        from), so a shared block is never written to. A request that scores its prompt
+        (prompt_logprobs) computes it whole: cached blocks hold no logits.
         """
+        if request.params.prompt_logprobs is not None:
+            return
         num_blocks = (request.num_tokens - 1) // self.config.block_size
         blocks = self.pool.lookup(self._block_hashes(request, num_blocks))
         request.block_ids = blocks

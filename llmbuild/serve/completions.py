@@ -20,7 +20,8 @@ async def create_completion(ctx: ServeContext, request: Request) -> Response:
     """The route's handler: read, check, queue, answer."""
     body = await read_body(ctx, request, CompletionRequest)
     requests = await asyncio.to_thread(completion_requests, ctx, body, request_record(request).id)
-    return await respond(ctx, request, body, requests, chat=False)
+    echo = [p if isinstance(p, str) else ctx.tokenizer.decode(p) for p in body.prompts()] if body.echo else None
+    return await respond(ctx, request, body, requests, chat=False, echo=echo)
 
 
 def completion_requests(ctx: ServeContext, body: CompletionRequest, request_id: str) -> list[EngineRequest]:

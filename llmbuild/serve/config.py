@@ -27,6 +27,9 @@ class ServeConfig(BaseModel):
     max_prompts: int = Field(16, ge=1)
     """Most prompts in one /v1/completions request (a list prompt)."""
     max_top_logprobs: int = Field(20, ge=0)
+    """Most top alternatives per token (logprobs, top_logprobs, prompt_logprobs)."""
+    max_logit_bias: int = Field(300, ge=0)
+    """Most entries in one request's logit_bias (OpenAI's limit)."""
     max_stop: int = Field(8, ge=0)
     max_stop_len: int = Field(256, ge=1)
     max_queue: int = Field(256, ge=0)

@@ -18,7 +18,8 @@ def sampling_params(ctx: ServeContext, body: GenerationRequest) -> SamplingParam
     try:
         return resolve_sampling_params(
             ctx.defaults,
-            max_tokens=body.requested_max_tokens,
+            # max_tokens 0 scores the prompt: the engine samples one token, which the response drops (choice.py)
+            max_tokens=body.requested_max_tokens or (1 if body.requested_max_tokens == 0 else None),
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=None if body.top_k is None else max(body.top_k, 0),  # -1 is off, as 0 is
@@ -34,6 +35,8 @@ def sampling_params(ctx: ServeContext, body: GenerationRequest) -> SamplingParam
             min_tokens=body.min_tokens,
             skip_special_tokens=body.skip_special_tokens,
             logprobs=body.num_logprobs,
+            prompt_logprobs=body.num_prompt_logprobs,
+            logit_bias=body.logit_bias_pairs,
         )
     except RequestError as exc:
         raise APIError(400, str(exc)) from None

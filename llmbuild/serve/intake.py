@@ -74,7 +74,7 @@ def parse_body(raw: bytes, model: type[Body]) -> Body:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        message, param = protocol.describe_validation_error(exc)
+        message, param = protocol.describe_validation_error(exc, model.model_fields)
         raise APIError(400, message, param=param) from None
 
 
@@ -106,14 +106,21 @@ def check_model(ctx: ServeContext, model: str | None) -> None:
 
 
 def check_limits(ctx: ServeContext, body: GenerationRequest) -> None:
-    """The served model's name and the caps on n, logprobs and stop sequences (404 or 400)."""
+    """The served model's name and the caps on n, logprobs, logit_bias and stop sequences (404 or 400)."""
     config = ctx.config
     check_model(ctx, body.model)
     if body.n > config.max_n:
         raise APIError(400, f"n: at most {config.max_n} (got {body.n})", param="n")
-    logprobs, param = body.num_logprobs, body.logprobs_param
-    if logprobs is not None and logprobs > config.max_top_logprobs:
-        raise APIError(400, f"{param}: at most {config.max_top_logprobs} (got {logprobs})", param=param)
+    for param, logprobs in ((body.logprobs_param, body.num_logprobs), ("prompt_logprobs", body.prompt_logprobs)):
+        if logprobs is not None and logprobs > config.max_top_logprobs:
+            raise APIError(400, f"{param}: at most {config.max_top_logprobs} (got {logprobs})", param=param)
+    bias = body.logit_bias_pairs
+    if len(bias) > config.max_logit_bias:
+        raise APIError(400, f"logit_bias: at most {config.max_logit_bias} tokens (got {len(bias)})", param="logit_bias")
+    outside = next((t for t, _ in bias if t >= ctx.vocab_size), None)
+    if outside is not None:
+        message = f"logit_bias: token id {outside} is out of range [0, {ctx.vocab_size})"
+        raise APIError(400, message, param="logit_bias")
     stops = body.stop_strings
     if len(stops) > config.max_stop:
         raise APIError(400, f"stop: at most {config.max_stop} stop sequences (got {len(stops)})", param="stop")

@@ -8,13 +8,12 @@ the field). Unknown fields are accepted and ignored, as vLLM does, because OpenA
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from llmbuild.runtime.sampler import TokenLogprobs
 
 _INT64 = 2**63
 
@@ -47,7 +46,8 @@ class GenerationRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI + vLLM extensions)."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)
+    """0 (with echo or prompt_logprobs): score the prompt, generate nothing."""
     temperature: float | None = Field(None, ge=0, le=100)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
@@ -70,12 +70,45 @@ class GenerationRequest(RequestModel):
     user: str | None = Field(None, max_length=256)
     """The end user's id (OpenAI's abuse monitoring): accepted, not used."""
     logit_bias: dict[str, float] | None = None
+    """Token id (as a string, JSON keys are strings) -> bias in [-100, 100] added to its logit."""
+    prompt_logprobs: int | None = Field(None, ge=0)
+    """vLLM's extension: each prompt token's logprob and this many top alternatives at its position."""
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {value} for token {key}")
+        return bias
 
     @model_validator(mode="after")
-    def _supported(self) -> GenerationRequest:
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported; leave it out")
+    def _generates(self) -> GenerationRequest:
+        if self.max_tokens == 0 and not self.scores_prompt:
+            raise ValueError(f"max_tokens: 0 generates nothing; it needs {self.scoring_fields} (to score the prompt)")
         return self
+
+    @property
+    def scores_prompt(self) -> bool:
+        """The response carries the prompt's logprobs."""
+        return self.prompt_logprobs is not None
+
+    @property
+    def scoring_fields(self) -> str:
+        """The fields that ask for the prompt's logprobs, as errors name them."""
+        return "prompt_logprobs"
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """Top alternatives at each prompt position the engine must compute (None: no prompt scoring)."""
+        return self.prompt_logprobs
+
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs."""
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -114,8 +147,6 @@ class CompletionRequest(GenerationRequest):
 
     @model_validator(mode="after")
     def _completion_supported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported; leave it out or set it to false")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(f"best_of ({self.best_of}) different from n ({self.n}) is not supported")
         return self
@@ -130,6 +161,20 @@ class CompletionRequest(GenerationRequest):
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.echo or self.prompt_logprobs is not None
+
+    @property
+    def scoring_fields(self) -> str:
+        return "echo: true or prompt_logprobs"
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        # echo with logprobs returns the prompt tokens' logprobs in the logprobs field
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
     def prompts(self) -> list[Prompt]:
         """The prompt field as a list of prompts (a string, or a list of token ids, is one prompt)."""
@@ -178,8 +223,10 @@ class ChatCompletionRequest(GenerationRequest):
     def _chat_supported(self) -> ChatCompletionRequest:
         if self.tools:
             raise ValueError("tools (function calling) are not supported by this server; leave them out")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ValueError(f"tool_choice {self.tool_choice!r} needs tools, which this server does not support")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
+            raise ValueError("response_format: only {'type': 'text'} is supported")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
@@ -237,13 +284,20 @@ class DetokenizeRequest(RequestModel):
     tokens: list[int]
 
 
-def describe_validation_error(exc: ValidationError) -> tuple[str, str | None]:
-    """One line for an OpenAI error body, naming the first offending field, and that field's name."""
+def describe_validation_error(exc: ValidationError, fields: Collection[str] = ()) -> tuple[str, str | None]:
+    """One line for an OpenAI error body, naming the first offending field, and that field's name.
+
+    A check across fields (a model validator) has no location: its message starts with the field it
+    refuses, which becomes the error's `param` when it is one of `fields`.
+    """
     err = exc.errors()[0]
     # union members show up in the location (e.g. prompt.str); keep only the request's own keys
     field = ".".join(str(p) for p in err["loc"] if str(p) not in _UNION_TAGS) or None
     message = str(err["msg"]).removeprefix("Value error, ")
-    return (f"{field}: {message}" if field else message), field
+    if field is None:
+        first = re.match(r"[a-z_]+", message)
+        return message, first.group() if first and first.group() in fields else None
+    return f"{field}: {message}", field
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list[int]", "list[str]", "list[list[int]]", "list[TextPart]"}
@@ -269,49 +323,3 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     if cached_tokens:
         body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     return body
-
-
-class LogprobsBuilder:
-    """Accumulates one choice's logprobs in the completions or the chat format."""
-
-    def __init__(self, decode: Callable[[int], str], chat: bool) -> None:
-        self._decode = decode
-        self._chat = chat
-        self._entries: list[tuple[TokenLogprobs, int]] = []
-        self._sent = 0
-
-    def add(self, lp: TokenLogprobs, offset: int) -> None:
-        """Record one token's logprobs; `offset` is where its text starts in the choice's text."""
-        self._entries.append((lp, offset))
-
-    def body(self) -> dict:
-        """Every entry so far (for a whole, non-streamed response)."""
-        return self._format(self._entries)
-
-    def take(self) -> dict:
-        """The entries added since the last take (for one streamed chunk)."""
-        entries, self._sent = self._entries[self._sent :], len(self._entries)
-        return self._format(entries)
-
-    def _format(self, entries: list[tuple[TokenLogprobs, int]]) -> dict:
-        d = self._decode
-        if self._chat:
-            return {
-                "content": [
-                    {
-                        "token": (tok := d(lp.token_id)),
-                        "logprob": lp.logprob,
-                        "bytes": list(tok.encode()),
-                        "top_logprobs": [
-                            {"token": (t := d(i)), "logprob": v, "bytes": list(t.encode())} for i, v in lp.top
-                        ],
-                    }
-                    for lp, _ in entries
-                ]
-            }
-        return {
-            "tokens": [d(lp.token_id) for lp, _ in entries],
-            "token_logprobs": [lp.logprob for lp, _ in entries],
-            "top_logprobs": [{d(i): v for i, v in lp.top} for lp, _ in entries],
-            "text_offset": [offset for _, offset in entries],
-        }

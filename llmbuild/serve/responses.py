@@ -14,27 +14,33 @@ from llmbuild.runtime.request import Request as EngineRequest
 from llmbuild.serve import protocol
 from llmbuild.serve.api_error import APIError
 from llmbuild.serve.async_engine import RequestStream
-from llmbuild.serve.choice import Choice, usage
+from llmbuild.serve.choice import Choice, PromptEcho, usage
 from llmbuild.serve.context import ServeContext
 from llmbuild.serve.intake import ignored_header
-from llmbuild.serve.protocol import GenerationRequest, LogprobsBuilder
+from llmbuild.serve.logprobs import LogprobsBuilder
+from llmbuild.serve.protocol import GenerationRequest
 from llmbuild.serve.request_log import RequestRecord, request_record
 from llmbuild.serve.streaming import ChunkHeader, sse, stream_events
 
 
 async def respond(
-    ctx: ServeContext, request: Request, body: GenerationRequest, requests: list[EngineRequest], chat: bool
+    ctx: ServeContext,
+    request: Request,
+    body: GenerationRequest,
+    requests: list[EngineRequest],
+    chat: bool,
+    echo: list[str] | None = None,
 ) -> Response:
     """Queue the requests; stream SSE events or answer with the whole completion.
 
-    A stream starts only once the engine has admitted every request, so a request it refuses
+    `echo`: the prompts' texts, one per prompt, to return before each choice's text (completions'
+    echo). A stream starts only once the engine has admitted every request, so a request it refuses
     gets the same status as without streaming.
     """
     stream = submit(ctx, requests)
     record = request_record(request)
     rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{record.id}", protocol.now()
-    logprobs = body.num_logprobs is not None
-    choices = [Choice(logprobs=LogprobsBuilder(ctx.decode, chat) if logprobs else None) for _ in requests]
+    choices = [make_choice(ctx, body, r, chat, echo[i // body.n] if echo else None) for i, r in enumerate(requests)]
     record.requests, record.choices, record.n, record.streamed = requests, choices, body.n, body.stream
     if body.stream:
         try:
@@ -56,6 +62,21 @@ async def respond(
             "usage": usage(requests, choices, body.n),
         },
         headers=ignored_header(body),
+    )
+
+
+def make_choice(
+    ctx: ServeContext, body: GenerationRequest, request: EngineRequest, chat: bool, echo: str | None
+) -> Choice:
+    """An empty choice for one engine request, set up for the logprobs and prompt parts the body asks for."""
+    k = body.num_logprobs
+    prompt = None
+    if echo is not None or body.prompt_logprobs is not None:
+        prompt = PromptEcho(request.prompt_token_ids, ctx.decode, echo, body.prompt_logprobs)
+    return Choice(
+        logprobs=LogprobsBuilder(ctx.decode, chat, k) if k is not None else None,
+        prompt=prompt,
+        generates=body.requested_max_tokens != 0,
     )
 
 
@@ -99,4 +120,6 @@ def _choice_body(index: int, choice: Choice, chat: bool) -> dict[str, Any]:
         result["text"] = text
     result["logprobs"] = choice.logprobs.body() if choice.logprobs else None
     result["finish_reason"] = choice.finish_reason
+    if choice.prompt_logprobs is not None:
+        result["prompt_logprobs"] = choice.prompt_logprobs
     return result

@@ -67,16 +67,19 @@ async def stream_events(
             if record.first_token is None:
                 record.first_token = time.perf_counter()
             c = choices[index]
-            c.add(out)
+            first = not c.text
+            text = c.add(out)
             # one chunk per token, even when its text is held back (a partial character or a
             # possible stop-string prefix), so clients can count tokens and time each one
             piece: dict[str, Any] = {"index": index}
             if header.chat:
-                piece["delta"] = {"content": out.text} if out.text or not out.finish_reason else {}
+                piece["delta"] = {"content": text} if text or not out.finish_reason else {}
             else:
-                piece["text"] = out.text
+                piece["text"] = text
             piece["logprobs"] = c.logprobs.take() if c.logprobs else None
             piece["finish_reason"] = out.finish_reason
+            if first and c.prompt_logprobs is not None:
+                piece["prompt_logprobs"] = c.prompt_logprobs
             yield header.chunk([piece], include_usage)
         if include_usage:
             yield header.chunk([], include_usage, usage(requests, choices, body.n))

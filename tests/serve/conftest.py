@@ -24,8 +24,8 @@ from fastapi.testclient import TestClient
 from llmbuild.errors import RequestError
 from llmbuild.recipe import ServeSection
 from llmbuild.runtime.llm_engine import RequestOutput
+from llmbuild.runtime.logprobs import TokenLogprobs
 from llmbuild.runtime.request import Request
-from llmbuild.runtime.sampler import TokenLogprobs
 from llmbuild.runtime.sampling_params import SamplingParams
 from llmbuild.serve.app import create_app
 from llmbuild.serve.async_engine import AsyncEngine

@@ -43,8 +43,15 @@ BAD_FIELDS = [
     ({"prompt": "x", "temprature": 0.5}, None),  # unknown: ignored and named in X-Ignored-Fields
     ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "user": ["alice"]}, "user"),
-    ({"prompt": "x", "echo": True}, "echo"),
-    ({"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"prompt": "x", "echo": True, "max_tokens": 0}, None),  # scores the prompt
+    ({"prompt": "x", "logit_bias": {"5": 10}}, None),
+    ({"prompt": "x", "logit_bias": {"five": 10}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 1000}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": "10"}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {str(10**9): 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"prompt": "x", "prompt_logprobs": 10000}, "prompt_logprobs"),
+    ({"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": [[]]}, "prompt"),
