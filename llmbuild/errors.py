@@ -10,9 +10,14 @@ from __future__ import annotations
 class LLMBuildError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
+    exit_code = 1
+    """The CLI's exit status for this error (README, Commands: 1 failed, 2 usage, 3 quality gate)."""
+
 
 class RecipeError(LLMBuildError):
-    """The recipe file is malformed, has unknown keys or invalid values."""
+    """The recipe file (or a --set override) is malformed, has unknown keys or invalid values."""
+
+    exit_code = 2  # a usage error: the command or its recipe needs fixing, not the machine
 
 
 class CheckpointError(LLMBuildError):
@@ -23,8 +28,19 @@ class BuildError(LLMBuildError):
     """A build stage failed; the message names the stage."""
 
 
+class QualityGateError(BuildError):
+    """The quantized weights miss a threshold of the recipe's quality section (compile: no engine was written;
+    verify --quality: the engine no longer passes). Exit code 3."""
+
+    exit_code = 3
+
+
 class EngineError(LLMBuildError):
     """An engine directory is missing, tampered with, or built for another target."""
+
+
+class SigningError(LLMBuildError):
+    """A signing key is missing or malformed, or an engine's signature does not verify."""
 
 
 class RequestError(LLMBuildError):

@@ -9,7 +9,10 @@
                                debugging fallback for compiled engines
       rank0/weights.safetensors
       ops/llmbuild_ops.so      the C++ op library compiled for target.cpu (the runtime loads this copy)
+      provenance.json          how it was built: in-toto statement, SLSA provenance (builder/provenance.py)
       report.json              build report (timings, sizes, build timestamp): not byte-reproducible
+      signature.json           an ed25519 signature over manifest.json (signing.py), when unpacked from
+                               a signed archive (artifact.py): not sealed
 
 The builder writes it (builder/package.py); the runtime reads it (runtime/engine.py). Nothing here
 depends on the machine: checking an engine against the machine is the runtime's job.
@@ -26,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmbuild.errors import EngineError
 from llmbuild.model_config import ModelConfig
-from llmbuild.recipe import CudaGraphsSection, KVCacheSection, LimitsSection, QuantizationSection, ServeSection
+from llmbuild.recipe import CudaGraphsSection, EngineLimits, KVCacheSection, QuantizationSection, ServeSection
 
 FORMAT_VERSION: Literal[1] = 1
 MANIFEST = "manifest.json"
@@ -37,8 +40,11 @@ GRAPH = "model.pt2"
 EXPORTED = "exported.pt2"
 WEIGHTS = "weights.safetensors"
 OP_LIBRARY = "ops/llmbuild_ops.so"
-UNSEALED = frozenset({MANIFEST, REPORT})
-"""Files the manifest does not hash: itself, and the report with its build timestamps."""
+PROVENANCE = "provenance.json"
+SIGNATURE = "signature.json"
+UNSEALED = frozenset({MANIFEST, REPORT, SIGNATURE})
+"""Files the manifest does not hash: itself, the report with its build timestamps, and the signature
+over the manifest (signing.py) that an unpacked signed archive brings."""
 
 # Order of the engine graph's inputs after the weights; the runtime builds them in this order.
 GRAPH_INPUTS = (
@@ -104,7 +110,7 @@ class Manifest(_Frozen):
     model: ModelConfig
     dtype: Literal["float32", "float16", "bfloat16"]
     kv_cache_dtype: Literal["float32", "float16", "bfloat16", "int8", "fp8"]
-    limits: LimitsSection
+    limits: EngineLimits
     kv_cache: KVCacheSection
     quantization: QuantizationSection
     plugins: dict[str, int]

@@ -1,19 +1,30 @@
 """How much memory an engine needs, and how many sequences its KV cache holds.
 
 Shared by `llmbuild plan` (before a build) and the runtime (when it allocates the cache), so that
-the numbers a user plans with are the numbers the server uses.
+the numbers a user plans with are the numbers the server uses. `plan` adds the activations of the
+largest step and a fixed overhead to tell whether an engine fits a machine (bench/plan_vs_rss.py
+compares the sum with the peak resident set of a real run).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
 from llmbuild.errors import LLMBuildError
-from llmbuild.recipe import KVCacheSection, LimitsSection
+from llmbuild.model_config import ModelConfig
+from llmbuild.recipe import EngineLimits, KVCacheSection
+
+HOST_OVERHEAD_BYTES = 480 << 20
+"""One CPU engine process beside its weights, KV cache and activations: Python, torch, the tokenizer,
+the op library and the AOTInductor runtime, and what the first steps leave allocated (thread pools,
+oneDNN kernels, allocator arenas). Measured by bench/plan_vs_rss.py: 416-439 MiB after load on the demo
+and TinyLlama engines, 25-75 MiB more after their first step."""
+GPU_OVERHEAD_BYTES = 1 << 30
+"""A cuda engine's GPU memory beside weights, KV cache and activations: the CUDA context, cuBLAS
+workspaces, compiled kernels, the caching allocator's slack (an allowance, not measured here)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +37,10 @@ class MemoryPlan:
     max_seq_len: int
     max_batch_size: int
     kv_budget_bytes: int
+    activation_bytes: int = 0
+    """Peak activations of the largest step (`plan` only; see step_activation_bytes)."""
+    overhead_bytes: int = 0
+    """Fixed cost of the engine processes (`plan` only; HOST_OVERHEAD_BYTES / GPU_OVERHEAD_BYTES)."""
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -45,9 +60,14 @@ class MemoryPlan:
         """How many max_seq_len sequences fit in the KV cache at once."""
         return self.num_blocks // self.blocks_per_sequence
 
-    @cached_property
+    @property
     def total_bytes(self) -> int:
         return self.weight_bytes + self.num_blocks * self.kv_bytes_per_block
+
+    @property
+    def required_bytes(self) -> int:
+        """Memory the running engine needs: weights + KV cache + activations + overhead."""
+        return self.total_bytes + self.activation_bytes + self.overhead_bytes
 
     def as_report(self) -> dict[str, int]:
         """The plan as an engine's report.json records it."""
@@ -65,9 +85,11 @@ def plan_memory(
     *,
     weight_bytes: int,
     kv_bytes_per_token: int,
-    limits: LimitsSection,
+    limits: EngineLimits,
     kv_cache: KVCacheSection,
     available_bytes: int | None,
+    activation_bytes: int = 0,
+    overhead_bytes: int = 0,
 ) -> MemoryPlan:
     """Size the KV cache: explicit bytes, a fraction of what is available after weights, or (default)
     exactly room for max_batch_size sequences of max_seq_len tokens."""
@@ -88,7 +110,28 @@ def plan_memory(
         max_seq_len=limits.max_seq_len,
         max_batch_size=limits.max_batch_size,
         kv_budget_bytes=budget,
+        activation_bytes=activation_bytes,
+        overhead_bytes=overhead_bytes,
     )
+
+
+def largest_step_tokens(limits: EngineLimits) -> int:
+    """Most tokens one step can hold: max_num_tokens, unless max_batch_size full sequences are fewer."""
+    return min(limits.max_num_tokens, limits.max_batch_size * limits.max_seq_len)
+
+
+def step_activation_bytes(cfg: ModelConfig, tokens: int, itemsize: int, tp: int = 1) -> int:
+    """Peak activations of a step of `tokens` tokens, all ranks together.
+
+    The step's two high points, of which the larger counts:
+    - a decoder layer's MLP, per token: the residual stream and its norm [h] + the fused gate|up output
+      [2 i / tp] + the SwiGLU product [i / tp], in the model dtype, on every rank;
+    - the logits: one fp32 row of the vocabulary per token when a request scores its prompt
+      (prompt_logprobs), and the runtime's fp32 log-softmax of them (rank 0 only).
+    """
+    mlp = tokens * (2 * cfg.hidden_size + 3 * cfg.intermediate_size // tp) * itemsize * tp
+    logits = 2 * tokens * cfg.vocab_size * 4
+    return max(mlp, logits)
 
 
 def available_memory_bytes(device: torch.device | str = "cpu") -> int:

@@ -7,7 +7,9 @@ in `Recipe.model_json_schema()`), unknown keys are errors, and every error names
 
 from __future__ import annotations
 
+import copy
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,8 +75,9 @@ class TargetSection(_Section):
 class LimitsSection(_Section):
     max_batch_size: int = Field(8, ge=1, le=4096)
     """Most sequences in one step (decoding or prefilling together)."""
-    max_seq_len: int = Field(2048, ge=8)
-    """Most tokens of one sequence, prompt and generated tokens together."""
+    max_seq_len: int | None = Field(None, ge=8)
+    """Most tokens of one sequence, prompt and generated tokens together. Unset: the model's
+    max_position_embeddings, at most 4096 (builder/plan.py resolves it; the engine records the value)."""
     max_num_tokens: int = Field(2048, ge=1)
     """Most tokens processed in one step (the prefill chunk budget, decodes included)."""
 
@@ -86,6 +89,13 @@ class LimitsSection(_Section):
                 "every running sequence needs one token per decode step"
             )
         return self
+
+
+class EngineLimits(LimitsSection):
+    """Limits resolved against the checkpoint (builder/plan.py): what a plan and a manifest hold."""
+
+    max_seq_len: int = Field(ge=8)
+    """Most tokens of one sequence, prompt and generated tokens together."""
 
 
 class CalibrationSection(_Section):
@@ -273,8 +283,9 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
     return recipe
 
 
-def load_recipe(path: str | Path, target_cpu: str | None = None) -> Recipe:
-    """Read and validate a recipe YAML file; `target_cpu` overrides its target.cpu."""
+def load_recipe(path: str | Path, target_cpu: str | None = None, overrides: Sequence[str] = ()) -> Recipe:
+    """Read and validate a recipe YAML file; `overrides` (`KEY=VALUE`, see apply_overrides), then
+    `target_cpu`, replace its values before validation."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
@@ -287,9 +298,42 @@ def load_recipe(path: str | Path, target_cpu: str | None = None) -> Recipe:
         raise RecipeError(f"{where}: invalid YAML: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a UTF-8 text file") from None
+    if overrides and isinstance(data, dict):
+        data = apply_overrides(data, overrides)
     if target_cpu is not None and isinstance(data, dict):
         data["target"] = {**(data.get("target") or {}), "cpu": target_cpu}
-    return parse_recipe(data, source=str(path), base_dir=path.parent)
+    source = f"{path} with --set" if overrides else str(path)
+    return parse_recipe(data, source=source, base_dir=path.parent)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of a recipe's parsed YAML with each `KEY=VALUE` of `overrides` set, in order.
+
+    KEY is a dotted key path (`quantization.weights`); VALUE is parsed as a YAML scalar or flow value
+    (`int4`, `512`, `true`, `[lm_head, "layers.0.*"]`, empty for null). The result is validated like
+    the file itself, so an unknown key or a bad value is an error naming its dotted key.
+    """
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. quantization.weights=int4")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise RecipeError(f"--set {key}: invalid YAML value {text!r}: {problem}") from None
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                section = ".".join(parts[: depth + 1])
+                raise RecipeError(f"--set {key}: {section} is a value ({node[part]!r}), not a section of keys")
+            node = node[part]
+        node[parts[-1]] = value
+    return out
 
 
 def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:

@@ -77,20 +77,6 @@ def test_run_text_with_seed_is_reproducible(capsys, llama_engine):
     assert run_cli(capsys, *args[:-1], "2")[1] != first
 
 
-def test_plan_prints_memory_plan(capsys, make_ckpt, tmp_path):
-    recipe = write_recipe(tmp_path / "p.yaml", make_ckpt("llama"))
-    code, out, _ = run_cli(capsys, "plan", str(recipe), "--memory", "1GiB")
-    assert code == 0
-    assert "KV cache per token" in out and "fits in budget" in out and "weights" in out
-    code, out, _ = run_cli(capsys, "plan", str(recipe), "--memory", "1GiB", "--json")
-    plan = json.loads(out)
-    per_token = 2 * 2 * 2 * 16 * 4  # K,V x layers x kv heads x head_dim x fp32 bytes
-    assert plan["kv_bytes_per_token"] == per_token
-    assert plan["kv_bytes_per_sequence"] == per_token * 256
-    assert plan["sequences_in_budget"] == (2**30 - plan["weight_bytes"]) // (per_token * 256)
-    assert plan["kv_cache_sequences"] == 8  # default budget: max_batch_size full-length sequences
-
-
 def test_compile_inspect_verify(capsys, make_ckpt, tmp_path):
     recipe = write_recipe(tmp_path / "c.yaml", make_ckpt("llama"))
     out_dir = tmp_path / "engines" / "c"

@@ -162,3 +162,48 @@ def test_recipe_is_frozen():
 def test_bundled_recipes_plan(path):
     plan = make_plan(load_recipe(path))
     assert plan.memory.num_blocks >= plan.memory.blocks_per_sequence
+
+
+def test_overrides_set_dotted_keys_with_yaml_values(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "limits": {"max_seq_len": 2048}}))
+    recipe = load_recipe(
+        path,
+        overrides=[
+            "quantization.weights=int4",
+            "quantization.method=awq",
+            "quantization.calibration.seed=3",  # a section the file lacks is created
+            "quantization.exclude=[lm_head, 'layers.0.*']",
+            "limits.max_seq_len=512",
+            "plugins.fused_rope=true",
+            "target.cpu=x86-64-v3",
+        ],
+    )
+    q = recipe.quantization
+    assert (q.weights, q.method, q.calibration_or_default().seed) == ("int4", "awq", 3)
+    assert q.exclude == ("lm_head", "layers.0.*")
+    assert recipe.limits.max_seq_len == 512 and recipe.plugins.fused_rope is True
+    assert recipe.target.cpu == "x86-64-v3"
+    assert yaml.safe_load(path.read_text())["limits"] == {"max_seq_len": 2048}  # the file is left as it was
+    assert load_recipe(path, overrides=["limits.max_seq_len=64", "limits.max_seq_len=128"]).limits.max_seq_len == 128
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("quantization.weightz=int4", "quantization.weightz: unknown key (did you mean 'weights'?"),
+        ("quantization.weights=int3", "quantization.weights: must be one of 'none', 'int8', 'int4', 'fp8'"),
+        ("limits.max_seq_len=many", "limits.max_seq_len: must be a valid integer"),
+        ("limits.max_seq_len=4", "limits.max_seq_len: must be >= 8 (got 4)"),
+        ("quantization.weights", "--set 'quantization.weights': expected KEY=VALUE with a dotted key"),
+        ("quantization..weights=int4", "expected KEY=VALUE with a dotted key"),
+        ("name.first=x", "--set name.first: name is a value ('t'), not a section of keys"),
+        ("limits.max_seq_len=[1, 2", "--set limits.max_seq_len: invalid YAML value"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors_naming_the_key(tmp_path, override, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path, overrides=[override])
+    assert message in str(exc.value) and "\n" not in str(exc.value)

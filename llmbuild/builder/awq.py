@@ -31,6 +31,7 @@ from torch import nn
 from llmbuild.builder.calibration import LayerwisePass, observe_inputs
 from llmbuild.builder.models.llama import DecoderLayer, LlamaModel
 from llmbuild.builder.quant_format import Grid
+from llmbuild.builder.stages import Progress, no_progress
 from llmbuild.model_config import ModelConfig
 
 SCALE_GRID = 20
@@ -63,8 +64,11 @@ class _Inputs:
         return torch.cat(self.samples)
 
 
-def awq_quantize(model: LlamaModel, grids: dict[str, Grid], windows: torch.Tensor) -> dict[str, nn.Module]:
-    """Fold AWQ scales into `model` (in place) and return the quantized modules of the layers in `grids`."""
+def awq_quantize(
+    model: LlamaModel, grids: dict[str, Grid], windows: torch.Tensor, progress: Progress = no_progress
+) -> dict[str, nn.Module]:
+    """Fold AWQ scales into `model` (in place) and return the quantized modules of the layers in `grids`
+    (`progress` counts the decoder layers done)."""
     runner = LayerwisePass(model, windows)
     keep = math.ceil(SEARCH_TOKENS / len(runner.chunks))
     out: dict[str, nn.Module] = {}
@@ -76,6 +80,7 @@ def awq_quantize(model: LlamaModel, grids: dict[str, Grid], windows: torch.Tenso
         remove()
         out.update(_quantize_layer(layer, f"layers.{i}", linears, inputs, model.cfg, grids))
         runner.advance(states)
+        progress(i + 1, len(model.layers))
     if "lm_head" in grids and model.lm_head is not None:
         out["lm_head"] = grids["lm_head"].module(model.lm_head.weight, model.lm_head.bias)
     return out

@@ -29,12 +29,13 @@ from llmbuild.builder.kv_quant import kv_absmax, quantize_kv_cache
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.package import add_runtime_files, check_output_dir, seal, staging_dir
 from llmbuild.builder.plan import BuildPlan, make_plan
+from llmbuild.builder.provenance import provenance, seal_provenance
 from llmbuild.builder.quality import NUM_WINDOWS, WINDOW, Quality, check_gate, compare, held_out_windows
 from llmbuild.builder.quantize import quantize_model
 from llmbuild.builder.report import build_report, library_report, write_report
 from llmbuild.builder.retarget import eval_device, retarget
 from llmbuild.builder.shard import shard_state_dict
-from llmbuild.builder.stages import StageCallback, Stages
+from llmbuild.builder.stages import ProgressCallback, StageCallback, Stages
 from llmbuild.builder.weights import load_weights
 from llmbuild.cpu_target import CpuTarget, resolve
 from llmbuild.machine import cpu_flags, gpu_arch
@@ -71,7 +72,6 @@ class _Build:
     graph_key: str
     weights_key: str
     cache: BuildCache
-    inductor_dir: Path
     stages: Stages
 
 
@@ -82,14 +82,16 @@ def build_engine(
     cache_dir: Path | None = None,
     use_cache: bool = True,
     on_stage: StageCallback | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> BuildResult:
     """Build the engine a recipe describes into out_dir (atomically: complete or not at all).
 
     Stage outputs are reused from the build cache under `cache_dir` unless use_cache is False.
+    `on_stage` hears each stage start and end, `on_progress` the steps of the long ones.
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir.resolve())
-    build = _prepare(recipe, cache_dir or default_cache_dir(), use_cache, Stages(on_stage))
+    build = _prepare(recipe, cache_dir or default_cache_dir(), use_cache, Stages(on_stage, on_progress))
     with staging_dir(out_dir) as stage, use_isa(build.check_isa):
         ranks = [stage / rank_dir(r) for r in range(recipe.target.tensor_parallel)]
         for rank in ranks:
@@ -107,6 +109,7 @@ def _prepare(recipe: Recipe, cache_root: Path, use_cache: bool, stages: Stages) 
     runs), and the hashes of the inputs that key the cache."""
     with stages.run("plan"):
         plan = make_plan(recipe)
+    recipe = plan.recipe  # limits resolved against the checkpoint: what the engine records
     with stages.run("op library"):
         cpu = resolve(recipe.target.cpu)
         # the op library is cached per machine (like Inductor's code), not per build cache
@@ -128,7 +131,6 @@ def _prepare(recipe: Recipe, cache_root: Path, use_cache: bool, stages: Stages) 
         graph_key=config_hash(recipe, plan, target),
         weights_key=weights_key(recipe, plan, inputs),
         cache=BuildCache(cache_root, read=use_cache),
-        inductor_dir=cache_root / "inductor",
         stages=stages,
     )
 
@@ -148,7 +150,8 @@ def _weights(build: _Build, ranks: list[Path]) -> tuple[LlamaModel | None, Quali
         return None, quality
     recipe, checkpoint = build.recipe, build.plan.checkpoint
     with build.stages.run("load weights"):
-        model = LlamaModel.empty(checkpoint.config, recipe.limits.max_seq_len, DTYPES[build.plan.dtype], recipe.plugins)
+        max_seq_len = build.plan.limits.max_seq_len
+        model = LlamaModel.empty(checkpoint.config, max_seq_len, DTYPES[build.plan.dtype], recipe.plugins)
         load_weights(model, checkpoint)
     quality = _quantize(build, model, quality_file) if recipe.quantization.quantized else None
     _save_weights(build, model, ranks)
@@ -161,24 +164,24 @@ def _quantize(build: _Build, model: LlamaModel, quality_file: str) -> Quality:
     reference = copy.deepcopy(model)
     calibration_ids = None
     if build.calibration is not None:
-        with build.stages.run("calibration data"):
+        with build.stages.run("calibration data") as progress:
             calibration_ids = calibration_windows(
-                q.calibration_or_default(), recipe.base_dir(), build.plan.checkpoint.path
+                q.calibration_or_default(), recipe.base_dir(), build.plan.checkpoint.path, progress
             )
     if q.weights != "none":
-        with build.stages.run(f"quantize ({q.method})"):
-            quantize_model(model, q, calibration_ids)
+        with build.stages.run(f"quantize ({q.method})") as progress:
+            quantize_model(model, q, calibration_ids, progress)
     # a cuda engine's graph runs these checks on its GPU (eval_device); the weights are saved from the CPU
     device = eval_device(recipe.target.device)
     if q.kv_cache in ("int8", "fp8"):
         assert calibration_ids is not None  # _calibration_file names a text for a quantized KV cache
-        with build.stages.run(f"calibrate {q.kv_cache} KV cache"):
+        with build.stages.run(f"calibrate {q.kv_cache} KV cache") as progress:
             # the K/V of the final (quantized) weights: what the cache will hold
-            absmax = kv_absmax(model.to(device), calibration_ids)
+            absmax = kv_absmax(model.to(device), calibration_ids, progress=progress)
             quantize_kv_cache(model, absmax, KV_CACHE_DTYPES[q.kv_cache])
-    with build.stages.run("quality"):
-        windows = held_out_windows(build.plan.checkpoint.path, NUM_WINDOWS, min(WINDOW, recipe.limits.max_seq_len))
-        quality = compare(reference.to(device), model.to(device), windows)
+    with build.stages.run("quality") as progress:
+        windows = held_out_windows(build.plan.checkpoint.path, NUM_WINDOWS, min(WINDOW, build.plan.limits.max_seq_len))
+        quality = compare(reference.to(device), model.to(device), windows, progress)
         model.to("cpu")
         del reference
         build.cache.store_json("weights", build.weights_key, quality_file, asdict(quality))
@@ -208,7 +211,7 @@ def _graph(build: _Build, ranks: list[Path], model: LlamaModel | None) -> None:
         program = _export(build, model if len(ranks) == 1 else None)
         if compiled:
             with build.stages.run("compile"):
-                compile_graph(program, ranks[0] / GRAPH, build.inductor_dir, build.cpu, len(ranks))
+                compile_graph(program, ranks[0] / GRAPH, build.cpu, len(ranks))
         with build.stages.run("save graph"):
             save_graph(program, ranks[0] / EXPORTED)
         for name in names:
@@ -226,7 +229,7 @@ def _export(build: _Build, model: LlamaModel | None) -> ExportedProgram:
         if model is None:
             model = _layout_model(build)
         kv_dtype = KV_CACHE_DTYPES[build.plan.kv_cache_dtype]
-        program = export_graph(model, recipe.limits, recipe.kv_cache.block_size, kv_dtype)
+        program = export_graph(model, build.plan.limits, recipe.kv_cache.block_size, kv_dtype)
         program = retarget(program, recipe.target.device)
         if recipe.target.device != "cpu":  # traced on the cpu (fake tensors), run on the GPU
             program = move_to_device_pass(program, recipe.target.device)
@@ -238,7 +241,7 @@ def _layout_model(build: _Build) -> LlamaModel:
     recipe, q = build.recipe, build.recipe.quantization
     tp = recipe.target.tensor_parallel
     cfg = rank_config(build.plan.checkpoint.config, tp)
-    model = LlamaModel.empty(cfg, recipe.limits.max_seq_len, DTYPES[build.plan.dtype], recipe.plugins, tp)
+    model = LlamaModel.empty(cfg, build.plan.limits.max_seq_len, DTYPES[build.plan.dtype], recipe.plugins, tp)
     for param in model.parameters():
         param.data.zero_()
     if q.weights != "none":  # the layout only: round to nearest will do
@@ -253,7 +256,9 @@ def _package(build: _Build, stage: Path, quality: Quality | None) -> tuple[Manif
     """The rest of the engine's files, its manifest sealing them, and report.json."""
     with build.stages.run("package"):
         has_chat_template = add_runtime_files(stage, build.op_library, build.recipe, build.plan.checkpoint)
-        manifest = _manifest(build, seal(stage))
+        sealed = seal(stage)
+        statement = provenance(build.recipe, build.target, build.inputs, sealed)
+        manifest = _manifest(build, seal_provenance(stage, statement, sealed))
         manifest.save(stage)
     report = build_report(
         build.plan,
@@ -327,7 +332,7 @@ def _manifest(build: _Build, files: dict[str, str]) -> Manifest:
         model=plan.checkpoint.config,
         dtype=plan.dtype,
         kv_cache_dtype=plan.kv_cache_dtype,
-        limits=recipe.limits,
+        limits=plan.limits,
         kv_cache=recipe.kv_cache,
         quantization=recipe.quantization,
         plugins=OP_VERSIONS,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llmbuild.builder.models.llama import LlamaModel, prefill_metadata
+from llmbuild.builder.stages import Progress, no_progress
 from llmbuild.errors import RecipeError
 from llmbuild.recipe import CalibrationSection
 
@@ -67,16 +68,21 @@ def documents(path: Path) -> list[str]:
     return docs
 
 
-def calibration_windows(section: CalibrationSection, base_dir: Path, tokenizer_dir: Path) -> torch.Tensor:
-    """int64 [num_samples, seq_len] token windows of the calibration text, in the model's tokenizer."""
+def calibration_windows(
+    section: CalibrationSection, base_dir: Path, tokenizer_dir: Path, progress: Progress = no_progress
+) -> torch.Tensor:
+    """int64 [num_samples, seq_len] token windows of the calibration text, in the model's tokenizer
+    (`progress` counts the documents tokenized)."""
     from transformers import AutoTokenizer
 
     path = calibration_path(section, base_dir)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     ids: list[int] = []
-    for doc in documents(path):
+    docs = documents(path)
+    for done, doc in enumerate(docs, 1):
         ids += tok(doc)["input_ids"] + eos
+        progress(done, len(docs))
     if len(ids) < section.seq_len:
         raise RecipeError(
             f"calibration text {path} has {len(ids)} tokens, fewer than quantization.calibration.seq_len "

@@ -9,11 +9,18 @@ Inductor compiles its C++ with `-march=native` and vectorizes for the best ISA o
 on. For any other target it gets `-march=<target.cpu>` and a vector ISA the target has too (AVX-512 only
 where the target has it, VNNI only where the target has it): a package built on an AVX-512 machine for
 x86-64-v3 holds no AVX-512 instruction.
+
+Inductor records the path of its working directory in the package (a source comment whose hash names
+the kernel file, debug info in the .so), so every build compiles in one fixed directory of this user
+(`inductor_dir()`), never under the build cache: builds with other `--cache-dir` values and outputs give
+the same bytes.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +35,7 @@ from torch.export import ExportedProgram
 from torch.export.pt2_archive._package import PT2ArchiveReader, PT2ArchiveWriter
 
 from llmbuild.cpu_target import CpuTarget
+from llmbuild.errors import BuildError
 
 INDUCTOR_CONFIGS = {
     "aot_inductor.package_constants_in_so": False,
@@ -44,19 +52,34 @@ _VEC_ISA_FLAGS = {
 }
 
 
-def compile_graph(program: ExportedProgram, path: Path, inductor_dir: Path, cpu: CpuTarget, tp: int = 1) -> None:
+def compile_graph(program: ExportedProgram, path: Path, cpu: CpuTarget, tp: int = 1) -> None:
     """Compile `program` with AOTInductor for `cpu` into the package file `path` (a .pt2 archive).
 
-    `inductor_dir` is Inductor's working cache; its path ends up in the package (source comments,
-    kernel names, debug info), so a fixed directory is what makes the bytes reproducible.
     A tensor-parallel graph (tp > 1) is compiled against a stand-in process group of tp ranks.
     """
     configs = {**INDUCTOR_CONFIGS, **_cpu_configs(cpu)}
-    with torch.no_grad(), warnings.catch_warnings(), temporary_cache_dir(str(inductor_dir)), _stand_in_group(tp):
+    with torch.no_grad(), warnings.catch_warnings(), temporary_cache_dir(str(inductor_dir())), _stand_in_group(tp):
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # torch-internal
         with _vector_isas_of(cpu):
             torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     _normalize(path)
+
+
+def inductor_dir() -> Path:
+    """Inductor's working directory: `<tmp>/llmbuild-inductor-<uid>`, private to this user.
+
+    Its path ends up in the package, so it must not vary from build to build (Inductor's entries are
+    keyed by content, so builds share it safely). Code compiled there is loaded into the build: a
+    directory another user owns or can write to is refused.
+    """
+    path = Path(tempfile.gettempdir()) / f"llmbuild-inductor-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BuildError(
+            f"Inductor's working directory {path} is not a directory private to this user; remove it and rebuild"
+        )
+    return path
 
 
 def _cpu_configs(cpu: CpuTarget) -> dict[str, object]:

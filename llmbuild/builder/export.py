@@ -10,7 +10,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from llmbuild.builder.models.llama import LlamaModel
-from llmbuild.recipe import LimitsSection
+from llmbuild.recipe import EngineLimits
 from llmbuild.runtime.step_inputs import INPUT_SPECS, StepDim, StepInputs
 
 # Example sizes for tracing: distinct and >= 2 so that no dimension is specialised or unified.
@@ -40,7 +40,7 @@ def example_step(
     return (*inputs.as_tuple(), kv)
 
 
-def export_graph(model: LlamaModel, limits: LimitsSection, block_size: int, kv_dtype: torch.dtype) -> ExportedProgram:
+def export_graph(model: LlamaModel, limits: EngineLimits, block_size: int, kv_dtype: torch.dtype) -> ExportedProgram:
     """Export one packed step (KV caches of `kv_dtype`) with dynamic token, sequence, logit-row and
     cache-block dimensions."""
     cfg = model.cfg

@@ -21,6 +21,7 @@ from torch import nn
 from llmbuild.builder.calibration import LayerwisePass, observe_inputs
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.quant_format import Grid
+from llmbuild.builder.stages import Progress, no_progress
 from llmbuild.errors import BuildError
 
 BLOCK = 128
@@ -28,9 +29,12 @@ DAMP = 0.01
 SITES = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
 
 
-def gptq_quantize(model: LlamaModel, grids: dict[str, Grid], windows: torch.Tensor) -> dict[str, nn.Module]:
+def gptq_quantize(
+    model: LlamaModel, grids: dict[str, Grid], windows: torch.Tensor, progress: Progress = no_progress
+) -> dict[str, nn.Module]:
     """Quantize the layers in `grids` with GPTQ; their nn.Linear weights are left holding the
-    dequantized values (what the next layer's calibration inputs are computed with)."""
+    dequantized values (what the next layer's calibration inputs are computed with). `progress`
+    counts the decoder layers done."""
     runner = LayerwisePass(model, windows)
     out: dict[str, nn.Module] = {}
     for i, layer in enumerate(model.layers):
@@ -43,6 +47,7 @@ def gptq_quantize(model: LlamaModel, grids: dict[str, Grid], windows: torch.Tens
         for name, m in linears.items():
             out[name] = _quantize_linear(name, m, hessians[name], grids[name])
         runner.advance(runner.run(layer))
+        progress(i + 1, len(model.layers))
     if "lm_head" in grids and model.lm_head is not None:
         h = torch.zeros(model.lm_head.in_features, model.lm_head.in_features)
         for x in runner.final_hidden():

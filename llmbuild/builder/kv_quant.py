@@ -14,12 +14,20 @@ from __future__ import annotations
 import torch
 
 from llmbuild.builder.models.llama import Attention, LlamaModel, prefill_metadata
+from llmbuild.builder.stages import Progress, no_progress
 from llmbuild.plugins.paged_attention import CODE_MAX
 
 
-def kv_absmax(model: LlamaModel, windows: torch.Tensor, chunk_tokens: int = 4096, block_size: int = 16) -> torch.Tensor:
+def kv_absmax(
+    model: LlamaModel,
+    windows: torch.Tensor,
+    chunk_tokens: int = 4096,
+    block_size: int = 16,
+    progress: Progress = no_progress,
+) -> torch.Tensor:
     """fp32 [num_layers, 2, num_kv_heads]: per layer, the largest |K| and |V| of each kv head over
-    the token windows [num, seq_len], each chunk of windows prefilled in one step of the model."""
+    the token windows [num, seq_len], each chunk of windows prefilled in one step of the model
+    (`progress` counts the windows done)."""
     cfg, device = model.cfg, model.embed.weight.device
     num, seq_len = windows.shape
     per_chunk = max(1, chunk_tokens // seq_len)
@@ -35,6 +43,7 @@ def kv_absmax(model: LlamaModel, windows: torch.Tensor, chunk_tokens: int = 4096
         for i, cache in enumerate(caches):
             top = cache.abs().amax(dim=(0, 2, 3)).float().cpu()
             absmax[i // 2, i % 2] = torch.maximum(absmax[i // 2, i % 2], top)
+        progress(start + len(chunk), num)
     return absmax
 
 

@@ -1,4 +1,8 @@
-"""`llmbuild plan`: validate a recipe against its checkpoint and size the engine, without building."""
+"""`llmbuild plan`: validate a recipe against its checkpoint and size the engine, without building.
+
+Limits the recipe leaves unset come from the checkpoint here (as vLLM derives max_model_len): the plan,
+the build and the manifest all use the resolved values.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +14,93 @@ from llmbuild.builder.calibration import calibration_path
 from llmbuild.builder.checkpoint import Checkpoint
 from llmbuild.builder.models.llama import linear_shapes
 from llmbuild.builder.quantize import check_group_fit, excluded, quantized_bytes
-from llmbuild.builder.support import check_supported
+from llmbuild.builder.support import check_supported, unsupported_features
 from llmbuild.errors import RecipeError
-from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, plan_memory
+from llmbuild.memory_plan import (
+    GPU_OVERHEAD_BYTES,
+    HOST_OVERHEAD_BYTES,
+    MemoryPlan,
+    available_memory_bytes,
+    format_bytes,
+    largest_step_tokens,
+    plan_memory,
+    step_activation_bytes,
+)
 from llmbuild.model_config import DTYPES, KV_CACHE_DTYPES, ModelConfig
-from llmbuild.recipe import QuantizationSection, Recipe
+from llmbuild.recipe import EngineLimits, LimitsSection, QuantizationSection, Recipe
 from llmbuild.tensor_parallel import rank_config, split_problems
+
+DEFAULT_MAX_SEQ_LEN = 4096
+"""Cap on the max_seq_len a recipe leaves unset (else the model's max_position_embeddings): the default KV
+cache holds max_batch_size full sequences, and 8 x 4096 tokens of an 8B-class GQA model are already 4 GiB
+in bf16, half its weights; a 128k-position model would need 128 GiB. Set limits.max_seq_len for more."""
 
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """A recipe resolved against its checkpoint: dtypes, sizes and the KV-cache plan."""
+    """A recipe resolved against its checkpoint: dtypes, limits, sizes and the memory plan."""
 
     recipe: Recipe
+    """The recipe with its limits resolved (what the engine records)."""
     checkpoint: Checkpoint
     dtype: str
     kv_cache_dtype: str
     memory: MemoryPlan
     available_bytes: int
+    """The memory the engine must fit: host RAM for a cpu recipe, one GPU's memory for a cuda one."""
+
+    @property
+    def limits(self) -> EngineLimits:
+        """The recipe's limits, resolved against the checkpoint."""
+        limits = self.recipe.limits
+        assert isinstance(limits, EngineLimits), "make_plan resolves the limits"
+        return limits
+
+    def shortfall(self) -> str | None:
+        """Why the engine does not fit available_bytes (one line with the breakdown and the fix), or None."""
+        m, lim = self.memory, self.limits
+        if m.required_bytes <= self.available_bytes:
+            return None
+        where = "of GPU memory" if self.recipe.target.device == "cuda" else ""
+        return (
+            f"engine {self.recipe.name} needs {format_bytes(m.required_bytes)} ({memory_breakdown(m, lim)}), "
+            f"{format_bytes(self.available_bytes)} {where + ' ' if where else ''}available: short by "
+            f"{format_bytes(m.required_bytes - self.available_bytes)}; lower limits.max_batch_size / max_seq_len "
+            "or quantize"
+        )
+
+
+def memory_breakdown(m: MemoryPlan, limits: EngineLimits) -> str:
+    """'weights W + KV cache K for limits ... + activations A of the largest step (T tokens) + overhead O'."""
+    return (
+        f"weights {format_bytes(m.weight_bytes)} + KV cache {format_bytes(m.total_bytes - m.weight_bytes)} for "
+        f"limits max_batch_size {limits.max_batch_size} x max_seq_len {limits.max_seq_len} + activations "
+        f"{format_bytes(m.activation_bytes)} of the largest step ({largest_step_tokens(limits)} tokens) + "
+        f"overhead {format_bytes(m.overhead_bytes)}"
+    )
+
+
+def resolve_limits(limits: LimitsSection, cfg: ModelConfig, sliding_window: int | None) -> EngineLimits:
+    """The recipe's limits with max_seq_len filled from the model when unset: its max_position_embeddings
+    (within a sliding window, which this version cannot run past), at most DEFAULT_MAX_SEQ_LEN. An explicit
+    value the model cannot take fails."""
+    fields = limits.model_dump()
+    if limits.max_seq_len is None:
+        fields["max_seq_len"] = min(
+            cfg.max_position_embeddings, sliding_window or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN
+        )
+    resolved = EngineLimits(**fields)
+    if resolved.max_seq_len > cfg.max_position_embeddings:
+        raise RecipeError(
+            f"limits.max_seq_len ({resolved.max_seq_len}) exceeds the model's max_position_embeddings "
+            f"({cfg.max_position_embeddings}); lower it to at most {cfg.max_position_embeddings}"
+        )
+    if sliding_window is not None and sliding_window < resolved.max_seq_len:
+        raise RecipeError(
+            f"not supported yet: sliding-window attention (window {sliding_window} < limits.max_seq_len "
+            f"{resolved.max_seq_len}); set limits.max_seq_len <= {sliding_window}"
+        )
+    return resolved
 
 
 def weight_bytes(cfg: ModelConfig, quantization: QuantizationSection, itemsize: int) -> int:
@@ -44,22 +117,20 @@ def weight_bytes(cfg: ModelConfig, quantization: QuantizationSection, itemsize: 
     return total
 
 
-def make_plan(recipe: Recipe, available_bytes: int | None = None) -> BuildPlan:
-    """Open the checkpoint (config only), check the recipe fits it, and size weights and KV cache."""
-    check_supported(recipe)
+def make_plan(recipe: Recipe, available_bytes: int | None = None, build_machine: bool = True) -> BuildPlan:
+    """Open the checkpoint (config only), check the recipe fits it, and size the engine against
+    `available_bytes` (default: this machine's memory, or its GPU's for a cuda recipe).
+
+    `build_machine=False` sizes a recipe for another machine: a cuda one needs no GPU here.
+    """
+    if build_machine:
+        check_supported(recipe)
+    elif missing := unsupported_features(recipe):
+        raise RecipeError("not supported yet: " + "; ".join(missing))
     ckpt = Checkpoint.open(recipe.checkpoint_dir())
     cfg = ckpt.config
-    limits = recipe.limits
-    if limits.max_seq_len > cfg.max_position_embeddings:
-        raise RecipeError(
-            f"limits.max_seq_len ({limits.max_seq_len}) exceeds the model's max_position_embeddings "
-            f"({cfg.max_position_embeddings}); lower it to at most {cfg.max_position_embeddings}"
-        )
-    if ckpt.sliding_window is not None and ckpt.sliding_window < limits.max_seq_len:
-        raise RecipeError(
-            f"not supported yet: sliding-window attention (window {ckpt.sliding_window} < limits.max_seq_len "
-            f"{limits.max_seq_len}); set limits.max_seq_len <= {ckpt.sliding_window}"
-        )
+    limits = resolve_limits(recipe.limits, cfg, ckpt.sliding_window)
+    recipe = recipe.model_copy(update={"limits": limits})
     tp = recipe.target.tensor_parallel
     problems = split_problems(cfg, tp)
     if problems:
@@ -74,7 +145,8 @@ def make_plan(recipe: Recipe, available_bytes: int | None = None) -> BuildPlan:
     dtype = ckpt.dtype if recipe.model.dtype == "auto" else recipe.model.dtype
     kv_dtype = dtype if recipe.quantization.kv_cache == "auto" else recipe.quantization.kv_cache
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    available = available_bytes if available_bytes is not None else available_memory_bytes()
+    device = recipe.target.device
+    available = available_bytes if available_bytes is not None else available_memory_bytes(device)
     try:
         rank_weight_bytes = weight_bytes(rank_cfg, q, itemsize)
     except RecipeError as exc:
@@ -88,5 +160,8 @@ def make_plan(recipe: Recipe, available_bytes: int | None = None) -> BuildPlan:
         limits=limits,
         kv_cache=recipe.kv_cache,
         available_bytes=available,
+        activation_bytes=step_activation_bytes(cfg, largest_step_tokens(limits), itemsize, tp),
+        # a cpu engine runs one process per rank; a cuda one's host side is not in the GPU's budget
+        overhead_bytes=GPU_OVERHEAD_BYTES if device == "cuda" else tp * HOST_OVERHEAD_BYTES,
     )
     return BuildPlan(recipe, ckpt, dtype, kv_dtype, memory, available)

@@ -8,6 +8,7 @@ License), the held-out part of the demo model's corpus.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -19,8 +20,9 @@ import torch
 from llmbuild.builder.checkpoint import Checkpoint
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.retarget import eval_device
+from llmbuild.builder.stages import Progress, no_progress
 from llmbuild.builder.weights import load_weights
-from llmbuild.errors import BuildError, EngineError
+from llmbuild.errors import EngineError, QualityGateError
 from llmbuild.manifest import RECIPE, REPORT, TOKENIZER_DIR, Manifest
 from llmbuild.recipe import QualitySection, load_recipe
 from llmbuild.runtime.engine import Engine
@@ -85,22 +87,33 @@ def engine_graph(engine: Engine) -> StepGraph:
     )  # fmt: skip
 
 
-def window_logits(graph: StepGraph, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+def window_logits(
+    graph: StepGraph, windows: list[torch.Tensor], on_step: Callable[[], None] = lambda: None
+) -> list[torch.Tensor]:
     """Teacher-forced fp32 logits [L, vocab] of each window (all of one length L), computed as the
     runtime computes a generation: each window's first half prefilled (in chunks of the graph's token
     budget), then the second half decoded one token per step, the windows batched together, so
     that the decode kernels (int8 / int4 on quantized activations, decode attention over a
-    quantized cache) are what the second half measures."""
+    quantized cache) are what the second half measures. `on_step` is called after each step."""
     length = len(windows[0])
     if any(len(w) != length for w in windows):
         raise ValueError("window_logits needs windows of one length")
     out: list[torch.Tensor] = []
     for first in range(0, len(windows), graph.max_seqs):
-        out.extend(_group_logits(graph, torch.stack(windows[first : first + graph.max_seqs]).cpu()))
+        out.extend(_group_logits(graph, torch.stack(windows[first : first + graph.max_seqs]).cpu(), on_step))
     return out
 
 
-def _group_logits(graph: StepGraph, group: torch.Tensor) -> list[torch.Tensor]:
+def window_steps(graph: StepGraph, windows: list[torch.Tensor]) -> int:
+    """How many steps window_logits runs: per group, each window's prefill chunks, then the decodes."""
+    length, steps = len(windows[0]), 0
+    for first in range(0, len(windows), graph.max_seqs):
+        n, prompt = len(windows[first : first + graph.max_seqs]), max(1, length // 2)
+        steps += n * math.ceil(prompt / graph.max_tokens) + length - prompt
+    return steps
+
+
+def _group_logits(graph: StepGraph, group: torch.Tensor, on_step: Callable[[], None]) -> list[torch.Tensor]:
     """window_logits of the windows group [n, L], which the graph takes as one batch."""
     (n, length), bs = group.shape, graph.block_size
     prompt, per_seq = max(1, length // 2), math.ceil(length / bs)
@@ -111,7 +124,9 @@ def _group_logits(graph: StepGraph, group: torch.Tensor) -> list[torch.Tensor]:
 
     def step(*inputs: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return graph.run(tuple(t.to(graph.device) for t in inputs), caches).float().cpu()
+            logits = graph.run(tuple(t.to(graph.device) for t in inputs), caches).float().cpu()
+        on_step()
+        return logits
 
     rows: list[list[torch.Tensor]] = [[] for _ in range(n)]
     for b in range(n):
@@ -129,15 +144,24 @@ def _group_logits(graph: StepGraph, group: torch.Tensor) -> list[torch.Tensor]:
 
 
 def compare(
-    reference: LlamaModel | StepGraph, candidate: LlamaModel | StepGraph, windows: list[torch.Tensor]
+    reference: LlamaModel | StepGraph,
+    candidate: LlamaModel | StepGraph,
+    windows: list[torch.Tensor],
+    progress: Progress = no_progress,
 ) -> Quality:
     """Teacher-forced comparison over token windows of one length (each predicts its own tokens 1..L-1),
-    both sides run as the runtime runs them (`window_logits`). Each side is a model or a StepGraph."""
+    both sides run as the runtime runs them (`window_logits`). Each side is a model or a StepGraph.
+    `progress` counts the steps of both sides."""
     ref_graph, got_graph = (model_graph(m) if isinstance(m, LlamaModel) else m for m in (reference, candidate))
+    total, steps = window_steps(ref_graph, windows) + window_steps(got_graph, windows), itertools.count(1)
+
+    def on_step() -> None:
+        progress(next(steps), total)
+
     nll_ref = nll = kl = agree = 0.0
     count = 0
     for ids, ref_logits, got_logits in zip(
-        windows, window_logits(ref_graph, windows), window_logits(got_graph, windows), strict=True
+        windows, window_logits(ref_graph, windows, on_step), window_logits(got_graph, windows, on_step), strict=True
     ):
         ref = torch.log_softmax(ref_logits[:-1], -1)
         got = torch.log_softmax(got_logits[:-1], -1)
@@ -179,10 +203,10 @@ def gate_failures(gate: QualitySection, quality: Quality) -> list[str]:
 
 
 def check_gate(gate: QualitySection, quality: Quality) -> None:
-    """Raise BuildError naming every threshold the quantized graph misses."""
+    """Raise QualityGateError naming every threshold the quantized graph misses."""
     failures = gate_failures(gate, quality)
     if failures:
-        raise BuildError(
+        raise QualityGateError(
             f"quality gate failed: {'; '.join(failures)} (perplexity {quality.perplexity:.2f} vs "
             f"{quality.reference_perplexity:.2f} unquantized); no engine was written. Exclude sensitive "
             "layers (quantization.exclude) or choose a finer format"

@@ -20,6 +20,7 @@ from llmbuild.builder.awq import awq_quantize
 from llmbuild.builder.gptq import gptq_quantize
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.quant_format import ScaledLinear, grid_of
+from llmbuild.builder.stages import Progress, no_progress
 from llmbuild.errors import RecipeError
 from llmbuild.plugins.linear_fp8 import quantize_fp8
 from llmbuild.recipe import QuantizationSection
@@ -62,11 +63,15 @@ def quantized_bytes(out_features: int, in_features: int, quantization: Quantizat
 
 
 def quantize_model(
-    model: LlamaModel, quantization: QuantizationSection, calibration: torch.Tensor | None = None
+    model: LlamaModel,
+    quantization: QuantizationSection,
+    calibration: torch.Tensor | None = None,
+    progress: Progress = no_progress,
 ) -> list[str]:
     """Quantize every nn.Linear not excluded, in place; returns the names of the quantized layers.
 
-    awq and gptq need `calibration`, token windows [num_samples, seq_len] (builder/calibration.py).
+    awq and gptq need `calibration`, token windows [num_samples, seq_len] (builder/calibration.py),
+    and report the decoder layers done to `progress`.
     """
     if quantization.weights not in ("int8", "int4", "fp8"):
         raise NotImplementedError(f"weights={quantization.weights}")
@@ -87,7 +92,7 @@ def quantize_model(
         if calibration is None:
             raise ValueError(f"method={quantization.method} needs calibration token windows")
         run = awq_quantize if quantization.method == "awq" else gptq_quantize
-        replacements = run(model, grids, calibration)
+        replacements = run(model, grids, calibration, progress)
     _replace(model, replacements)
     return list(chosen)
 

@@ -1,5 +1,6 @@
 """report.json: what a build did and found (stage timings, sizes, memory plan, how the op library was
-checked, quality metrics, calibration text). Not sealed by the manifest: it records a timestamp."""
+checked, quality metrics, calibration text, the llmbuild source and whether its checkout was dirty).
+Not sealed by the manifest: it records a timestamp and facts of one run (see builder/provenance.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import llmbuild
 from llmbuild.builder.plan import BuildPlan
+from llmbuild.builder.provenance import source_report
 from llmbuild.builder.quality import Quality
 from llmbuild.cpu_target import CpuTarget
 from llmbuild.machine import cpu_flags
@@ -40,6 +42,7 @@ def build_report(
         "memory_plan": plan.memory.as_report(),
         "has_chat_template": has_chat_template,
         "op_library": op_library,
+        "source": source_report(),
     }
     if quality is not None:
         report["quality"] = {**asdict(quality), "held_out": "built-in (Python documentation prose)"}

@@ -6,11 +6,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 from llmbuild.errors import BuildError, LLMBuildError
 
 StageCallback = Callable[[str, float | None], None]
 """Called with (stage, None) when a stage starts and (stage, seconds) when it ends."""
+
+ProgressCallback = Callable[[str, int, int], None]
+"""Called with (stage, done, total) as a long stage advances (calibration text, AWQ / GPTQ layers,
+KV-cache calibration chunks, quality steps); `done` increases up to `total`."""
+
+Progress = Callable[[int, int], None]
+"""What a long loop calls with (done, total): `Stages.run` hands out one bound to its stage."""
 
 _OOM_HINT = "out of memory: free memory, or build a smaller model / a shorter limits.max_seq_len"
 
@@ -18,17 +26,20 @@ _OOM_HINT = "out of memory: free memory, or build a smaller model / a shorter li
 class Stages:
     """Runs the named stages of one build and keeps their timings (report.json's stages_seconds, in run order)."""
 
-    def __init__(self, on_stage: StageCallback | None = None) -> None:
+    def __init__(self, on_stage: StageCallback | None = None, on_progress: ProgressCallback | None = None) -> None:
         self.timings: dict[str, float] = {}
         self._on_stage: StageCallback = on_stage or _ignore
+        self._on_progress = on_progress
 
     @contextmanager
-    def run(self, name: str) -> Iterator[None]:
-        """Time the body as stage `name`; an unexpected exception becomes a BuildError naming the stage."""
+    def run(self, name: str) -> Iterator[Progress]:
+        """Time the body as stage `name`; an unexpected exception becomes a BuildError naming the stage.
+        Yields the stage's Progress, for the body's long loops to report through."""
         self._on_stage(name, None)
         start = time.perf_counter()
+        on_progress = self._on_progress
         try:
-            yield
+            yield no_progress if on_progress is None else partial(on_progress, name)
         except LLMBuildError:
             raise
         except Exception as exc:
@@ -48,6 +59,10 @@ def hint(exc: Exception) -> str:
     if "compil" in text or "g++" in text or "c++" in text:
         return "the C++ compiler failed; check that g++ works, then rerun with --debug for its output"
     return "rerun with --debug for the traceback"
+
+
+def no_progress(done: int, total: int) -> None:
+    """The Progress of library calls given no callback: reports nowhere."""
 
 
 def _ignore(name: str, seconds: float | None) -> None:

@@ -16,6 +16,8 @@ import llmbuild
 from llmbuild.cli.bench import bench_group
 from llmbuild.cli.compile import compile_command
 from llmbuild.cli.inspect import inspect_command
+from llmbuild.cli.keygen import keygen_command
+from llmbuild.cli.pack import pack_command, unpack_command
 from llmbuild.cli.plan import plan_command
 from llmbuild.cli.run import run_command
 from llmbuild.cli.serve import serve_command
@@ -35,7 +37,14 @@ class RootOptions:
 @click.version_option(llmbuild.__version__, prog_name="llmbuild")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """Ahead-of-time build system for LLM inference: recipe in, engine out, engine served."""
+    """Ahead-of-time build system for LLM inference: recipe in, engine out, engine served.
+
+    \b
+    Exit codes: 0 done; 1 failed (build, checkpoint, engine or internal error);
+    2 usage (bad arguments, recipe or --set override: fix the command or recipe);
+    3 quality gate failed (the quantized engine misses the recipe's quality section);
+    130 interrupted.
+    """
     ctx.ensure_object(RootOptions).debug = debug
 
 
@@ -44,6 +53,9 @@ for _command in (
     compile_command,
     inspect_command,
     verify_command,
+    pack_command,
+    unpack_command,
+    keygen_command,
     run_command,
     bench_group,
     serve_command,
@@ -52,7 +64,8 @@ for _command in (
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors, exit codes 1 (error) / 2 (usage) / 130 (interrupted)."""
+    """Console entry point: one-line errors, exit codes 1 (error) / 2 (usage) / 3 (quality gate) / 130
+    (interrupted); an LLMBuildError's own exit_code says which."""
     args = list(sys.argv[1:] if argv is None else argv)
     options = RootOptions()
     try:
@@ -71,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         if options.debug:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no tracebacks without --debug
         if options.debug:
             traceback.print_exc()

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 import click
 
 from llmbuild.cli.console import console
 
+if TYPE_CHECKING:
+    from llmbuild.builder.provenance import Statement
+
 
 @click.command("inspect")
 @click.argument("engine", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the manifest as JSON (with the provenance under `provenance`)."
+)
 def inspect_command(engine: Path, as_json: bool) -> None:
     """Show ENGINE's manifest: target, model, limits, files, sizes and hashes."""
+    from llmbuild.builder.provenance import load_provenance
     from llmbuild.manifest import Manifest
     from llmbuild.runtime.engine import target_mismatch
 
     manifest = Manifest.load(engine)
+    statement = load_provenance(engine)
     if as_json:
-        click.echo(manifest.model_dump_json(indent=1))
+        data = manifest.model_dump(mode="json")
+        if statement is not None:
+            data["provenance"] = statement.model_dump(mode="json", by_alias=True)
+        click.echo(json.dumps(data, indent=1))
         return
     out = console()
     t, cfg = manifest.target, manifest.model
@@ -52,8 +65,31 @@ def inspect_command(engine: Path, as_json: bool) -> None:
     )
     out.print(f"plugins  {', '.join(f'{k} v{v}' for k, v in manifest.plugins.items())}")
     out.print(f"config   {manifest.config_hash[:16]}  checkpoint {manifest.inputs.checkpoint_sha256[:16]}")
+    for line in _provenance_lines(statement):
+        out.print(line, markup=False)
     out.print("files")
     for rel, digest in manifest.files.items():
         path = engine / rel
         size = path.stat().st_size if path.is_file() else -1
         out.print(f"  {size:>12,}  {digest[:16]}  {rel}", markup=False)
+
+
+def _provenance_lines(statement: Statement | None) -> list[str]:
+    """A summary of provenance.json: the code and tools that built the engine, and the build machine."""
+    if statement is None:
+        return ["built by  (no provenance.json: built before llmbuild recorded provenance)"]
+    code, torch_dep, cxx = (statement.dependency(name) for name in ("llmbuild", "torch", "compiler"))
+    digest = (code.digest if code else None) or {}
+    source = f"source {digest.get('sha256', '?')[:12]}" + (
+        f", git {digest['gitCommit'][:12]}" if "gitCommit" in digest else ""
+    )
+    tools = [f"llmbuild {statement.predicate.run_details.builder.version.get('llmbuild', '?')} ({source})"]
+    if torch_dep and torch_dep.uri:
+        tools.append(f"torch {unquote(torch_dep.uri.rpartition('@')[2])}")
+    if cxx and cxx.annotations:
+        tools.append(cxx.annotations.get("version", "?"))
+    machine = statement.predicate.build_definition.internal_parameters.build_machine
+    return [
+        f"built by {', '.join(tools)}",
+        f"built on {machine.cpu_model} ({machine.machine}); provenance.json attests {len(statement.subject)} files",
+    ]

@@ -73,6 +73,12 @@ def _default(field: str) -> Any:
     help="Log lines as text or one JSON object per line; either way one line per finished request (id, route, "
     "status, tokens, cached tokens, TTFT, end-to-end time, finish reasons), in place of uvicorn's access log.",
 )
+@click.option(
+    "--public-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="ed25519 public key (NAME.pub from llmbuild keygen): refuse to serve unless the engine's signature.json "
+    "signs its manifest with this key (checked before loading; loading then checks the files against it).",
+)
 def serve_command(
     engine: Path,
     host: str | None,
@@ -90,6 +96,7 @@ def serve_command(
     backend: str | None,
     log_level: str,
     log_format: str,
+    public_key: Path | None,
 ) -> None:
     """Serve ENGINE behind an OpenAI-compatible HTTP API (loopback only unless --host says otherwise)."""
     from llmbuild.manifest import Manifest
@@ -99,6 +106,10 @@ def serve_command(
     if api_key_file is not None:
         keys += _read_api_keys(api_key_file)
     defaults = Manifest.load(engine).serve
+    if public_key is not None:
+        from llmbuild.signing import verify_engine_signature
+
+        verify_engine_signature(engine, public_key)
     try:
         config = ServeConfig(
             host=host or defaults.host,

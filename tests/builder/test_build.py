@@ -57,7 +57,7 @@ def test_rebuild_is_byte_identical(make_ckpt, tmp_path):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", make_ckpt("llama")))
     a = build_engine(recipe, tmp_path / "a", cache_dir=tmp_path / "cache").engine_dir
     b = build_engine(recipe, tmp_path / "b", cache_dir=tmp_path / "cache", use_cache=False).engine_dir
-    for rel in ("manifest.json", "rank0/exported.pt2", "rank0/weights.safetensors", "recipe.yaml"):
+    for rel in ("manifest.json", "provenance.json", "rank0/exported.pt2", "rank0/weights.safetensors", "recipe.yaml"):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors import SafetensorError
@@ -42,3 +45,20 @@ def test_a_truncated_file_is_an_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(SafetensorError):
         load_weights(path)
+
+
+def test_loading_holds_the_weights_once(tmp_path):
+    """The peak resident set grows by the weights once: the file is read, not mapped and copied."""
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(64 << 20, dtype=torch.uint8), "v": torch.ones(64 << 20, dtype=torch.uint8)}, path)
+    script = (
+        "import sys, torch\n"
+        "from llmbuild.runtime.weights import load_weights\n"
+        "hwm = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) << 10\n"
+        "before = hwm(); w = load_weights(sys.argv[1]); assert int(w['v'][-1]) == 1\n"
+        "print(hwm() - before)\n"
+    )
+    grown = int(
+        subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True).stdout
+    )
+    assert 128 << 20 <= grown < 160 << 20
