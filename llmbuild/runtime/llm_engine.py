@@ -31,6 +31,7 @@ from llmbuild.runtime.request import FinishReason, Request
 from llmbuild.runtime.sampler import Sampler
 from llmbuild.runtime.sampling_params import SamplingParams
 from llmbuild.runtime.scheduler import Scheduler, SchedulerConfig, StepBatch
+from llmbuild.runtime.structured_output import GrammarCompiler, StepMasks
 from llmbuild.tensor_parallel import rank_config
 
 
@@ -107,6 +108,7 @@ class LLMEngine:
             self.pool,
         )
         self.sampler = Sampler(manifest.model.vocab_size, eos)
+        self.grammars = GrammarCompiler(self.tokenizer, manifest.model.vocab_size)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self.model_seconds = 0.0
@@ -177,6 +179,7 @@ class LLMEngine:
                 f"together); shorten the prompt or rebuild with a larger limits.max_seq_len"
             )
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        matcher = self.grammars.matcher(params.structured) if params.structured is not None else None
         request = Request(
             request_id=request_id or f"req-{next(self._ids)}",
             prompt_token_ids=ids,
@@ -184,6 +187,7 @@ class LLMEngine:
             max_tokens=min(params.max_tokens, max_len - len(ids)),
             generator=generator,
             priority=priority,
+            matcher=matcher,
         )
         self.scheduler.check_fits(request)
         return request
@@ -213,10 +217,12 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with unfinished requests")
             return []
         start = time.perf_counter()
-        logits = self.runner.execute(batch)
         sampling = batch.sampling_requests
+        constrained = [(i, r.matcher) for i, r in enumerate(sampling) if r.matcher is not None]
+        masks = StepMasks(constrained, self.grammars.vocab_size) if constrained else None  # during the pass
+        logits = self.runner.execute(batch)
         logits, prompt_logits = logits[: len(sampling)], logits[len(sampling) :]
-        tokens = self.sampler.sample(logits, sampling)
+        tokens = self.sampler.sample(masks.apply(logits) if masks else logits, sampling)
         logprobs = None
         if any(r.params.logprobs is not None for r in sampling):
             logprobs = dict(zip(sampling, self.sampler.logprobs(logits, sampling, tokens), strict=True))
@@ -224,7 +230,18 @@ class LLMEngine:
             score_prompts(batch, prompt_logits)
         self.model_seconds += time.perf_counter() - start
         advanced = self.scheduler.update(batch, tokens)
+        for request in advanced:
+            if request.matcher is not None:
+                self._advance_grammar(request)
         return [self._output(request, logprobs[request] if logprobs else None) for request in advanced]
+
+    def _advance_grammar(self, request: Request) -> None:
+        """Feed the sampled token to the request's matcher; a grammar that is complete ends the request."""
+        if request.is_finished:
+            return
+        request.matcher.consume_token(request.output_token_ids[-1])
+        if request.matcher.is_stopped():
+            self.scheduler.finish(request, FinishReason.STOP)
 
     def stream(self, request: Request) -> Iterator[RequestOutput]:
         """Queue one request and yield its outputs step by step until it finishes."""

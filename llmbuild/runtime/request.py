@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -54,6 +55,8 @@ class Request:
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     """With params.prompt_logprobs: entry i scores prompt token i (entry 0 is None), filled as the
     prompt's chunks are computed (runtime/llm_engine.py)."""
+    matcher: Any = None
+    """With params.structured: the grammar's llguidance matcher, fed every sampled token."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from llmbuild.errors import RequestError
+from llmbuild.runtime.structured_output import Grammar
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,8 @@ class SamplingParams:
     never taken from the prefix cache."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits before sampling; -100 / 100 ban / force a token."""
+    structured: Grammar | None = None
+    """Constrain the output to a grammar (runtime/structured_output.py); None = free text."""
 
     def __post_init__(self) -> None:
         checks = [

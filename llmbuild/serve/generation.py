@@ -8,6 +8,7 @@ from dataclasses import replace
 from llmbuild.errors import RequestError
 from llmbuild.runtime.request import Request as EngineRequest
 from llmbuild.runtime.sampling_params import SamplingParams, resolve_sampling_params
+from llmbuild.runtime.structured_output import Grammar
 from llmbuild.serve.api_error import APIError
 from llmbuild.serve.context import ServeContext
 from llmbuild.serve.protocol import GenerationRequest, Prompt
@@ -37,9 +38,23 @@ def sampling_params(ctx: ServeContext, body: GenerationRequest) -> SamplingParam
             logprobs=body.num_logprobs,
             prompt_logprobs=body.num_prompt_logprobs,
             logit_bias=body.logit_bias_pairs,
+            structured=check_grammar(ctx, body),
         )
     except RequestError as exc:
         raise APIError(400, str(exc)) from None
+
+
+def check_grammar(ctx: ServeContext, body: GenerationRequest) -> Grammar | None:
+    """The body's output constraint, compiled once here (cached for the engine's requests) so that a bad
+    one is a 400 naming its field. Blocking, bounded by the compiler's time limit: call off the event loop."""
+    if body.grammar is None:
+        return None
+    field, grammar = body.grammar
+    try:
+        ctx.llm.grammars.matcher(grammar)
+    except RequestError as exc:
+        raise APIError(400, f"{field}: {exc}", param=field) from None
+    return grammar
 
 
 def make_requests(

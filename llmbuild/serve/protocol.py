@@ -13,25 +13,13 @@ import time
 from collections.abc import Collection
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from llmbuild.runtime.structured_output import Grammar
+from llmbuild.serve.request_model import RequestModel
+from llmbuild.serve.structured import ResponseFormat, StructuredOutputs
 
 _INT64 = 2**63
-
-
-class RequestModel(BaseModel):
-    """Strict types for known fields; unknown keys kept aside (model_extra) and reported, never used."""
-
-    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False, frozen=True)
-
-    def ignored_fields(self, prefix: str = "") -> list[str]:
-        """Dotted paths of the keys no field took, nested objects included (list items share one path)."""
-        found = dict.fromkeys(prefix + key for key in self.model_extra or {})  # a dict: ordered, deduplicated
-        for name in type(self).model_fields:
-            value = getattr(self, name)
-            for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, RequestModel):
-                    found.update(dict.fromkeys(item.ignored_fields(f"{prefix}{name}.")))
-        return list(found)
 
 
 class StreamOptions(RequestModel):
@@ -73,6 +61,13 @@ class GenerationRequest(RequestModel):
     """Token id (as a string, JSON keys are strings) -> bias in [-100, 100] added to its logit."""
     prompt_logprobs: int | None = Field(None, ge=0)
     """vLLM's extension: each prompt token's logprob and this many top alternatives at its position."""
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    """vLLM's structured outputs; guided_* are its older names for the same constraints."""
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -88,7 +83,26 @@ class GenerationRequest(RequestModel):
     def _generates(self) -> GenerationRequest:
         if self.max_tokens == 0 and not self.scores_prompt:
             raise ValueError(f"max_tokens: 0 generates nothing; it needs {self.scoring_fields} (to score the prompt)")
+        constraints = [name for name, g in self._constraints() if g is not None]
+        if len(constraints) > 1:
+            raise ValueError(f"{constraints[0]}: give one output constraint, not {' and '.join(constraints)}")
         return self
+
+    def _constraints(self) -> list[tuple[str, Grammar | None]]:
+        guided = self.guided_json
+        return [
+            ("response_format", self.response_format.grammar() if self.response_format else None),
+            ("structured_outputs", self.structured_outputs.to_grammar() if self.structured_outputs else None),
+            ("guided_json", None if guided is None else Grammar.json_schema(guided)),
+            ("guided_regex", None if self.guided_regex is None else Grammar("regex", self.guided_regex)),
+            ("guided_choice", None if self.guided_choice is None else Grammar.choice(self.guided_choice)),
+            ("guided_grammar", None if self.guided_grammar is None else Grammar("grammar", self.guided_grammar)),
+        ]
+
+    @property
+    def grammar(self) -> tuple[str, Grammar] | None:
+        """The output constraint and the field that asked for it (None: free text)."""
+        return next(((name, g) for name, g in self._constraints() if g is not None), None)
 
     @property
     def scores_prompt(self) -> bool:
@@ -217,7 +231,6 @@ class ChatCompletionRequest(GenerationRequest):
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _chat_supported(self) -> ChatCompletionRequest:
@@ -225,8 +238,6 @@ class ChatCompletionRequest(GenerationRequest):
             raise ValueError("tools (function calling) are not supported by this server; leave them out")
         if self.tool_choice not in (None, "none", "auto"):
             raise ValueError(f"tool_choice {self.tool_choice!r} needs tools, which this server does not support")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:

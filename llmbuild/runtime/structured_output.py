@@ -1,0 +1,158 @@
+"""Structured output: a request's grammar (JSON schema, regex, choice, Lark) as a per-step token mask.
+
+llguidance (bench/results/grammar-libraries.md says why it and not xgrammar) compiles a grammar lazily
+against the engine's tokenizer and, at each step, fills a bitmask of the tokens that keep the output
+inside the grammar. Its work is bounded by parser limits (lexer fuel, Earley items, grammar size), so a
+pathological grammar ends in an error, not a hang; `compile` also gives up after a wall-clock limit.
+
+Per step the engine computes the masks of the step's constrained sequences on a worker thread while
+the forward pass runs (both drop the GIL), applies them to the logits rows before sampling, and feeds
+each sampled token back to its matcher. Logprobs stay those of the unconstrained model.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+
+from llmbuild.errors import RequestError
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+GrammarKind = Literal["json", "regex", "choice", "grammar"]
+
+COMPILE_SECONDS = 10.0
+"""A grammar that takes longer than this to compile is refused (the work itself is bounded by LIMITS)."""
+LIMITS = llguidance.LLParserLimits(max_grammar_size=200_000, step_max_items=50_000, verbose_errors=False)
+_CACHE_SIZE = 256
+JSON_LAYOUT: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""JSON as json.dumps writes it (`{"a": 1, "b": [2, 3]}`). With free whitespace between tokens a model
+can pad forever (the endless-newlines reports against other servers); a schema may still ask for
+another layout through llguidance's "x-guidance" key (whitespace_flexible, whitespace_pattern)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """What a request constrains its output to: `json` (a JSON schema as JSON text; "{}"-like schemas
+    allow any JSON), `regex`, `choice` (a JSON list of strings) or `grammar` (Lark, llguidance's dialect)."""
+
+    kind: GrammarKind
+    text: str
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any] | str) -> Grammar:
+        """A schema object, or one as JSON text (checked when compiled)."""
+        return cls("json", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+
+    @classmethod
+    def choice(cls, options: list[str]) -> Grammar:
+        """Exactly one of `options`."""
+        return cls("choice", json.dumps(options))
+
+    def llguidance_grammar(self) -> str:
+        """The grammar in llguidance's serialized form."""
+        if self.kind == "json":
+            return llguidance.LLMatcher.grammar_from_json_schema(self.text, defaults=JSON_LAYOUT)
+        if self.kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(self.text)
+        if self.kind == "choice":
+            return llguidance.grammar_from("choice", self.text)
+        return llguidance.LLMatcher.grammar_from_lark(self.text)
+
+
+class GrammarCompiler:
+    """Compiles grammars against one tokenizer, with a cache of compiled matchers (copied per request).
+
+    Safe to call from several threads (the server compiles off its event loop).
+    """
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int) -> None:
+        self._hf_tokenizer = hf_tokenizer
+        self.vocab_size = vocab_size
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[Grammar, llguidance.LLMatcher] = OrderedDict()
+        # several workers: a grammar at its time limit must not hold up the next request's
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grammar-compile")
+
+    def matcher(self, grammar: Grammar) -> llguidance.LLMatcher:
+        """A fresh matcher for `grammar`; RequestError (one line) for a grammar that is invalid, too large
+        or slower to compile than COMPILE_SECONDS."""
+        with self._lock:
+            cached = self._cache.get(grammar)
+            if cached is not None:
+                self._cache.move_to_end(grammar)
+                return cached.deep_copy()
+        future: Future = self._pool.submit(self._compile, grammar)
+        try:
+            compiled = future.result(timeout=COMPILE_SECONDS)
+        except FutureTimeout:
+            raise RequestError(
+                f"{grammar.kind}: the grammar did not compile within {COMPILE_SECONDS:.0f} s; simplify it"
+            ) from None
+        with self._lock:
+            self._cache[grammar] = compiled
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled.deep_copy()
+
+    def _compile(self, grammar: Grammar) -> llguidance.LLMatcher:
+        tokenizer = self._llg_tokenizer()
+        try:
+            text = grammar.llguidance_grammar()
+        except ValueError as exc:
+            raise RequestError(f"{grammar.kind}: {exc}") from None
+        matcher = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=LIMITS)
+        if matcher.is_error():
+            raise RequestError(f"{grammar.kind}: {_first_line(matcher.get_error())}")
+        return matcher
+
+    def _llg_tokenizer(self) -> Any:
+        # ~1 s for a 32k vocabulary: built on the first constrained request, not at load
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size)
+            return self._tokenizer
+
+
+class StepMasks:
+    """The token masks of one step's constrained rows, computed on a thread while the forward pass runs."""
+
+    _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+
+    def __init__(self, matchers: list[tuple[int, Any]], vocab_size: int) -> None:
+        """`matchers`: (logits row, matcher) of each constrained sequence that samples this step."""
+        self.rows = [row for row, _ in matchers]
+        self._bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab_size)
+        self._future = self._pool.submit(self._fill, [m for _, m in matchers])
+
+    def _fill(self, matchers: list[Any]) -> None:
+        for i, matcher in enumerate(matchers):
+            llguidance.torch.fill_next_token_bitmask(matcher, self._bitmask, i)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with every token outside its row's grammar at -inf (a copy: the caller's stay raw)."""
+        self._future.result()
+        logits = logits.clone()
+        rows = torch.tensor(self.rows)
+        bits = (self._bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+        allowed = bits.flatten(1)[:, : logits.shape[1]].bool()
+        logits[rows] = logits[rows].masked_fill(~allowed.to(logits.device), float("-inf"))
+        return logits
+
+
+def _first_line(message: str) -> str:
+    """llguidance's (multi-line) error as one line, at most 300 characters."""
+    line = " ".join(part.strip() for part in message.strip().splitlines() if part.strip()) or "invalid grammar"
+    return line if len(line) <= 300 else line[:297] + "..."

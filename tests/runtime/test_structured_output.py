@@ -1,0 +1,103 @@
+"""Structured output in the engine: every constrained answer follows its grammar, sampled or greedy, in
+batches with free requests, with n > 1 and across preemption; bad grammars are one-line RequestErrors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from llmbuild.errors import RequestError
+from llmbuild.runtime.llm_engine import LLMEngine
+from llmbuild.runtime.sampling_params import SamplingParams
+from llmbuild.runtime.structured_output import Grammar
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+    },
+    "required": ["name", "age", "role"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def llm(llama_engine) -> LLMEngine:
+    return LLMEngine.from_dir(llama_engine)
+
+
+def check_person(text: str) -> None:
+    value = json.loads(text)
+    assert set(value) == {"name", "age", "role"}
+    assert isinstance(value["name"], str) and len(value["name"]) <= 8
+    assert isinstance(value["age"], int) and 0 <= value["age"] <= 120
+    assert value["role"] in ("admin", "user", "guest")
+
+
+def test_sampled_json_follows_the_schema_over_many_seeds(llm):
+    params = [
+        SamplingParams(max_tokens=120, temperature=1.0, seed=seed, structured=Grammar.json_schema(PERSON))
+        for seed in range(12)
+    ]
+    requests = [llm.make_request([1, 2, 3, 4 + i], p) for i, p in enumerate(params)]
+    free = llm.make_request([5, 6, 7], SamplingParams(max_tokens=30, temperature=1.0, seed=1, ignore_eos=True))
+    for r in [*requests, free]:
+        llm.add_request(r)
+    texts = {r.request_id: "" for r in [*requests, free]}
+    while llm.has_unfinished():
+        for out in llm.step():
+            texts[out.request_id] += out.text
+    for r in requests:
+        assert r.finish_reason.value == "stop", texts[r.request_id]
+        check_person(texts[r.request_id])
+    assert len(free.output_token_ids) == 30  # the unconstrained request in the same batches is untouched
+    assert llm.pool.num_free == llm.pool.num_blocks
+
+
+@pytest.mark.parametrize(
+    ("grammar", "pattern"),
+    [
+        (Grammar("regex", r"[0-9]{4}-[0-9]{2}-[0-9]{2}"), r"[0-9]{4}-[0-9]{2}-[0-9]{2}"),
+        (Grammar.choice(["red", "green", "blue"]), r"red|green|blue"),
+        (Grammar("grammar", 'start: num ("+" num)*\nnum: /[0-9]{1,2}/'), r"[0-9]{1,2}(\+[0-9]{1,2})*"),
+    ],
+    ids=["regex", "choice", "lark"],
+)
+def test_regex_choice_and_lark(llm, grammar, pattern):
+    for seed in range(6):
+        (c,) = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=40, temperature=1.0, seed=seed, structured=grammar))
+        assert re.fullmatch(pattern, c.text), c.text
+
+
+def test_greedy_constrained_equals_the_best_allowed_token_each_step(llm):
+    (c,) = llm.generate(
+        [[1, 2, 3]], SamplingParams(max_tokens=10, temperature=0, structured=Grammar.choice(["7", "8"]))
+    )
+    assert c.text in ("7", "8") and c.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("grammar", "message"),
+    [
+        (Grammar.json_schema({"type": "strin"}), "json: .*strin"),
+        (Grammar.json_schema("{not json"), "json: "),
+        (Grammar("regex", "(unclosed"), "regex: .*regex"),
+        (Grammar("grammar", "start: undefined_rule"), "grammar: "),
+    ],
+    ids=["bad-type", "bad-json", "bad-regex", "bad-lark"],
+)
+def test_bad_grammars_are_one_line_request_errors(llm, grammar, message):
+    with pytest.raises(RequestError, match=message) as info:
+        llm.make_request([1, 2], SamplingParams(structured=grammar))
+    assert "\n" not in str(info.value)
+
+
+def test_compiled_grammars_are_cached(llm):
+    g = Grammar.json_schema({**PERSON, "title": "cached"})
+    first = llm.grammars.matcher(g)
+    assert llm.grammars.matcher(g) is not first  # a copy per request, from the cached compile
+    assert g in llm.grammars._cache
