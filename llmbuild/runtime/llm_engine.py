@@ -219,7 +219,10 @@ class LLMEngine:
         start = time.perf_counter()
         sampling = batch.sampling_requests
         constrained = [(i, r.matcher) for i, r in enumerate(sampling) if r.matcher is not None]
-        masks = StepMasks(constrained, self.grammars.vocab_size) if constrained else None  # during the pass
+        masks = None
+        if constrained:
+            cuda = self.engine.device.type == "cuda"
+            masks = StepMasks(constrained, self.grammars.vocab_size, self.sampler.eos_token_ids, overlap=cuda)
         logits = self.runner.execute(batch)
         logits, prompt_logits = logits[: len(sampling)], logits[len(sampling) :]
         tokens = self.sampler.sample(masks.apply(logits) if masks else logits, sampling)
@@ -239,8 +242,9 @@ class LLMEngine:
         """Feed the sampled token to the request's matcher; a grammar that is complete ends the request."""
         if request.is_finished:
             return
-        request.matcher.consume_token(request.output_token_ids[-1])
-        if request.matcher.is_stopped():
+        accepted = request.matcher.consume_token(request.output_token_ids[-1])
+        if not accepted or request.matcher.is_stopped():
+            # stopped: the grammar is complete; not accepted: the matcher hit a limit (StepMasks allowed EOS)
             self.scheduler.finish(request, FinishReason.STOP)
 
     def stream(self, request: Request) -> Iterator[RequestOutput]:

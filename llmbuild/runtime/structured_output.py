@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
 import torch
 
 from llmbuild.errors import RequestError
@@ -114,6 +115,7 @@ class GrammarCompiler:
         except ValueError as exc:
             raise RequestError(f"{grammar.kind}: {exc}") from None
         matcher = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=LIMITS)
+        matcher.compute_bitmask()  # the first mask builds what llguidance defers, and may hit a limit
         if matcher.is_error():
             raise RequestError(f"{grammar.kind}: {_first_line(matcher.get_error())}")
         return matcher
@@ -127,29 +129,54 @@ class GrammarCompiler:
 
 
 class StepMasks:
-    """The token masks of one step's constrained rows, computed on a thread while the forward pass runs."""
+    """The token masks of one step's constrained rows.
+
+    With `overlap` (cuda engines: the forward pass leaves the CPU free) a worker thread fills them while
+    the pass runs; on a CPU engine the pass keeps every core busy and a thread only adds a hand-off, so
+    they are filled in place (microseconds per row: bench/results/grammar-libraries.md).
+    """
 
     _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
 
-    def __init__(self, matchers: list[tuple[int, Any]], vocab_size: int) -> None:
+    def __init__(self, matchers: list[tuple[int, Any]], vocab_size: int, eos: frozenset[int], overlap: bool) -> None:
         """`matchers`: (logits row, matcher) of each constrained sequence that samples this step."""
         self.rows = [row for row, _ in matchers]
+        self._eos = sorted(t for t in eos if t < vocab_size)
         self._bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab_size)
-        self._future = self._pool.submit(self._fill, [m for _, m in matchers])
+        fill = [m for _, m in matchers]
+        self._future: Future | None = self._pool.submit(self._fill, fill) if overlap else None
+        if not overlap:
+            self._fill(fill)
 
     def _fill(self, matchers: list[Any]) -> None:
         for i, matcher in enumerate(matchers):
             llguidance.torch.fill_next_token_bitmask(matcher, self._bitmask, i)
+            if matcher.is_error():
+                # a parser limit hit mid-output (llguidance fails at a step, not only at compile): let the
+                # row end with EOS; LLMEngine finishes the request when the matcher refuses a token
+                self._bitmask[i] = 0
+                for t in self._eos:
+                    self._bitmask[i, t // 32] |= 1 << (t % 32)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits with every token outside its row's grammar at -inf (a copy: the caller's stay raw)."""
-        self._future.result()
-        logits = logits.clone()
-        rows = torch.tensor(self.rows)
+        if self._future is not None:
+            self._future.result()
+        vocab = logits.shape[1]
+        if logits.device.type == "cpu":
+            # NOTE: numpy, not torch: these small elementwise ops are ~0.1 ms on one thread, but torch hands
+            # them to its OpenMP pool, which on a busy 2-core host took ~200 ms per step (measured)
+            packed = self._bitmask.numpy().view(np.uint8)
+            allowed = np.unpackbits(packed, axis=1, bitorder="little")[:, :vocab].astype(bool)
+            out = logits.numpy().copy()
+            out[self.rows] = np.where(allowed, out[self.rows], -np.inf)
+            return torch.from_numpy(out)
         bits = (self._bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-        allowed = bits.flatten(1)[:, : logits.shape[1]].bool()
-        logits[rows] = logits[rows].masked_fill(~allowed.to(logits.device), float("-inf"))
-        return logits
+        allowed_t = bits.flatten(1)[:, :vocab].bool().to(logits.device)
+        out_t = logits.clone()
+        rows = torch.tensor(self.rows, device=logits.device)
+        out_t[rows] = out_t[rows].masked_fill(~allowed_t, float("-inf"))
+        return out_t
 
 
 def _first_line(message: str) -> str:
