@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
+from llmbuild.testing.checkpoints import CHAT_TEMPLATE
 
 DEMO = Path(__file__).parents[1] / "models" / "demo"
 
@@ -30,6 +31,12 @@ def test_is_small_bf16_and_documented():
     config = json.loads((DEMO / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
     assert "validation.txt" in files and "training.json" in files
+
+
+def test_chat_template_is_the_test_checkpoints_tool_aware_one():
+    # tests/serve/test_tools.py drives tool calling through llmbuild.testing's copy of the template
+    assert (DEMO / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    assert "tools" in AutoTokenizer.from_pretrained(DEMO).chat_template
 
 
 def test_held_out_perplexity_matches_the_training_report(hf):

@@ -7,7 +7,12 @@ import asyncio
 from fastapi import Request
 from fastapi.responses import Response
 
-from llmbuild.runtime.chat_template import ChatTemplateError, NoChatTemplateError, apply_chat_template
+from llmbuild.runtime.chat_template import (
+    ChatTemplateError,
+    NoChatTemplateError,
+    NoToolTemplateError,
+    apply_chat_template,
+)
 from llmbuild.runtime.request import Request as EngineRequest
 from llmbuild.serve.api_error import APIError
 from llmbuild.serve.context import ServeContext
@@ -33,10 +38,21 @@ def chat_requests(ctx: ServeContext, body: ChatCompletionRequest, request_id: st
 
 
 def chat_prompt(ctx: ServeContext, body: ChatCompletionRequest) -> list[int]:
-    """The prompt token ids of the body's messages under the engine's chat template (400 if none fits)."""
+    """The prompt token ids of the body's messages (and tools) under the engine's chat template (400 if
+    none fits)."""
     try:
-        return apply_chat_template(ctx.tokenizer, body.template_messages(), body.add_generation_prompt)
+        return apply_chat_template(
+            ctx.tokenizer, body.template_messages(), body.add_generation_prompt, body.template_tools()
+        )
     except NoChatTemplateError as exc:
         raise APIError(400, f"{exc}; use /v1/completions") from None
+    except NoToolTemplateError as exc:
+        raise no_tools(exc, bool(body.tools)) from None
     except ChatTemplateError as exc:
         raise APIError(400, f"messages do not fit the engine's chat template: {exc}", param="messages") from None
+
+
+def no_tools(exc: NoToolTemplateError, has_tools: bool) -> APIError:
+    """The 400 for tools (or, without them, history tool calls) on a template that cannot render them."""
+    param = "tools" if has_tools else "messages"
+    return APIError(400, f"{param}: {exc}; leave tools and tool calls out", param=param)

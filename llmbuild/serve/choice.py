@@ -9,6 +9,7 @@ from llmbuild.runtime.llm_engine import RequestOutput
 from llmbuild.runtime.request import Request as EngineRequest
 from llmbuild.serve import protocol
 from llmbuild.serve.logprobs import LogprobsBuilder, prompt_logprobs_body
+from llmbuild.serve.tools import ToolCallParser
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,14 @@ class Choice:
     """False for max_tokens 0: the one token the engine had to sample is not part of the choice."""
     prompt_logprobs: list[dict[str, dict] | None] | None = None
     """vLLM's prompt_logprobs, once the first output brought them."""
+    tools: ToolCallParser | None = None
+    """A chat choice that may call tools: its text read for calls."""
+
+    def reported_finish_reason(self) -> str | None:
+        """The finish reason clients see: "tool_calls" when the choice made calls and stopped on its own."""
+        if self.tools is not None and self.tools.calls and self.finish_reason == "stop":
+            return "tool_calls"
+        return self.finish_reason
 
     def add(self, out: RequestOutput) -> str:
         """Append one step's output; returns the text it adds to the choice (the echoed prompt first)."""

@@ -2,7 +2,7 @@
 
 Known fields refuse wrong JSON types and out-of-range values instead of guessing (a 400 that names
 the field). Unknown fields are accepted and ignored, as vLLM does, because OpenAI SDK clients
-(LangChain, LiteLLM) send fields such as `parallel_tool_calls` or vendor extras with every request;
+(LangChain, LiteLLM) send fields such as `metadata`, `store` or vendor extras with every request;
 `ignored_fields()` names them so that the server can say so in its log and a response header.
 """
 
@@ -18,6 +18,16 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from llmbuild.runtime.structured_output import Grammar
 from llmbuild.serve.request_model import RequestModel
 from llmbuild.serve.structured import ResponseFormat, StructuredOutputs
+from llmbuild.serve.tools import (
+    MAX_TOOLS,
+    Tool,
+    ToolCall,
+    ToolCalling,
+    check_tool_choice,
+    check_tools,
+    chosen_function,
+    tool_grammar,
+)
 
 _INT64 = 2**63
 
@@ -151,6 +161,11 @@ class GenerationRequest(RequestModel):
         """The field that asks for top alternatives, as errors name it."""
         return "logprobs"
 
+    @property
+    def tool_calling(self) -> ToolCalling | None:
+        """How the answers are read for tool calls (None: they are not)."""
+        return None
+
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -209,6 +224,16 @@ class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant message's calls (its content may then be null)."""
+    tool_call_id: str | None = None
+    """A tool message's: the call it answers."""
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls: only assistant messages carry them, not {self.role} messages")
+        return self
 
     def text(self) -> str:
         """The content as one string (text parts joined; none is empty)."""
@@ -218,9 +243,15 @@ class ChatMessage(RequestModel):
             return self.content
         return "".join(part.text for part in self.content)
 
-    def for_template(self) -> dict[str, str]:
-        """The message as a chat template takes it: role and plain-text content."""
-        return {"role": self.role, "content": self.text()}
+    def for_template(self) -> dict[str, Any]:
+        """The message as a chat template takes it: role and plain-text content, and its tool calls (the
+        arguments as objects) or the id of the call it answers when it has them."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -229,15 +260,21 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
+    """none, auto (the default with tools), required, or {"type": "function", "function": {"name"}}."""
+    parallel_tool_calls: bool = True
+    """With required or a named function: one call or several (auto: the first call only when false)."""
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        check_tool_choice(choice)
+        return choice
 
     @model_validator(mode="after")
     def _chat_supported(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools (function calling) are not supported by this server; leave them out")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError(f"tool_choice {self.tool_choice!r} needs tools, which this server does not support")
+        check_tools(self.tools or [], self.tool_choice)
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
@@ -249,6 +286,32 @@ class ChatCompletionRequest(GenerationRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
+    def tool_mode(self) -> Literal["none", "auto", "required", "function"]:
+        """How the answer may call tools: not at all, if the model likes, always, or the named function."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, dict):
+            return "function"
+        return "required" if self.tool_choice == "required" else "auto"
+
+    @property
+    def tool_calling(self) -> ToolCalling | None:
+        """How the answers are read for tool calls (None: they are not)."""
+        if self.tool_mode == "none":
+            return None
+        return ToolCalling(frozenset(t.function.name for t in self.tools or []), self.parallel_tool_calls)
+
+    def _constraints(self) -> list[tuple[str, Grammar | None]]:
+        grammar = None
+        if self.tools and self.tool_mode in ("required", "function"):
+            grammar = tool_grammar(self.tools, chosen_function(self.tool_choice), self.parallel_tool_calls)
+        return [("tools", grammar), *super()._constraints()]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template takes them (None: no tools)."""
+        return [t.for_template() for t in self.tools] if self.tools else None
+
+    @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
@@ -256,8 +319,8 @@ class ChatCompletionRequest(GenerationRequest):
     def logprobs_param(self) -> str:
         return "top_logprobs"
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """The messages as the chat template takes them: role and plain-text content."""
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The messages as the chat template takes them (ChatMessage.for_template)."""
         return [m.for_template() for m in self.messages]
 
 
@@ -271,6 +334,8 @@ class TokenizeRequest(RequestModel):
     """Add the tokenizer's special tokens (BOS): default true for a prompt, false for messages."""
     add_generation_prompt: bool = True
     """With messages: end with the template's opening of an assistant turn."""
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    """With messages: the tools the template renders, as chat completions would send them."""
     return_token_strs: bool = False
     """Also return each token's string (`token_strs`)."""
 
@@ -278,14 +343,21 @@ class TokenizeRequest(RequestModel):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either prompt (text) or messages (chat), not both or neither")
+        if self.tools and self.messages is None:
+            raise ValueError("tools: only with messages (the chat template renders them)")
+        check_tools(self.tools or [], None)
         if self.messages is not None and self.add_special_tokens:
             # the template writes the special tokens itself; adding BOS again would double it
             raise ValueError("add_special_tokens: true is not supported with messages (the chat template adds them)")
         return self
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """The messages as the chat template takes them: role and plain-text content."""
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The messages as the chat template takes them (ChatMessage.for_template)."""
         return [m.for_template() for m in self.messages or []]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template takes them (None: no tools)."""
+        return [t.for_template() for t in self.tools] if self.tools else None
 
 
 class DetokenizeRequest(RequestModel):

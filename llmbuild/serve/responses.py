@@ -21,6 +21,7 @@ from llmbuild.serve.logprobs import LogprobsBuilder
 from llmbuild.serve.protocol import GenerationRequest
 from llmbuild.serve.request_log import RequestRecord, request_record
 from llmbuild.serve.streaming import ChunkHeader, sse, stream_events
+from llmbuild.serve.tools import message_with_calls
 
 
 async def respond(
@@ -73,10 +74,12 @@ def make_choice(
     prompt = None
     if echo is not None or body.prompt_logprobs is not None:
         prompt = PromptEcho(request.prompt_token_ids, ctx.decode, echo, body.prompt_logprobs)
+    tools = body.tool_calling
     return Choice(
         logprobs=LogprobsBuilder(ctx.decode, chat, k) if k is not None else None,
         prompt=prompt,
         generates=body.requested_max_tokens != 0,
+        tools=tools.parser() if tools is not None else None,
     )
 
 
@@ -116,10 +119,12 @@ def _choice_body(index: int, choice: Choice, chat: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"index": index}
     if chat:
         result["message"] = {"role": "assistant", "content": text}
+        if choice.tools is not None:
+            result["message"] = message_with_calls(choice.tools, text)
     else:
         result["text"] = text
     result["logprobs"] = choice.logprobs.body() if choice.logprobs else None
-    result["finish_reason"] = choice.finish_reason
+    result["finish_reason"] = choice.reported_finish_reason()
     if choice.prompt_logprobs is not None:
         result["prompt_logprobs"] = choice.prompt_logprobs
     return result

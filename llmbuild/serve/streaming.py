@@ -73,11 +73,11 @@ async def stream_events(
             # possible stop-string prefix), so clients can count tokens and time each one
             piece: dict[str, Any] = {"index": index}
             if header.chat:
-                piece["delta"] = {"content": text} if text or not out.finish_reason else {}
+                piece["delta"] = chat_delta(c, text, out.finish_reason is not None)
             else:
                 piece["text"] = text
             piece["logprobs"] = c.logprobs.take() if c.logprobs else None
-            piece["finish_reason"] = out.finish_reason
+            piece["finish_reason"] = c.reported_finish_reason() if out.finish_reason else None
             if first and c.prompt_logprobs is not None:
                 piece["prompt_logprobs"] = c.prompt_logprobs
             yield header.chunk([piece], include_usage)
@@ -90,6 +90,20 @@ async def stream_events(
         yield event(error.body())
     finally:
         stream.close()
+
+
+def chat_delta(choice: Choice, text: str, finished: bool) -> dict[str, Any]:
+    """The delta of a chat chunk: the new content and, for a choice that may call tools, each call whose
+    <tool_call> block this text completes (a block's text is never content)."""
+    if choice.tools is None:
+        return {"content": text} if text or not finished else {}
+    content, calls = choice.tools.feed(text)
+    if finished:
+        content += choice.tools.finish()
+    delta: dict[str, Any] = {"content": content} if content or not (finished or calls) else {}
+    if calls:
+        delta["tool_calls"] = calls
+    return delta
 
 
 def event(body: dict) -> str:

@@ -8,8 +8,14 @@ import asyncio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from llmbuild.runtime.chat_template import ChatTemplateError, NoChatTemplateError, apply_chat_template
+from llmbuild.runtime.chat_template import (
+    ChatTemplateError,
+    NoChatTemplateError,
+    NoToolTemplateError,
+    apply_chat_template,
+)
 from llmbuild.serve.api_error import APIError
+from llmbuild.serve.chat import no_tools
 from llmbuild.serve.context import ServeContext
 from llmbuild.serve.intake import check_model, ignored_header, read_body
 from llmbuild.serve.protocol import DetokenizeRequest, TokenizeRequest
@@ -32,9 +38,13 @@ def token_ids(ctx: ServeContext, body: TokenizeRequest) -> list[int]:
         add_special = body.add_special_tokens is not False  # default true for a prompt, as vLLM
         return list(ctx.tokenizer.encode(body.prompt, add_special_tokens=add_special))
     try:
-        return apply_chat_template(ctx.tokenizer, body.template_messages(), body.add_generation_prompt)
+        return apply_chat_template(
+            ctx.tokenizer, body.template_messages(), body.add_generation_prompt, body.template_tools()
+        )
     except NoChatTemplateError as exc:
         raise APIError(400, f"{exc}; tokenize a prompt instead", param="messages") from None
+    except NoToolTemplateError as exc:
+        raise no_tools(exc, bool(body.tools)) from None
     except ChatTemplateError as exc:
         raise APIError(400, f"messages do not fit the engine's chat template: {exc}", param="messages") from None
 

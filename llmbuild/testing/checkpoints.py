@@ -2,9 +2,10 @@
 
 A checkpoint is a transformers model with random weights (fixed seed) plus a byte-level BPE
 tokenizer trained with `tokenizers` on text that ships with CPython (pydoc's topic help, the
-Python documentation's own prose, PSF licence), and a ChatML chat template. The demo default is
-a trained model instead: models/demo, made by tools/train_demo_model.py (on this module's
-DEMO_SHAPE and tokenizer trainer). `python tools/make_demo_checkpoint.py --out DIR` writes one.
+Python documentation's own prose, PSF licence), and a ChatML chat template that renders tools (the
+demo model's, models/demo/chat_template.jinja). The demo default is a trained model instead:
+models/demo, made by tools/train_demo_model.py (on this module's DEMO_SHAPE and tokenizer trainer).
+`python tools/make_demo_checkpoint.py --out DIR` writes one.
 """
 
 from __future__ import annotations
@@ -13,8 +14,27 @@ from pathlib import Path
 from typing import Any
 
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    # ChatML; with `tools`, Hermes / Qwen2.5 tool calling: the tools as JSON in a system turn, calls as
+    # <tool_call> blocks of {"name", "arguments"} JSON, results as `tool` turns in <tool_response>.
+    # Without tools and tool messages it renders exactly the plain ChatML template it extends.
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+    "{% endif %}# Tools\n\n"
+    "You may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within"
+    " <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "{% endif %}{% for message in messages %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'tool' %}<tool_response>\n{{ message['content'] }}\n</tool_response>"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}<tool_call>\n"
+    "{\"name\": {{ call['function']['name'] | tojson }}, "
+    "\"arguments\": {{ call['function']['arguments'] | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 DEMO_SHAPE = dict(

@@ -113,6 +113,24 @@ def server(serve_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     assert s.stop() == 0, s.log.read_text()
 
 
+@pytest.fixture(scope="session")
+def tools_engine(make_ckpt, make_engine) -> Path:
+    """A tiny engine with room for tool prompts: the checkpoints' chat template renders tools, and its
+    instructions alone are ~400 tokens of the tests' 512-token vocabulary."""
+    return make_engine(
+        "tools",
+        make_ckpt("long-context", max_position_embeddings=2048),
+        limits={"max_batch_size": 8, "max_seq_len": 1536, "max_num_tokens": 256},
+    )
+
+
+@pytest.fixture(scope="module")
+def tools_server(tools_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(tools_engine, tmp_path_factory.mktemp("tools-server") / "server.log")
+    yield s
+    assert s.stop() == 0, s.log.read_text()
+
+
 class FakeTokenizer:
     """One token per character (id = code point + 3; 1 is BOS) and a `role: content` chat template
     that knows only the system, user and assistant roles."""
