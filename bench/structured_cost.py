@@ -8,7 +8,7 @@ Workload: 16-token prompts, 64 new tokens, greedy. The constrained requests foll
 64-token answer cannot complete (an array of at least 200 small integers), so both sides decode the same
 number of tokens; the free requests ignore EOS. Rounds interleave the two sides; the grammar is compiled
 once before the first round (its compile time is reported apart, cold, for a typical and a large schema),
-so the rounds measure the per-step cost: filling the masks (on a worker thread, during the forward pass)
+so the rounds measure the per-step cost: filling the masks (in place on a CPU engine)
 and applying them. Reported: min and median over rounds.
 """
 
@@ -117,7 +117,7 @@ def main() -> None:
         "# Structured output cost: decode with and without a JSON-schema constraint",
         "",
         f"Engine `{result['engine']}`, {args.rounds} interleaved rounds, 16-token prompts, {NEW_TOKENS} new tokens, "
-        "greedy; llguidance masks filled during the forward pass.",
+        "greedy; llguidance masks filled before each forward pass (in place on a CPU engine: StepMasks).",
         f"CPU: {result['cpu']}; flags: {' '.join(result['cpu_flags'])}",
         "",
         "| batch | free tok/s (min / median) | JSON schema tok/s (min / median) | median cost |",

@@ -5,9 +5,9 @@ against the engine's tokenizer and, at each step, fills a bitmask of the tokens 
 inside the grammar. Its work is bounded by parser limits (lexer fuel, Earley items, grammar size), so a
 pathological grammar ends in an error, not a hang; `compile` also gives up after a wall-clock limit.
 
-Per step the engine computes the masks of the step's constrained sequences on a worker thread while
-the forward pass runs (both drop the GIL), applies them to the logits rows before sampling, and feeds
-each sampled token back to its matcher. Logprobs stay those of the unconstrained model.
+Per step the engine fills the masks of the step's constrained sequences (StepMasks: during the forward
+pass on a cuda engine), applies them to the logits rows before sampling, and feeds each sampled token
+back to its matcher. Logprobs stay those of the unconstrained model.
 """
 
 from __future__ import annotations
