@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
+from llmbuild.runtime.structured_output import Grammar
 from llmbuild.testing.checkpoints import CHAT_TEMPLATE
 
 DEMO = Path(__file__).parents[1] / "models" / "demo"
@@ -70,3 +71,28 @@ def test_engine_generates_what_transformers_generates(hf, make_engine):
         expected = ref[0, ids.shape[1] :].tolist()
         assert done.token_ids == expected, prompt
         assert done.text.strip(), prompt
+
+
+def test_constrained_answers_follow_their_schema_over_many_seeds(make_engine):
+    llm = LLMEngine.from_dir(make_engine("trained-demo", DEMO, model={"dtype": "float32"}))
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "kind": {"enum": ["list", "tuple", "dict", "set"]},
+            "mutable": {"type": "boolean"},
+            "methods": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+        },
+        "required": ["name", "kind", "mutable", "methods"],
+        "additionalProperties": False,
+    }
+    for seed in range(8):
+        params = SamplingParams(
+            max_tokens=160, temperature=0.8, top_p=0.95, seed=seed, structured=Grammar.json_schema(schema)
+        )
+        (done,) = llm.generate(["A Python container described as JSON: "], params)
+        assert done.finish_reason == "stop", done.text
+        value = json.loads(done.text)
+        assert set(value) == set(schema["properties"]) and value["kind"] in schema["properties"]["kind"]["enum"]
+        assert isinstance(value["mutable"], bool) and len(value["methods"]) <= 3
+        assert len(value["name"]) <= 20 and all(isinstance(m, str) and len(m) <= 12 for m in value["methods"])
