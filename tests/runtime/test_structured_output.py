@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 
@@ -12,6 +13,7 @@ from llmbuild.errors import RequestError
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
 from llmbuild.runtime.structured_output import Grammar
+from tests.conftest import edit_json
 
 PERSON = {
     "type": "object",
@@ -101,3 +103,19 @@ def test_compiled_grammars_are_cached(llm):
     first = llm.grammars.matcher(g)
     assert llm.grammars.matcher(g) is not first  # a copy per request, from the cached compile
     assert g in llm.grammars._cache
+
+
+def test_preempted_constrained_requests_resume_their_grammar(llama_engine, tmp_path):
+    small = tmp_path / "small"
+    shutil.copytree(llama_engine, small)
+    edit_json(small / "manifest.json", kv_cache__memory_bytes=40 * 16 * 512)  # too few blocks for 8 at once
+    tight, roomy = LLMEngine.from_dir(small, enable_prefix_caching=False), LLMEngine.from_dir(llama_engine)
+    digits = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 25, "maxItems": 25}
+    params = SamplingParams(max_tokens=150, temperature=0, structured=Grammar.json_schema(digits))
+    prompts = [roomy.tokenizer.encode(f"request {i} asks for digits " * (4 + i)) for i in range(8)]
+    expected = [c.text for c in roomy.generate(prompts, params)]
+    got = [c.text for c in tight.generate(prompts, params)]
+    assert tight.scheduler.num_preemptions > 0
+    assert got == expected
+    assert all(len(json.loads(text)) == 25 for text in got)
+    assert tight.pool.num_free == tight.pool.num_blocks
