@@ -24,8 +24,12 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-        # Seeding the stream with the prompt's tail makes the first token's leading space right.
+        # Seeding the stream with the prompt's tail makes the first token's leading space right. A prompt
+        # given as token ids may end inside a character, or with bytes that are no character at all: those
+        # bytes are the prompt's, so they stay out of the seed (else the first delta would carry them).
         context = [t for t in prompt_token_ids[-8:] if t < self._vocab]
+        while context and tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+            context.pop()
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
         self._stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1

@@ -60,3 +60,13 @@ def test_text_that_might_start_a_stop_string_is_held_back(tok):
 def test_ids_beyond_the_tokenizer_are_skipped(tok):
     d = IncrementalDetokenizer(tok, [])
     assert d.update(tok.get_vocab_size() + 5) == ""
+
+
+def test_a_prompt_ending_in_undecodable_bytes_does_not_leak_into_the_output(tok):
+    # token ids of single bytes that are no UTF-8 character ("\xe6\x9d" is 2 of the 3 bytes of a CJK char)
+    tail = tok.encode("東", add_special_tokens=False).ids[:-1]
+    assert tok.decode(tail).endswith("\ufffd")
+    prompt = tok.encode("some prompt ", add_special_tokens=False).ids + tail
+    out = tok.encode("[1, 2]", add_special_tokens=False).ids
+    d = IncrementalDetokenizer(tok, prompt)
+    assert "".join(d.update(t) for t in out) + d.flush() == "[1, 2]"
