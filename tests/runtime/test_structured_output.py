@@ -119,3 +119,18 @@ def test_preempted_constrained_requests_resume_their_grammar(llama_engine, tmp_p
     assert got == expected
     assert all(len(json.loads(text)) == 25 for text in got)
     assert tight.pool.num_free == tight.pool.num_blocks
+
+
+def test_a_tensor_parallel_engine_constrains_like_one_rank(llm, make_ckpt, make_engine):
+    tp2 = make_engine("llama-eager-tp2", make_ckpt("llama"), target={"backend": "eager", "tensor_parallel": 2})
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    params = [
+        SamplingParams(max_tokens=120, temperature=1.0, seed=seed, structured=Grammar.json_schema(PERSON))
+        for seed in (1, 2)
+    ]
+    expected = [llm.generate([p], sp)[0].text for p, sp in zip(prompts, params, strict=True)]
+    with LLMEngine.from_dir(tp2) as many:
+        got = [many.generate([p], sp)[0].text for p, sp in zip(prompts, params, strict=True)]
+    assert got == expected
+    for text in got:
+        check_person(text)
