@@ -93,6 +93,17 @@ def tiny_model() -> LlamaModel:
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
+PERSON = {  # a JSON schema a random tiny model completes within ~120 tokens
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+    },
+    "required": ["name", "age", "role"],
+    "additionalProperties": False,
+}
+
 
 def random_prompt(n: int, seed: int, vocab: int = 512) -> list[int]:
     """`n` token ids drawn from [3, vocab) with a seeded generator."""

@@ -14,17 +14,7 @@ from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
 from llmbuild.runtime.structured_output import Grammar
 from tests.conftest import edit_json
-
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "user", "guest"]},
-    },
-    "required": ["name", "age", "role"],
-    "additionalProperties": False,
-}
+from tests.helpers import PERSON
 
 
 @pytest.fixture(scope="module")

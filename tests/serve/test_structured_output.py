@@ -14,18 +14,9 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.helpers import PERSON
 from tests.serve.conftest import API_KEY
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "user", "guest"]},
-    },
-    "required": ["name", "age", "role"],
-    "additionalProperties": False,
-}
 MESSAGES = [{"role": "user", "content": "Describe a person."}]
 
 
