@@ -29,7 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmbuild.errors import EngineError
 from llmbuild.model_config import ModelConfig
-from llmbuild.recipe import CudaGraphsSection, EngineLimits, KVCacheSection, QuantizationSection, ServeSection
+from llmbuild.recipe import (
+    CudaGraphsSection,
+    EngineLimits,
+    KVCacheSection,
+    QuantizationSection,
+    ServeSection,
+    SpeculativeSection,
+)
 
 FORMAT_VERSION: Literal[1] = 1
 MANIFEST = "manifest.json"
@@ -118,6 +125,8 @@ class Manifest(_Frozen):
     serve: ServeSection
     cuda_graphs: CudaGraphsSection = CudaGraphsSection()
     """Decode batch sizes the runtime captures as CUDA graphs at load (cuda engines)."""
+    speculative: SpeculativeSection | None = None
+    """Speculative decoding the runtime does by default (None: none)."""
     config_hash: str
     """Hash of every field that changes the built artifact (the build-cache key, with the input hashes)."""
     inputs: Inputs

@@ -112,8 +112,15 @@ class CalibrationSection(_Section):
 class QuantizationSection(_Section):
     weights: Literal["none", "int8", "int4", "fp8"] = "none"
     """Weight format: `none` keeps model.dtype; int8 per-channel, int4 grouped, fp8 e4m3 (GPU only)."""
-    method: Literal["rtn", "awq", "gptq"] = "rtn"
-    """Quantization algorithm: round-to-nearest, activation-aware scaling, or Hessian-based GPTQ."""
+    activations: Literal["none", "int8"] = "none"
+    """Activation format of the quantized projections: `none` keeps model.dtype; int8 quantizes each token's
+    input inside the op (one scale per token) for int8 x int8 products with int32 sums (W8A8; weights int8)."""
+    method: Literal["rtn", "awq", "gptq", "smoothquant"] = "rtn"
+    """Quantization algorithm: round-to-nearest, activation-aware scaling, Hessian-based GPTQ, or SmoothQuant
+    (activations int8: activation outliers moved into the weights by per-channel factors)."""
+    smoothquant_alpha: float = Field(0.5, gt=0, lt=1)
+    """SmoothQuant migration strength: factors max|x| ** alpha / max|w| ** (1 - alpha); higher moves more of
+    the activations' range into the weights."""
     group_size: int = 128
     """Columns sharing one scale in int4 (32, 64 or 128)."""
     fp8_scales: Literal["channel", "tensor"] = "channel"
@@ -137,10 +144,11 @@ class QuantizationSection(_Section):
     def _consistent(self) -> QuantizationSection:
         if self.weights == "none" and self.method != "rtn":
             raise ValueError(f"method={self.method} needs weights int8, int4 or fp8 (weights is none)")
+        self._check_activations()
         if self.calibration is not None and not self.calibrated:
             raise ValueError(
-                "calibration is used by method awq or gptq and by kv_cache int8 or fp8 (here: method rtn, kv_cache "
-                f"{self.kv_cache}): remove it, or change method or kv_cache"
+                "calibration is used by method awq, gptq or smoothquant and by kv_cache int8 or fp8 (here: method "
+                f"rtn, kv_cache {self.kv_cache}): remove it, or change method or kv_cache"
             )
         if self.fp8_scales != "channel" and self.weights != "fp8":
             raise ValueError(f"fp8_scales={self.fp8_scales} applies to fp8 weights (weights is {self.weights})")
@@ -148,9 +156,32 @@ class QuantizationSection(_Section):
             raise ValueError(f"method={self.method} applies to int8 and int4 weights; fp8 weights use method rtn")
         return self
 
+    def _check_activations(self) -> None:
+        """int8 activations (W8A8) pair with int8 weights and round to nearest or SmoothQuant only."""
+        if self.activations == "int8" and self.weights != "int8":
+            raise ValueError(
+                f"activations=int8 needs weights int8 (weights is {self.weights}): set quantization.weights: int8"
+            )
+        if self.activations == "int8" and self.method not in ("rtn", "smoothquant"):
+            raise ValueError(
+                f"activations=int8 takes method smoothquant or rtn (no smoothing), not {self.method}: "
+                "set quantization.method: smoothquant"
+            )
+        if self.method == "smoothquant" and self.activations != "int8":
+            raise ValueError(
+                "method=smoothquant smooths int8 activations (activations is none): set quantization.activations: "
+                "int8, or choose method rtn, awq or gptq"
+            )
+        if self.smoothquant_alpha != 0.5 and self.method != "smoothquant":
+            raise ValueError(
+                f"smoothquant_alpha={self.smoothquant_alpha:g} applies to method smoothquant (method is "
+                f"{self.method}): remove it or set quantization.method: smoothquant"
+            )
+
     @property
     def calibrated(self) -> bool:
-        """Whether the build runs calibration text through the model (awq / gptq weights, KV-cache scales)."""
+        """Whether the build runs calibration text through the model (awq / gptq / smoothquant weights,
+        KV-cache scales)."""
         return (self.weights != "none" and self.method != "rtn") or self.kv_cache in ("int8", "fp8")
 
     @property
@@ -212,6 +243,34 @@ class CudaGraphsSection(_Section):
         return tuple(sorted(set(v)))
 
 
+class SpeculativeSection(_Section):
+    """Speculative decoding: several tokens proposed cheaply, then checked in one pass of the engine."""
+
+    method: Literal["ngram"] = "ngram"
+    """`ngram` (prompt lookup): the tokens that followed the latest earlier occurrence of the request's last
+    n tokens (in its prompt or output) are proposed; no second model."""
+    num_speculative_tokens: int = Field(4, ge=1, le=16)
+    """Most tokens proposed per sequence and step."""
+    prompt_lookup_min: int = Field(1, ge=1)
+    """ngram: the shortest suffix (in tokens) that is looked up."""
+    prompt_lookup_max: int = Field(4, ge=1)
+    """ngram: the longest suffix that is looked up (longer matches are tried first)."""
+    max_batch_size: int = Field(4, ge=1)
+    """Speculate only in steps with at most this many decoding sequences (above it the step is compute-bound
+    and checking proposals costs more than it saves)."""
+    min_acceptance_rate: float = Field(0.1, ge=0, le=1)
+    """A sequence whose running share of accepted proposals falls below this stops speculating (it retries
+    now and then)."""
+
+    @model_validator(mode="after")
+    def _lookup_range(self) -> SpeculativeSection:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+        return self
+
+
 class ServeSection(_Section):
     host: str = "127.0.0.1"
     """Address `llmbuild serve` binds by default (loopback: nothing outside the machine can reach it)."""
@@ -240,6 +299,8 @@ class Recipe(_Section):
     kv_cache: KVCacheSection = KVCacheSection()
     plugins: PluginsSection = PluginsSection()
     cuda_graphs: CudaGraphsSection = CudaGraphsSection()
+    speculative: SpeculativeSection | None = None
+    """Speculative decoding (absent: none); the runtime may switch it off (`--no-speculative`)."""
     serve: ServeSection = ServeSection()
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -56,7 +56,47 @@ def test_resolved_yaml_round_trips():
         ({"quantization": {"method": "awq"}}, "method=awq needs weights int8, int4 or fp8"),
         (
             {"quantization": {"weights": "int4", "calibration": {}}},
-            "calibration is used by method awq or gptq and by kv_cache int8 or fp8 (here: method rtn, kv_cache auto)",
+            "calibration is used by method awq, gptq or smoothquant and by kv_cache int8 or fp8 (here: method rtn, "
+            "kv_cache auto)",
+        ),
+        (
+            {"quantization": {"weights": "int4", "activations": "int8"}},
+            "activations=int8 needs weights int8 (weights is int4): set quantization.weights: int8",
+        ),
+        ({"quantization": {"activations": "int8"}}, "activations=int8 needs weights int8 (weights is none)"),
+        (
+            {"quantization": {"weights": "int8", "activations": "int8", "method": "awq"}},
+            "activations=int8 takes method smoothquant or rtn (no smoothing), not awq",
+        ),
+        (
+            {"quantization": {"weights": "int8", "method": "smoothquant"}},
+            "method=smoothquant smooths int8 activations (activations is none): set quantization.activations: int8",
+        ),
+        (
+            {"quantization": {"weights": "int8", "smoothquant_alpha": 0.8}},
+            "smoothquant_alpha=0.8 applies to method smoothquant (method is rtn)",
+        ),
+        (
+            {
+                "quantization": {
+                    "weights": "int8",
+                    "activations": "int8",
+                    "method": "smoothquant",
+                    "smoothquant_alpha": 1,
+                }
+            },
+            "quantization.smoothquant_alpha: must be < 1",
+        ),
+        (
+            {
+                "quantization": {
+                    "weights": "int8",
+                    "activations": "int8",
+                    "method": "smoothquant",
+                    "smoothquant_alpha": 0,
+                }
+            },
+            "quantization.smoothquant_alpha: must be > 0",
         ),
         ({"quantization": {"kv_cache": "fp8"}}, "quantization.kv_cache=fp8 needs a GPU target"),
         (
@@ -64,6 +104,14 @@ def test_resolved_yaml_round_trips():
             "seq_len: must be >= 16",
         ),
         ({"bogus": 1}, "bogus: unknown key"),
+        ({"speculative": {"method": "medusa"}}, "speculative.method: must be"),
+        ({"speculative": {"num_speculative_tokens": 0}}, "speculative.num_speculative_tokens: must be >= 1 (got 0)"),
+        ({"speculative": {"lookup_max": 3}}, "speculative.lookup_max: unknown key (did you mean 'prompt_lookup_max'?"),
+        (
+            {"speculative": {"prompt_lookup_min": 3, "prompt_lookup_max": 2}},
+            "prompt_lookup_min (3) must be <= prompt_lookup_max (2)",
+        ),
+        ({"speculative": {"min_acceptance_rate": 1.5}}, "speculative.min_acceptance_rate: must be <= 1"),
         ({"name": "has space"}, "name: must match pattern"),
     ],
 )
@@ -72,6 +120,13 @@ def test_invalid_values_name_their_key_path(sections, message):
         parse(**sections)
     assert message in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("method", ["rtn", "smoothquant"])
+def test_int8_activations_take_int8_weights_rounded_or_smoothed(method):
+    q = parse(quantization={"weights": "int8", "activations": "int8", "method": method}).quantization
+    assert q.quantized and q.calibrated == (method == "smoothquant")
+    assert q.smoothquant_alpha == 0.5
 
 
 def test_int8_kv_cache_takes_a_calibration_section_without_weight_quantization():
@@ -138,6 +193,7 @@ def test_a_cuda_recipe_needs_a_gpu_on_the_build_machine():
             "weights=fp8 and quantization.kv_cache=fp8 needs an sm_89",
         ),
         ({}, {"kv_cache": "fp8"}, "sm_86", "quantization.kv_cache=fp8 needs an sm_89 or newer GPU"),
+        ({}, {"weights": "int8", "activations": "int8", "method": "smoothquant"}, "sm_80", None),
     ],
 )
 def test_a_cuda_recipe_must_fit_the_build_machines_gpu(target, quantization, gpu, reason):

@@ -116,15 +116,15 @@ def _quantize_layer(
         return s
 
     if (s := searched("attn.qkv")) is not None:
-        _fold_into_norm(layer.attn_norm, s)
+        fold_into_norm(layer.attn_norm, s)
     rep = cfg.num_heads // cfg.num_kv_heads
     if (s := searched("attn.o", _share_across_heads(cfg.num_kv_heads, rep, cfg.head_dim))) is not None:
         per_v_row = s.reshape(cfg.num_kv_heads, rep, cfg.head_dim)[:, 0].reshape(-1)
-        _fold_into_rows(w, b, "attn.qkv", q_rows + kv_rows, per_v_row)
+        fold_into_rows(w, b, "attn.qkv", q_rows + kv_rows, per_v_row)
     if (s := searched("mlp.gate_up")) is not None:
-        _fold_into_norm(layer.mlp_norm, s)
+        fold_into_norm(layer.mlp_norm, s)
     if (s := searched("mlp.down")) is not None:
-        _fold_into_rows(w, b, "mlp.gate_up", cfg.intermediate_size, s)
+        fold_into_rows(w, b, "mlp.gate_up", cfg.intermediate_size, s)
 
     out: dict[str, nn.Module] = {}
     for site, m in linears.items():
@@ -199,12 +199,13 @@ def _share_across_heads(kv_heads: int, rep: int, head_dim: int) -> Callable[[tor
     return share
 
 
-def _fold_into_norm(norm: nn.Module, s: torch.Tensor) -> None:
+def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> None:
+    """Divide an RMSNorm's weight by s: its outputs, the next projections' inputs, shrink by s."""
     assert isinstance(norm.weight, torch.Tensor)  # an RMSNorm
     norm.weight.data = (norm.weight.float() / s).to(norm.weight.dtype)
 
 
-def _fold_into_rows(
+def fold_into_rows(
     w: dict[str, torch.Tensor], b: dict[str, torch.Tensor | None], site: str, first: int, s: torch.Tensor
 ) -> None:
     """Divide rows first .. first + len(s) of a projection (and its bias) by s: its outputs shrink by s."""

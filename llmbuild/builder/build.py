@@ -338,6 +338,7 @@ def _manifest(build: _Build, files: dict[str, str]) -> Manifest:
         plugins=OP_VERSIONS,
         serve=recipe.serve,
         cuda_graphs=recipe.cuda_graphs,
+        speculative=recipe.speculative,
         config_hash=build.graph_key,
         inputs=build.inputs,
         files=files,

@@ -99,7 +99,9 @@ def config_hash(recipe: Recipe, plan: BuildPlan, target: Target) -> str:
             "limits": recipe.limits.model_dump(mode="json"),
             "block_size": recipe.kv_cache.block_size,
             # the graph depends on which layers are quantized to what, not on how the values were found
-            "quantization": recipe.quantization.model_dump(mode="json", include={"weights", "group_size", "exclude"}),
+            "quantization": recipe.quantization.model_dump(
+                mode="json", include={"weights", "activations", "group_size", "exclude"}
+            ),
             "plugins": OP_VERSIONS,
             "graph_options": recipe.plugins.model_dump(mode="json"),
         }

@@ -1,8 +1,9 @@
-"""The quantized weight formats every method writes (rtn, awq, gptq): their modules and grids.
+"""The quantized weight formats every method writes (rtn, awq, gptq, smoothquant): their modules and grids.
 
-int8: one scale per output row (symmetric). int4: groups of `group` columns, a scale and a min per
-group (asymmetric). fp8 e4m3 reuses ScaledLinear with fp32 scales. The grids hold the numerics the
-methods search over; the modules hold the stored format the plugin ops run.
+int8: one scale per output row (symmetric); W8A8 stores the same and its op quantizes the activations
+per token. int4: groups of `group` columns, a scale and a min per group (asymmetric). fp8 e4m3 reuses
+ScaledLinear with fp32 scales. The grids hold the numerics the methods search over; the modules hold
+the stored format the plugin ops run.
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ class ScaledLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, self.weight, self.scales, self.bias)
+
+
+class W8A8Linear(ScaledLinear):
+    """The int8 weight format (per-row scales in the model dtype) with int8 activations: the linear_w8a8
+    plugin op quantizes each token's input to int8 and sums int8 products in int32 (SmoothQuant's W8A8)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(q, scales, bias)
+        self.op = torch.ops.llmbuild.linear_w8a8
 
 
 class Int4Linear(nn.Module):
@@ -122,6 +132,16 @@ class Int8Grid(Grid):
 
 
 @dataclass(frozen=True)
+class W8A8Grid(Int8Grid):
+    """The int8 grid, stored as a W8A8Linear: the op quantizes its activations too."""
+
+    def module_from_codes(
+        self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: torch.Tensor | None
+    ) -> nn.Module:
+        return W8A8Linear(q.to(torch.int8), scale.reshape(-1).to(self.dtype), bias)
+
+
+@dataclass(frozen=True)
 class Int4Grid(Grid):
     """Asymmetric int4: the range of each group spans 0; in the engine scales and mins are bf16."""
 
@@ -141,7 +161,8 @@ class Int4Grid(Grid):
 
 
 def grid_of(quantization: QuantizationSection, in_features: int, dtype: torch.dtype) -> Grid:
-    """The grid a layer of `in_features` inputs in model dtype `dtype` is quantized onto (weights int8 or int4)."""
+    """The grid a layer of `in_features` inputs in model dtype `dtype` is quantized onto (weights int8, with
+    int8 activations or without, or int4)."""
     if quantization.weights == "int8":
-        return Int8Grid(in_features, dtype)
+        return W8A8Grid(in_features, dtype) if quantization.activations == "int8" else Int8Grid(in_features, dtype)
     return Int4Grid(quantization.group_size, torch.bfloat16)

@@ -1,9 +1,11 @@
 """Weight quantization of a model graph: linear layers replaced by quantized ones, in place.
 
-Formats (builder/quant_format.py): int8 with one scale per output row (symmetric), int4 in groups
-of `group_size` columns (asymmetric: a scale and a min per group), fp8. Methods: round to nearest
-(rtn), AWQ (builder/awq.py: activation-aware per-channel scales and clipping ranges searched on
-calibration text) and GPTQ (builder/gptq.py: rounding with Hessian-based error compensation).
+Formats (builder/quant_format.py): int8 with one scale per output row (symmetric), with int8
+activations (W8A8) or without, int4 in groups of `group_size` columns (asymmetric: a scale and a
+min per group), fp8. Methods: round to nearest (rtn), AWQ (builder/awq.py: activation-aware
+per-channel scales and clipping ranges searched on calibration text), GPTQ (builder/gptq.py:
+rounding with Hessian-based error compensation) and SmoothQuant (builder/smoothquant.py: W8A8's
+activation outliers folded into the weights, then round to nearest).
 `exclude` patterns (fnmatch, on our module names such as `layers.0.mlp.down` or `lm_head`) keep
 chosen layers in the model dtype; a tied lm_head shares the embedding matrix and always stays in
 the model dtype.
@@ -20,6 +22,7 @@ from llmbuild.builder.awq import awq_quantize
 from llmbuild.builder.gptq import gptq_quantize
 from llmbuild.builder.models.llama import LlamaModel
 from llmbuild.builder.quant_format import ScaledLinear, grid_of
+from llmbuild.builder.smoothquant import smooth_model
 from llmbuild.builder.stages import Progress, no_progress
 from llmbuild.errors import RecipeError
 from llmbuild.plugins.linear_fp8 import quantize_fp8
@@ -70,8 +73,8 @@ def quantize_model(
 ) -> list[str]:
     """Quantize every nn.Linear not excluded, in place; returns the names of the quantized layers.
 
-    awq and gptq need `calibration`, token windows [num_samples, seq_len] (builder/calibration.py),
-    and report the decoder layers done to `progress`.
+    awq, gptq and smoothquant need `calibration`, token windows [num_samples, seq_len]
+    (builder/calibration.py), and report the decoder layers done to `progress`.
     """
     if quantization.weights not in ("int8", "int4", "fp8"):
         raise NotImplementedError(f"weights={quantization.weights}")
@@ -86,15 +89,22 @@ def quantize_model(
     check_group_fit({name: m.in_features for name, m in chosen.items()}, quantization)
     dtype = next(iter(chosen.values())).weight.dtype if chosen else torch.float32
     grids = {name: grid_of(quantization, m.in_features, dtype) for name, m in chosen.items()}
-    if quantization.method == "rtn":
-        replacements = {name: grids[name].module(m.weight.data, m.bias) for name, m in chosen.items()}
-    else:
-        if calibration is None:
-            raise ValueError(f"method={quantization.method} needs calibration token windows")
+    if quantization.method in ("awq", "gptq"):
         run = awq_quantize if quantization.method == "awq" else gptq_quantize
-        replacements = run(model, grids, calibration, progress)
+        replacements = run(model, grids, _windows(calibration, quantization), progress)
+    else:
+        if quantization.method == "smoothquant":  # folded in place, then rounded to nearest
+            alpha = quantization.smoothquant_alpha
+            smooth_model(model, _windows(calibration, quantization), alpha, chosen, progress)
+        replacements = {name: grids[name].module(m.weight.data, m.bias) for name, m in chosen.items()}
     _replace(model, replacements)
     return list(chosen)
+
+
+def _windows(calibration: torch.Tensor | None, quantization: QuantizationSection) -> torch.Tensor:
+    if calibration is None:
+        raise ValueError(f"method={quantization.method} needs calibration token windows")
+    return calibration
 
 
 def _replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:

@@ -25,6 +25,7 @@ _CUDA_SAME_SCHEMA = (
     "swiglu",
     "linear_int4",
     "linear_int8",
+    "linear_w8a8",
     "linear_fp8",
 )
 

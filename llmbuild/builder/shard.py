@@ -6,7 +6,9 @@ input groups: column-parallel layers (qkv, gate_up) keep their ranks' output row
 weight (packed int4: 64 columns are 32 whole bytes) and of per-group scales / mins, while per-row
 int8 scales stay whole. A row-parallel bias is added once: rank 0 holds it, the others hold zeros,
 so that every rank's graph has the same shapes (one compiled package serves them all). int8 KV
-scales go with their kv heads.
+scales go with their kv heads. W8A8 shards as int8 does; a row-parallel rank quantizes its own input
+columns per token (with their own absmax), so its partial sums round a little differently from one
+rank's.
 """
 
 from __future__ import annotations

@@ -12,8 +12,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from llmbuild.cpu_target import resolve
-from llmbuild.plugins import linear, linear_fp8, linear_int4, linear_int8, paged_attention, rms_norm, rope, swiglu
+from llmbuild.plugins import (
+    linear,
+    linear_fp8,
+    linear_int4,
+    linear_int8,
+    linear_w8a8,
+    paged_attention,
+    rms_norm,
+    rope,
+    swiglu,
+)
 from llmbuild.plugins.library import build_library, load_library, loaded_library
 
 OP_VERSIONS: dict[str, int] = {
@@ -23,13 +35,14 @@ OP_VERSIONS: dict[str, int] = {
     linear_int8.OP_NAME: linear_int8.VERSION,
     linear_int4.OP_NAME: linear_int4.VERSION,
     linear_fp8.OP_NAME: linear_fp8.VERSION,
+    linear_w8a8.OP_NAME: linear_w8a8.VERSION,
     rms_norm.OP_NAME: rms_norm.VERSION,
     rms_norm.ADD_OP_NAME: rms_norm.VERSION,
     rope.OP_NAME: rope.VERSION,
     swiglu.OP_NAME: swiglu.VERSION,
 }
 
-_MODULES = (paged_attention, linear, linear_int8, linear_int4, linear_fp8, rms_norm, rope, swiglu)
+_MODULES = (paged_attention, linear, linear_int8, linear_int4, linear_fp8, linear_w8a8, rms_norm, rope, swiglu)
 _registered = False
 
 
@@ -46,6 +59,8 @@ def load_plugins(library: Path | None = None, cache_dir: Path | None = None) -> 
     assert path is not None
     if not _registered:
         for module in _MODULES:
-            module.register_fake_kernel()
+            # an engine built before an op existed seals a library without it (its graph does not call it)
+            if torch._C._dispatch_has_kernel(module.OP_NAME):
+                module.register_fake_kernel()
         _registered = True
     return path

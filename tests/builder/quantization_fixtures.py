@@ -15,6 +15,17 @@ from llmbuild.recipe import CalibrationSection, PluginsSection
 
 DEMO = Path(__file__).parents[2] / "models" / "demo"
 SMALL_CALIBRATION = CalibrationSection(num_samples=16, seq_len=256, seed=0)
+W8A8_DEMO = {  # the recipe sections of the demo W8A8 engine the builder tests share (built once per session)
+    "model": {"dtype": "bfloat16"},
+    "target": {"backend": "compiled"},
+    "quantization": {
+        "weights": "int8",
+        "activations": "int8",
+        "method": "smoothquant",
+        "calibration": {"num_samples": 16, "seq_len": 256, "seed": 0},
+    },
+    "quality": {"max_kl": 0.02, "min_top1": 0.9},
+}
 
 
 def demo_model() -> LlamaModel:

@@ -12,7 +12,7 @@ import torch
 
 from llmbuild.builder.quality import Quality, engine_quality, gate_failures, model_graph, window_logits
 from llmbuild.recipe import QualitySection
-from tests.builder.quantization_fixtures import DEMO, sequence_logits
+from tests.builder.quantization_fixtures import DEMO, W8A8_DEMO, sequence_logits
 from tests.helpers import run_cli, tiny_model
 
 
@@ -21,11 +21,17 @@ def int8_engine(make_engine):
     return make_engine("demo-int8", DEMO, model={"dtype": "bfloat16"}, quantization={"weights": "int8"})
 
 
-@pytest.fixture(scope="module", params=[("int8", "eager"), ("int8", "compiled"), ("int4", "compiled")])
+@pytest.fixture(
+    scope="module",
+    params=[("int8", "eager"), ("int8", "compiled"), ("int4", "compiled"), ("w8a8", "compiled")],
+    ids="-".join,
+)
 def quantized_engine(request, make_engine, int8_engine):
     weights, backend = request.param
     if backend == "eager":
         return int8_engine
+    if weights == "w8a8":
+        return make_engine("demo-w8a8-compiled", DEMO, **W8A8_DEMO)
     quantization = {"weights": weights, "group_size": 64}  # the demo MLP's 704 columns: groups of 64
     return make_engine(
         f"demo-{weights}-compiled",

@@ -1,4 +1,4 @@
-"""Weight quantization (int8, int4): the graph on the trained demo model stays close to bf16, and
+"""Weight quantization (int8, int4; W8A8: int8 weights and activations): the graph on the trained demo model
 quantized engines build, store quantized weights and generate like the bf16 engine."""
 
 from __future__ import annotations
@@ -11,15 +11,19 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from llmbuild.builder.build import build_engine
+from llmbuild.builder.cache import config_hash
 from llmbuild.builder.plan import make_plan
 from llmbuild.builder.quality import compare
 from llmbuild.builder.quant_format import Int4Linear, ScaledLinear
 from llmbuild.builder.quantize import quantize_model
 from llmbuild.errors import BuildError, RecipeError
+from llmbuild.manifest import Manifest
 from llmbuild.recipe import QuantizationSection, load_recipe
-from tests.builder.quantization_fixtures import DEMO, demo_model
+from llmbuild.runtime.llm_engine import LLMEngine
+from llmbuild.runtime.sampling_params import SamplingParams
+from tests.builder.quantization_fixtures import DEMO, W8A8_DEMO, demo_model
 from tests.conftest import write_recipe
-from tests.helpers import first_token_agreement
+from tests.helpers import GREEDY, first_token_agreement, random_prompt, teacher_forced_logits
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +134,68 @@ def test_calibrated_int4_engines_record_their_calibration_and_generate_like_bf16
     assert manifest["inputs"]["calibration_sha256"] == report["calibration"]["sha256"]
     assert 0 < report["quality"]["mean_kl"] < 0.05
     assert first_token_agreement(bf16, engine) >= 0.75
+
+
+def test_w8a8_engine_stores_int8_weights_records_its_format_and_passes_the_gate(make_engine):
+    engine = make_engine("demo-w8a8-compiled", DEMO, **W8A8_DEMO)
+    with safe_open(engine / "rank0" / "weights.safetensors", "pt") as f:
+        assert f.get_tensor("layers.0.attn.qkv.weight").dtype == torch.int8
+        assert f.get_tensor("layers.0.attn.qkv.scales").dtype == torch.bfloat16
+        assert f.get_tensor("embed.weight").dtype == torch.bfloat16
+    manifest = json.loads((engine / "manifest.json").read_text())
+    q = manifest["quantization"]
+    assert (q["weights"], q["activations"], q["method"], q["smoothquant_alpha"]) == ("int8", "int8", "smoothquant", 0.5)
+    assert manifest["plugins"]["llmbuild::linear_w8a8"] == 1
+    report = json.loads((engine / "report.json").read_text())
+    assert "quantize (smoothquant)" in report["stages_seconds"] and len(report["calibration"]["sha256"]) == 64
+    assert 0 < report["quality"]["mean_kl"] < 0.02 and report["quality"]["top1_agreement"] > 0.9
+    with LLMEngine.from_dir(engine) as llm:  # prefill and decode steps through the compiled W8A8 op
+        (done,) = llm.generate([random_prompt(40, seed=1, vocab=4096)], SamplingParams(max_tokens=8, **GREEDY))
+    assert len(done.token_ids) == 8
+
+
+def test_the_graph_cache_tells_w8a8_from_int8_weight_only(llama_engine, make_ckpt, tmp_path):
+    # same tensors, another op: another graph; smoothing changes values only: the same graph
+    target = Manifest.load(llama_engine).target
+    sections = {
+        "int8": {"weights": "int8"},
+        "w8a8": {"weights": "int8", "activations": "int8"},
+        "w8a8-smoothquant": {"weights": "int8", "activations": "int8", "method": "smoothquant"},
+    }
+    hashes, sizes = {}, set()
+    for name, quantization in sections.items():
+        recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", make_ckpt("llama"), quantization=quantization))
+        plan = make_plan(recipe)
+        hashes[name] = config_hash(recipe, plan, target)
+        sizes.add(plan.memory.weight_bytes)
+    assert hashes["int8"] != hashes["w8a8"] == hashes["w8a8-smoothquant"]
+    assert len(sizes) == 1
+
+
+def test_w8a8_composes_with_an_int8_kv_cache_and_tensor_parallelism(llama_engine, make_ckpt, make_engine):
+    # a row-parallel rank quantizes its own input columns per token (its own absmax), so two ranks round
+    # otherwise than one: their logits must be as close to the unquantized engine's, not equal to one rank's
+    sections = {
+        "quantization": {
+            "weights": "int8",
+            "activations": "int8",
+            "method": "smoothquant",
+            "kv_cache": "int8",
+            "calibration": {"num_samples": 8, "seq_len": 64},
+        }
+    }
+    one = make_engine("llama-w8a8-kv-int8", make_ckpt("llama"), **sections)
+    many = make_engine("llama-w8a8-kv-int8-tp2", make_ckpt("llama"), target={"tensor_parallel": 2}, **sections)
+    prompt, forced = random_prompt(40, seed=3), random_prompt(12, seed=4)
+    logits = {}
+    for name, engine in (("fp32", llama_engine), ("tp1", one), ("tp2", many)):
+        with LLMEngine.from_dir(engine) as llm:
+            logits[name] = teacher_forced_logits(llm, prompt, forced)
+    ref = logits["fp32"]
+    error = {name: ((logits[name] - ref).abs().mean() / ref.std()).item() for name in ("tp1", "tp2")}
+    assert 0 < error["tp1"] < 0.1 and error["tp2"] < 1.25 * error["tp1"], error
+    agreement = (logits["tp2"].argmax(-1) == logits["tp1"].argmax(-1)).float().mean().item()
+    assert agreement >= 0.9
 
 
 def test_quality_gate_reports_metrics_and_fails_the_build_when_missed(make_engine, build_cache, tmp_path):

@@ -21,7 +21,15 @@ FORMATS = {  # weights -> (dtype, relative tolerance of a recomposed output)
     "none": (torch.float32, 1e-5),
     "int8": (torch.float32, 1e-5),
     "int4": (torch.bfloat16, 2e-2),  # partial outputs are rounded to bf16 before they are summed
+    # int8 activations: a row-parallel rank quantizes its own input columns (their own absmax per token)
+    "w8a8": (torch.float32, 2e-2),
 }
+
+
+def section(weights: str) -> QuantizationSection:
+    if weights == "w8a8":
+        return QuantizationSection(weights="int8", activations="int8")
+    return QuantizationSection(weights=weights, group_size=32)
 
 
 def random_model(cfg, dtype, weights: str) -> LlamaModel:
@@ -30,7 +38,7 @@ def random_model(cfg, dtype, weights: str) -> LlamaModel:
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     if weights != "none":
-        quantize_model(model, QuantizationSection(weights=weights, group_size=32))
+        quantize_model(model, section(weights))
     return model
 
 
@@ -42,7 +50,7 @@ def rank_models(full: LlamaModel, tp: int, weights: str) -> list[LlamaModel]:
     for r in range(tp):
         model = LlamaModel.empty(rank_config(full.cfg, tp), 64, dtype, tp=tp)
         if weights != "none":
-            quantize_model(model, QuantizationSection(weights=weights, group_size=32))
+            quantize_model(model, section(weights))
         model.load_state_dict(shard_state_dict(state, full.cfg, tp, r), strict=True)
         ranks.append(model)
     return ranks

@@ -15,6 +15,7 @@ TORCH_LIBRARY(llmbuild, m) {
       "float scale) -> Tensor");
   m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("linear_w8a8(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales, Tensor mins, Tensor? bias) -> Tensor");
   m.def("linear_fp8(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -28,6 +29,7 @@ TORCH_LIBRARY_IMPL(llmbuild, CPU, m) {
   m.impl("quantized_paged_attention", &llmbuild::quantized_paged_attention);
   m.impl("linear", &llmbuild::linear);
   m.impl("linear_int8", &llmbuild::linear_int8);
+  m.impl("linear_w8a8", &llmbuild::linear_w8a8);
   m.impl("linear_int4", &llmbuild::linear_int4);
   m.impl("linear_fp8", &llmbuild::linear_fp8);
   m.impl("rms_norm", &llmbuild::rms_norm);

@@ -23,6 +23,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                        const c10::optional<at::Tensor>& bias);
 
+// linear_w8a8: linear_int8's weights against activations quantized per token; int32 sums (linear_w8a8.cpp).
+at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias);
+
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& mins,
                        const c10::optional<at::Tensor>& bias);
 

@@ -16,6 +16,7 @@ from llmbuild.plugins.linear_fp8 import quantize_activations_fp8
 from llmbuild.plugins.triton import elementwise
 from llmbuild.plugins.triton import linear_int4 as int4
 from llmbuild.plugins.triton import linear_int8 as int8
+from llmbuild.plugins.triton import linear_w8a8 as w8a8
 from llmbuild.plugins.triton import paged_attention as attention
 
 NAMESPACE = "llmbuild_triton"
@@ -89,6 +90,11 @@ def linear_int4(
 @triton_op(f"{NAMESPACE}::linear_int8", mutates_args=())
 def linear_int8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return int8.linear_int8(x, w, scales, bias)
+
+
+@triton_op(f"{NAMESPACE}::linear_w8a8", mutates_args=())
+def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return w8a8.linear_w8a8(x, w, scales, bias)
 
 
 @triton_op(f"{NAMESPACE}::linear_fp8", mutates_args=())
