@@ -139,6 +139,13 @@ def llama_engine(make_ckpt, make_engine) -> Path:
     return make_engine("llama", make_ckpt("llama"))
 
 
+@pytest.fixture(scope="session")
+def demo_engine(make_engine) -> Path:
+    """The trained demo model (models/demo) in fp32: it continues text the way its prompt goes, so speculative
+    decoding's proposals get accepted (a random-weight model accepts almost none)."""
+    return make_engine("trained-demo", Path(__file__).parents[1] / "models" / "demo", model={"dtype": "float32"})
+
+
 @pytest.fixture
 def engine_copy(llama_engine: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny engine that a test may tamper with."""

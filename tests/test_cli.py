@@ -52,7 +52,7 @@ def test_console_script_runs_as_a_real_process(llama_engine):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
     data = json.loads(lines[0])
-    assert set(data) == {"token_ids", "text", "finish_reason"}
+    assert set(data) == {"token_ids", "text", "finish_reason", "num_draft_tokens", "num_accepted_tokens"}
     assert len(data["token_ids"]) == 8 and data["finish_reason"] == "length"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert json.loads(again.stdout) == data  # greedy is deterministic across processes
@@ -275,3 +275,18 @@ def test_serve_flag_defaults_are_the_server_config_defaults():
     params = {param.name: param for param in cli.commands["serve"].params}
     for field in ("max_queue", "max_body_bytes", "max_n", "shutdown_timeout", "public_probes"):
         assert params[field].default == ServeConfig.model_fields[field].default, field
+
+
+def test_run_reports_speculation_in_json_and_can_switch_it_off(capsys, demo_engine):
+    prompt = "The dictionary is a mapping of keys to values. The dictionary is"
+    common = ("run", str(demo_engine), "--prompt", prompt, "--max-tokens", "12", "--temperature", "0")
+    code, out, err = run_cli(capsys, *common, "--ignore-eos", "--output", "json", "--num-speculative-tokens", "3")
+    assert code == 0, err
+    on = json.loads(out)
+    assert on["num_draft_tokens"] > 0 and 0 <= on["num_accepted_tokens"] <= on["num_draft_tokens"]
+    code, out, err = run_cli(capsys, *common, "--ignore-eos", "--output", "json", "--no-speculative")
+    off = json.loads(out)
+    assert code == 0 and (off["num_draft_tokens"], off["num_accepted_tokens"]) == (0, 0)
+    assert off["token_ids"] == on["token_ids"] and len(on["token_ids"]) == 12
+    code, _, err = run_cli(capsys, *common, "--num-speculative-tokens", "0")
+    assert code == 2 and "--num-speculative-tokens" in err

@@ -24,6 +24,7 @@ import llmbuild
 from llmbuild.cpu_target import known_flags
 from llmbuild.machine import cpu_flags, cpu_model
 from llmbuild.plugins.library import compiled_isas
+from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
 
@@ -41,16 +42,35 @@ class Run:
     """batch x (new_tokens - 1) / time after the first token."""
     total_tok_s: float
     """batch x new_tokens / whole time."""
+    draft_tokens: int = 0
+    """Tokens proposed by speculative decoding during the run."""
+    accepted_tokens: int = 0
+    """Proposed tokens accepted."""
+    verifications: int = 0
+    """Sequence-steps that checked proposals."""
 
 
-def run_once(llm: LLMEngine, batch: int, prompt_len: int, new_tokens: int, seed: int) -> tuple[float, float, float]:
-    """One static batch of random prompts, greedy, EOS ignored: (ttft s, decode s, total s)."""
+WORKLOADS = ("random", "repeat")
+"""Prompts: random tokens, or random tokens whose second half repeats the first (input-grounded text, as
+in summarization or code editing, where speculative decoding's prompt lookup finds what comes next)."""
+
+
+def make_prompt(g: torch.Generator, vocab: int, prompt_len: int, workload: str) -> list[int]:
+    """One benchmark prompt of `prompt_len` tokens (see WORKLOADS)."""
+    if workload == "random":
+        return torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
+    half = torch.randint(3, vocab, ((prompt_len + 1) // 2,), generator=g).tolist()
+    return (half + half)[:prompt_len]
+
+
+def run_once(
+    llm: LLMEngine, batch: int, prompt_len: int, new_tokens: int, seed: int, workload: str = "random"
+) -> tuple[float, float, float]:
+    """One static batch of prompts (see WORKLOADS), greedy, EOS ignored: (ttft s, decode s, total s)."""
     g = torch.Generator().manual_seed(seed)
     vocab = llm.engine.manifest.model.vocab_size
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    requests = [
-        llm.make_request(torch.randint(3, vocab, (prompt_len,), generator=g).tolist(), params) for _ in range(batch)
-    ]
+    requests = [llm.make_request(make_prompt(g, vocab, prompt_len, workload), params) for _ in range(batch)]
     start = time.perf_counter()
     for request in requests:
         llm.add_request(request)
@@ -97,28 +117,41 @@ def _measure(
     prompt_len: int,
     new_tokens: int,
     repeats: int,
-    compare_eager: bool,
+    workload: str,
 ) -> tuple[list[Run], float]:
-    """The runs of `engines["engine"]` (and of its eager backend, interleaved), and the engine's peak RSS."""
+    """The runs of every engine in `engines`, interleaved, and the first one's peak RSS."""
     manifest = engines["engine"].engine.manifest
     for b in batches:
         if b > manifest.limits.max_batch_size:
             raise ValueError(f"batch {b} exceeds the engine's max_batch_size {manifest.limits.max_batch_size}")
-    if compare_eager and manifest.target.tensor_parallel > 1:
-        raise ValueError("--compare-eager needs a single-rank engine: one process runs one tensor-parallel engine")
     run_once(engines["engine"], 1, min(prompt_len, 16), 4, seed=99)  # warm-up
     rss_engine = peak_rss_mib()
-    if compare_eager:
-        engines["eager"] = LLMEngine.from_dir(engine_dir, backend="eager", verify=False, enable_prefix_caching=False)
-        run_once(engines["eager"], 1, min(prompt_len, 16), 4, seed=99)
+    for name, llm in engines.items():
+        if name != "engine":
+            run_once(llm, 1, min(prompt_len, 16), 4, seed=99)
     runs: list[Run] = []
     for rep in range(repeats):
         for b in batches:
             for name, llm in engines.items():
-                ttft, decode, total = run_once(llm, b, prompt_len, new_tokens, seed=rep)
-                backend = llm.engine.backend if name == "engine" else "eager"
-                runs.append(Run(backend, b, ttft * 1e3, b * (new_tokens - 1) / decode, b * new_tokens / total))
+                before = _speculation_counts(llm)
+                ttft, decode, total = run_once(llm, b, prompt_len, new_tokens, rep, workload)
+                spec = [after - was for after, was in zip(_speculation_counts(llm), before, strict=True)]
+                rates = (ttft * 1e3, b * (new_tokens - 1) / decode, b * new_tokens / total)
+                runs.append(Run(_label(name, llm), b, *rates, *spec))
     return runs, rss_engine
+
+
+def _speculation_counts(llm: LLMEngine) -> tuple[int, int, int]:
+    spec = llm.speculator
+    return (0, 0, 0) if spec is None else (spec.num_draft_tokens, spec.num_accepted_tokens, spec.num_verifications)
+
+
+def _label(name: str, llm: LLMEngine) -> str:
+    """What a run measured: the backend, and speculative decoding when the engine does it."""
+    backend = "eager" if name == "eager" else llm.engine.backend
+    if llm.speculator is not None:
+        return f"{backend}, speculative k={llm.speculator.config.num_speculative_tokens}"
+    return backend + (", speculation off" if name == "no-spec" else "")
 
 
 def bench_offline(
@@ -129,15 +162,36 @@ def bench_offline(
     repeats: int = 3,
     compare_eager: bool = False,
     cuda_graphs: bool | None = None,
+    speculative: bool | SpeculativeSection = True,
+    compare_speculative: bool = False,
+    workload: str = "random",
 ) -> dict[str, Any]:
     """Measure an engine; returns a JSON-able report (see `format_markdown`). `cuda_graphs` overrides a
-    cuda engine's own setting."""
+    cuda engine's own setting; `speculative` is LLMEngine's. `compare_eager` also runs the exported program,
+    `compare_speculative` the engine without speculative decoding, in the same process, rounds interleaved."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)} (got {workload!r})")
     # no prefix caching: a repeated prompt must be prefilled again, or TTFT would measure the cache
     start = time.perf_counter()
-    engines = {"engine": LLMEngine.from_dir(engine_dir, enable_prefix_caching=False, cuda_graphs=cuda_graphs)}
+    engines = {
+        "engine": LLMEngine.from_dir(
+            engine_dir, enable_prefix_caching=False, cuda_graphs=cuda_graphs, speculative=speculative
+        )
+    }
     load_s = time.perf_counter() - start
     try:
-        runs, rss_engine = _measure(engines, engine_dir, batches, prompt_len, new_tokens, repeats, compare_eager)
+        if compare_eager or compare_speculative:
+            if engines["engine"].engine.manifest.target.tensor_parallel > 1:
+                raise ValueError("comparisons need a single-rank engine: one process runs one tensor-parallel engine")
+        if compare_eager:
+            engines["eager"] = LLMEngine.from_dir(
+                engine_dir, backend="eager", verify=False, enable_prefix_caching=False, speculative=speculative
+            )
+        if compare_speculative:
+            engines["no-spec"] = LLMEngine.from_dir(
+                engine_dir, verify=False, enable_prefix_caching=False, cuda_graphs=cuda_graphs, speculative=False
+            )
+        runs, rss_engine = _measure(engines, engine_dir, batches, prompt_len, new_tokens, repeats, workload)
     finally:
         for llm in engines.values():
             llm.close()
@@ -175,6 +229,7 @@ def bench_offline(
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "repeats": repeats,
+        "workload": workload,
         "read_bandwidth_gbs": round(bandwidth, 1),
         "weight_bytes_read_per_token": read_per_token,
         "decode_ceiling_tok_s": round(bandwidth * 1e9 / read_per_token, 1),
@@ -200,16 +255,29 @@ def summarize(runs: list[Run]) -> list[dict[str, Any]]:
                 "decode_tok_s_median": round(statistics.median(r.decode_tok_s for r in group), 2),
                 "total_tok_s_best": round(max(r.total_tok_s for r in group), 2),
                 "total_tok_s_median": round(statistics.median(r.total_tok_s for r in group), 2),
+                **_acceptance(group),
             }
         )
     return rows
+
+
+def _acceptance(runs: list[Run]) -> dict[str, float]:
+    """Speculative decoding's acceptance rate (accepted / proposed) and mean accepted length (tokens kept per
+    verification), over `runs`; empty without speculation."""
+    drafted, accepted, checks = (
+        sum(getattr(r, f) for r in runs) for f in ("draft_tokens", "accepted_tokens", "verifications")
+    )
+    if not drafted:
+        return {}
+    return {"acceptance_rate": round(accepted / drafted, 3), "mean_accepted_len": round(accepted / checks, 2)}
 
 
 def format_markdown(report: dict[str, Any]) -> str:
     """The summary table of a report as markdown."""
     lines = [
         f"engine `{report['name']}` ({report['dtype']}, {report['params'] / 1e9:.2f}B params), "
-        f"prompt {report['prompt_len']}, {report['new_tokens']} new tokens, greedy, {report['repeats']} repeats; "
+        f"prompt {report['prompt_len']} ({report.get('workload', 'random')}), {report['new_tokens']} new tokens, "
+        f"greedy, {report['repeats']} repeats; "
         f"{report['machine']}; torch {report['torch']}",
         "",
         f"CPU {report['cpu']}; engine target.cpu {report['target_cpu']}, kernels {report['kernel_isa']}"
@@ -227,13 +295,15 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"GPU {report['gpu']}, CUDA graphs {graphs}, peak GPU memory {report['peak_gpu_memory_mib']} MiB"]
     lines += [
         "",
-        "| backend | batch | TTFT ms (min / med) | decode tok/s (best / med) | total tok/s (best / med) |",
-        "|---|---|---|---|---|",
+        "| backend | batch | TTFT ms (min / med) | decode tok/s (best / med) | total tok/s (best / med) "
+        "| accepted (rate, mean length) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in report["summary"]:
+        accepted = f"{r['acceptance_rate']:.0%}, {r['mean_accepted_len']:.2f}" if "acceptance_rate" in r else "-"
         lines.append(
             f"| {r['backend']} | {r['batch']} | {r['ttft_ms_min']:.0f} / {r['ttft_ms_median']:.0f} | "
             f"{r['decode_tok_s_best']:.1f} / {r['decode_tok_s_median']:.1f} | "
-            f"{r['total_tok_s_best']:.1f} / {r['total_tok_s_median']:.1f} |"
+            f"{r['total_tok_s_best']:.1f} / {r['total_tok_s_median']:.1f} | {accepted} |"
         )
     return "\n".join(lines) + "\n"

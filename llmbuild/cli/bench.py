@@ -46,6 +46,26 @@ def bench_group() -> None:
     default=None,
     help="Replay decode steps as CUDA graphs or not (cuda engines; default: the engine's cuda_graphs.enabled).",
 )
+@click.option(
+    "--speculative/--no-speculative",
+    default=None,
+    help="Speculative decoding as the engine's recipe set it (default), or off.",
+)
+@click.option(
+    "--num-speculative-tokens",
+    type=click.IntRange(1, 16),
+    help="Prompt-lookup speculative decoding proposing up to N tokens per step (also for an engine built without).",
+)
+@click.option(
+    "--compare-speculative", is_flag=True, help="Also run the engine without speculative decoding, interleaved."
+)
+@click.option(
+    "--workload",
+    type=click.Choice(["random", "repeat"]),
+    default="random",
+    show_default=True,
+    help="Prompts of random tokens, or whose second half repeats the first (input-grounded, as summarization).",
+)
 @click.option("--threads", type=int, help="torch threads (default: all cores).")
 @click.option("--out", type=click.Path(path_type=Path), help="Write OUT.json and OUT.md.")
 def bench_offline(
@@ -56,6 +76,10 @@ def bench_offline(
     repeats: int,
     compare_eager: bool,
     cuda_graphs: bool | None,
+    speculative: bool | None,
+    num_speculative_tokens: int | None,
+    compare_speculative: bool,
+    workload: str,
     threads: int | None,
     out: Path | None,
 ) -> None:
@@ -64,10 +88,24 @@ def bench_offline(
 
     from llmbuild.bench.offline import bench_offline as measure
     from llmbuild.bench.offline import format_markdown
+    from llmbuild.manifest import Manifest
+    from llmbuild.runtime.speculative import speculation_override
 
     if threads:
         torch.set_num_threads(threads)
-    report = measure(engine, tuple(batches), prompt_len, new_tokens, repeats, compare_eager, cuda_graphs)
+    spec = speculation_override(Manifest.load(engine).speculative, speculative, num_speculative_tokens)
+    report = measure(
+        engine,
+        tuple(batches),
+        prompt_len,
+        new_tokens,
+        repeats,
+        compare_eager,
+        cuda_graphs,
+        spec,
+        compare_speculative,
+        workload,
+    )
     text = format_markdown(report)
     click.echo(text)
     if out:

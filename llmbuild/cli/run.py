@@ -44,12 +44,22 @@ if TYPE_CHECKING:
     type=click.Choice(["text", "json"]),
     default="text",
     show_default=True,
-    help="json: one line {token_ids, text, finish_reason}.",
+    help="json: one line {token_ids, text, finish_reason, num_draft_tokens, num_accepted_tokens}.",
 )
 @click.option(
     "--backend",
     type=click.Choice(["compiled", "eager"]),
     help="Override the engine's backend (eager runs a compiled engine's exported program, for debugging).",
+)
+@click.option(
+    "--speculative/--no-speculative",
+    default=None,
+    help="Speculative decoding as the engine's recipe set it (default), or off.",
+)
+@click.option(
+    "--num-speculative-tokens",
+    type=click.IntRange(1, 16),
+    help="Prompt-lookup speculative decoding proposing up to N tokens per step (also for an engine built without).",
 )
 def run_command(
     engine: Path,
@@ -58,17 +68,22 @@ def run_command(
     chat: bool,
     output_format: str,
     backend: str | None,
+    speculative: bool | None,
+    num_speculative_tokens: int | None,
     **sampling: Any,
 ) -> None:
     """Generate one completion with ENGINE in the terminal."""
+    from llmbuild.manifest import Manifest
     from llmbuild.runtime.llm_engine import LLMEngine
+    from llmbuild.runtime.speculative import speculation_override
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
     if chat and prompt is None:
         raise click.UsageError("--chat needs --prompt")
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
-    with LLMEngine.from_dir(engine, backend=backend) as llm:
+    spec = speculation_override(Manifest.load(engine).speculative, speculative, num_speculative_tokens)
+    with LLMEngine.from_dir(engine, backend=backend, speculative=spec) as llm:
         _generate(llm, prompt, ids, chat, output_format, sampling)
 
 
@@ -94,11 +109,16 @@ def _generate(
             sys.stdout.write(out.text)
             sys.stdout.flush()
     reason = request.finish_reason.value if request.finish_reason else None
+    drafted, accepted = request.num_draft_tokens, request.num_accepted_tokens
     if output_format == "json":
-        click.echo(json.dumps({"token_ids": request.output_token_ids, "text": "".join(text), "finish_reason": reason}))
+        result = {"token_ids": request.output_token_ids, "text": "".join(text), "finish_reason": reason}
+        click.echo(json.dumps({**result, "num_draft_tokens": drafted, "num_accepted_tokens": accepted}))
         return
     sys.stdout.write("\n")
-    console(stderr=True).print(f"[dim]{len(request.output_token_ids)} tokens, finish_reason={reason}[/]")
+    summary = f"{len(request.output_token_ids)} tokens, finish_reason={reason}"
+    if drafted:
+        summary += f", {accepted} of {drafted} proposed tokens accepted"
+    console(stderr=True).print(f"[dim]{summary}[/]")
 
 
 def _chat_prompt(llm: Any, prompt: str) -> list[int]:

@@ -60,6 +60,14 @@ def _default(field: str) -> Any:
 @click.option("--no-prefix-caching", is_flag=True, help="Do not reuse KV blocks of repeated prompt prefixes.")
 @click.option("--backend", type=click.Choice(["compiled", "eager"]), help="Override the engine's backend.")
 @click.option(
+    "--no-speculative", is_flag=True, help="No speculative decoding, even if the engine's recipe asked for it."
+)
+@click.option(
+    "--num-speculative-tokens",
+    type=click.IntRange(1, 16),
+    help="Prompt-lookup speculative decoding proposing up to N tokens per step (also for an engine built without).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -94,18 +102,22 @@ def serve_command(
     shutdown_timeout: float,
     no_prefix_caching: bool,
     backend: str | None,
+    no_speculative: bool,
+    num_speculative_tokens: int | None,
     log_level: str,
     log_format: str,
     public_key: Path | None,
 ) -> None:
     """Serve ENGINE behind an OpenAI-compatible HTTP API (loopback only unless --host says otherwise)."""
     from llmbuild.manifest import Manifest
+    from llmbuild.runtime.speculative import speculation_override
     from llmbuild.serve.server import serve as run_server
 
     keys = list(api_keys)
     if api_key_file is not None:
         keys += _read_api_keys(api_key_file)
-    defaults = Manifest.load(engine).serve
+    manifest = Manifest.load(engine)
+    defaults = manifest.serve
     if public_key is not None:
         from llmbuild.signing import verify_engine_signature
 
@@ -133,7 +145,8 @@ def serve_command(
             f"[bold yellow]warning:[/] serving on {config.host} without an API key: anyone who can reach this "
             "port can use the model; pass --api-key-file"
         )
-    run_server(engine, config, backend=backend, log_level=log_level)
+    speculative = speculation_override(manifest.speculative, not no_speculative, num_speculative_tokens)
+    run_server(engine, config, backend=backend, log_level=log_level, speculative=speculative)
 
 
 def _read_api_keys(path: Path) -> list[str]:

@@ -1,10 +1,10 @@
 """LLMEngine: the in-process generation loop over one engine rank.
 
-batch  = scheduler.schedule()               # which tokens of which requests
+batch  = scheduler.schedule()               # which tokens of which requests (+ proposed ones)
 logits = runner.execute(batch)              # one packed step of the compiled graph
-tokens = sampler.sample(logits, batch...)   # one token per sequence that finished its prompt
+tokens = sampler.verify(logits, batch...)   # a token per sampling sequence, after its kept proposals
 scheduler.update(batch, tokens)             # append, stop, free blocks
-detokenize + stop strings                   # text deltas for the caller
+detokenize + stop strings                   # text deltas for the caller, one output per token
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from llmbuild.errors import EngineError, RequestError
 from llmbuild.manifest import Manifest
 from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, format_bytes, plan_memory
+from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.block_pool import BlockPool
 from llmbuild.runtime.detokenizer import IncrementalDetokenizer
 from llmbuild.runtime.engine import Engine
@@ -30,14 +31,15 @@ from llmbuild.runtime.rank_workers import RankWorkers
 from llmbuild.runtime.request import FinishReason, Request
 from llmbuild.runtime.sampler import Sampler
 from llmbuild.runtime.sampling_params import SamplingParams
-from llmbuild.runtime.scheduler import Scheduler, SchedulerConfig, StepBatch
+from llmbuild.runtime.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, StepBatch
+from llmbuild.runtime.speculative import Speculator
 from llmbuild.runtime.structured_output import GrammarCompiler, StepMasks
 from llmbuild.tensor_parallel import rank_config
 
 
 @dataclass(frozen=True, slots=True)
 class RequestOutput:
-    """What one step produced for one request."""
+    """One new token of one request (a step gives a request several when it keeps proposed tokens)."""
 
     request_id: str
     token_id: int
@@ -72,8 +74,11 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         workers: RankWorkers | None = None,
         cuda_graphs: bool | None = None,
+        speculative: bool | SpeculativeSection = True,
     ) -> None:
-        """`cuda_graphs` overrides the engine's `cuda_graphs.enabled` (cuda engines; cpu ones have none)."""
+        """`cuda_graphs` overrides the engine's `cuda_graphs.enabled` (cuda engines; cpu ones have none).
+        `speculative`: True = the manifest's speculative decoding (if any), False = none, or a section to
+        use instead."""
         manifest = engine.manifest
         if manifest.target.tensor_parallel > 1 and workers is None:
             raise EngineError(f"{engine.path}: a tensor-parallel engine runs all its ranks; use LLMEngine.from_dir")
@@ -97,6 +102,8 @@ class LLMEngine:
         if graphs:
             buckets = tuple(b for b in manifest.cuda_graphs.batch_sizes if b <= self.limits.max_batch_size)
             self.runner.capture_decode_graphs(buckets or (self.limits.max_batch_size,), self.memory.num_blocks)
+        section = manifest.speculative if speculative is True else speculative or None
+        self.speculator = Speculator(section, self.limits.max_seq_len) if section is not None else None
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch_size=self.limits.max_batch_size,
@@ -106,6 +113,7 @@ class LLMEngine:
                 eos_token_ids=eos,
             ),
             self.pool,
+            self.speculator,
         )
         self.sampler = Sampler(manifest.model.vocab_size, eos)
         self.grammars = GrammarCompiler(self.tokenizer, manifest.model.vocab_size)
@@ -122,16 +130,16 @@ class LLMEngine:
         backend: str | None = None,
         enable_prefix_caching: bool = True,
         cuda_graphs: bool | None = None,
+        speculative: bool | SpeculativeSection = True,
     ) -> LLMEngine:
         """Load an engine directory (starting worker processes for the other ranks of a tensor-parallel one)."""
         tp = Manifest.load(Path(path)).target.tensor_parallel
         if tp == 1:
-            return cls(
-                Engine.load(path, verify=verify, backend=backend), enable_prefix_caching, cuda_graphs=cuda_graphs
-            )
+            engine = Engine.load(path, verify=verify, backend=backend)
+            return cls(engine, enable_prefix_caching, cuda_graphs=cuda_graphs, speculative=speculative)
         workers, engine = RankWorkers.launch(Path(path), tp, verify=verify, backend=backend)
         try:
-            return cls(engine, enable_prefix_caching, workers)
+            return cls(engine, enable_prefix_caching, workers, speculative=speculative)
         except BaseException:
             workers.stop()
             raise
@@ -209,7 +217,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; return the new token and text of every request that got one."""
+        """Run one step; return the new tokens and text of every request that got any (one output per token)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.has_unfinished():
@@ -217,26 +225,44 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with unfinished requests")
             return []
         start = time.perf_counter()
-        sampling = batch.sampling_requests
-        constrained = [(i, r.matcher) for i, r in enumerate(sampling) if r.matcher is not None]
+        seqs = batch.sampling_seqs
+        sampling = [s.request for s in seqs]
+        first_rows = list(itertools.accumulate((s.num_rows for s in seqs), initial=0))
+        constrained = [(row, r.matcher) for row, r in zip(first_rows, sampling, strict=False) if r.matcher is not None]
         masks = None
         if constrained:
             cuda = self.engine.device.type == "cuda"
             masks = StepMasks(constrained, self.grammars.vocab_size, self.sampler.eos_token_ids, overlap=cuda)
         logits = self.runner.execute(batch)
-        logits, prompt_logits = logits[: len(sampling)], logits[len(sampling) :]
-        tokens = self.sampler.sample(masks.apply(logits) if masks else logits, sampling)
-        logprobs = None
-        if any(r.params.logprobs is not None for r in sampling):
-            logprobs = dict(zip(sampling, self.sampler.logprobs(logits, sampling, tokens), strict=True))
+        logits, prompt_logits = logits[: first_rows[-1]], logits[first_rows[-1] :]
+        drafts = [s.draft_token_ids for s in seqs]
+        tokens, kept = self.sampler.verify(masks.apply(logits) if masks else logits, sampling, drafts)
+        logprobs = self._logprobs(logits, seqs, first_rows, tokens, kept)
         if prompt_logits.shape[0]:
             score_prompts(batch, prompt_logits)
         self.model_seconds += time.perf_counter() - start
-        advanced = self.scheduler.update(batch, tokens)
-        for request in advanced:
+        outputs = []
+        for request, count in self.scheduler.update(batch, tokens, kept):
             if request.matcher is not None:
                 self._advance_grammar(request)
-        return [self._output(request, logprobs[request] if logprobs else None) for request in advanced]
+            outputs.extend(self._outputs(request, count, logprobs.get(request)))
+        return outputs
+
+    def _logprobs(
+        self,
+        logits: torch.Tensor,
+        seqs: list[ScheduledSeq],
+        first_rows: list[int],
+        tokens: list[int],
+        kept: list[int],
+    ) -> dict[Request, list[TokenLogprobs]]:
+        """The logprobs of each new token (kept proposals, then the final one) of the requests that ask."""
+        out = {}
+        for seq, row, token, n in zip(seqs, first_rows, tokens, kept, strict=False):
+            k = seq.request.params.logprobs
+            if k is not None:
+                out[seq.request] = token_logprobs(logits[row : row + n + 1], [*seq.draft_token_ids[:n], token], k)
+        return out
 
     def _advance_grammar(self, request: Request) -> None:
         """Feed the sampled token to the request's matcher; a grammar that is complete ends the request."""
@@ -276,17 +302,29 @@ class LLMEngine:
             for r in requests
         ]
 
-    def _output(self, request: Request, logprobs: TokenLogprobs | None) -> RequestOutput:
+    def _outputs(self, request: Request, count: int, logprobs: list[TokenLogprobs] | None) -> list[RequestOutput]:
+        """The outputs of the request's `count` newest tokens; a stop string ends the request at its token."""
         detok = self._detokenizers[request.request_id]
-        text = detok.update(request.output_token_ids[-1])
-        if detok.stopped_by is not None and not request.is_finished:
-            self.scheduler.finish(request, FinishReason.STOP)
-        if request.is_finished:
-            text += detok.flush()
-            del self._detokenizers[request.request_id]
-        reason = request.finish_reason.value if request.finish_reason else None
-        scored = request.prompt_logprobs if len(request.output_token_ids) == 1 and request.prompt_logprobs else None
-        return RequestOutput(request.request_id, request.output_token_ids[-1], text, reason, logprobs, scored)
+        first = len(request.output_token_ids) - count
+        outputs = []
+        for i in range(first, first + count):
+            text = detok.update(request.output_token_ids[i])
+            if detok.stopped_by is not None and not request.is_finished:
+                del request.output_token_ids[i + 1 :]  # kept proposals past the stop string are not output
+                self.scheduler.finish(request, FinishReason.STOP)
+            last = request.is_finished and i == len(request.output_token_ids) - 1
+            if last:
+                text += detok.flush()
+                del self._detokenizers[request.request_id]
+            reason = request.finish_reason.value if last and request.finish_reason else None
+            scored = request.prompt_logprobs if i == 0 and request.prompt_logprobs else None
+            sampled = logprobs[i - first] if logprobs else None
+            outputs.append(
+                RequestOutput(request.request_id, request.output_token_ids[i], text, reason, sampled, scored)
+            )
+            if last:
+                break
+        return outputs
 
     def _plan_memory(self, engine: Engine) -> MemoryPlan:
         manifest = engine.manifest

@@ -1,8 +1,8 @@
 """ModelRunner: holds the KV cache and turns a StepBatch into one call of the engine graph.
 
 The step's sequences are packed back to back without padding (see plugins/paged_attention.py);
-only the rows of sequences that sample a token (and of prompt positions a request scores) come back
-as logits.
+only the rows of sequences that sample a token (one more per token a sequence proposes, see
+runtime/speculative.py, and one per prompt position a request scores) come back as logits.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ class ModelRunner:
             )
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        """Run one step; returns fp32 logits [rows, vocab]: one per sampling sequence, then one per
-        scored prompt position (batch.scoring_seqs), in batch order."""
+        """Run one step; returns fp32 logits [rows, vocab]: seq.num_rows per sampling sequence, then one
+        per scored prompt position (batch.scoring_seqs), in batch order."""
         inputs, num_rows = self.prepare(batch)
         return self.run(inputs)[:num_rows]
 
@@ -91,14 +91,14 @@ class ModelRunner:
             request = seq.request
             start, end = request.num_computed_tokens, request.num_computed_tokens + seq.num_new_tokens
             blocks = request.block_ids
-            ids.extend(request.token_at(p) for p in range(start, end))
+            ids.extend(request.token_at(p) for p in range(start, end - len(seq.draft_token_ids)))
+            ids.extend(seq.draft_token_ids)
             positions.extend(range(start, end))
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             tables.append(blocks + [0] * (self.max_blocks_per_seq - len(blocks)))
             seq_lens.append(end)
             cu_seqlens.append(cu_seqlens[-1] + seq.num_new_tokens)
-            if seq.samples:
-                rows.append(cu_seqlens[-1] - 1)
+            rows.extend(range(cu_seqlens[-1] - seq.num_rows, cu_seqlens[-1]))
         for seq, seq_start in zip(batch.seqs, cu_seqlens, strict=False):
             # the row of position p is p's offset in the packed step
             rows.extend(seq_start - seq.request.num_computed_tokens + p for p in seq.scored_positions)

@@ -57,6 +57,14 @@ class Request:
     prompt's chunks are computed (runtime/llm_engine.py)."""
     matcher: Any = None
     """With params.structured: the grammar's llguidance matcher, fed every sampled token."""
+    num_draft_tokens: int = 0
+    """Tokens proposed for this request by speculative decoding (runtime/speculative.py)."""
+    num_accepted_tokens: int = 0
+    """Proposed tokens kept (each one a token this request got without a step of its own)."""
+    acceptance_rate: float = 1.0
+    """Running share of its proposals kept; below the engine's threshold it stops proposing for a while."""
+    speculation_paused_until: int = 0
+    """No proposals until the output has this many tokens."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
 

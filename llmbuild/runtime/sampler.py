@@ -7,6 +7,8 @@ gives the same tokens whatever else is in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from llmbuild.runtime.logprobs import TokenLogprobs, token_logprobs
@@ -21,20 +23,35 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """logits: [len(requests), vocab] fp32 -> one token id per request."""
-        if all(r.params.greedy and not self._adjusts_logits(r) for r in requests):
-            return logits.argmax(dim=-1).tolist()
-        logits = logits.cpu()  # the requests' generators are CPU generators
-        tokens = []
-        for row, request in zip(logits, requests, strict=True):
-            params = request.params
-            if self._adjusts_logits(request):
-                row = self._adjust(row.clone(), request)
-            if params.greedy:
-                tokens.append(int(row.argmax()))
-                continue
-            probs = filtered_probs(row / params.temperature, params)
-            tokens.append(int(torch.multinomial(probs, 1, generator=request.generator)))
-        return tokens
+        return self.verify(logits, requests, [()] * len(requests))[0]
+
+    def verify(
+        self, logits: torch.Tensor, requests: list[Request], drafts: Sequence[Sequence[int]]
+    ) -> tuple[list[int], list[int]]:
+        """Check each request's proposed tokens; returns (final token, proposals kept) per request.
+
+        `logits` holds 1 + len(drafts[i]) rows for request i, in order. Row j is sampled as plain decoding
+        would sample it after the first j proposals (runtime/speculative.py: that makes the check lossless);
+        proposals are kept while they equal those draws, and the first draw that differs, or the one after
+        the last proposal, is the final token.
+        """
+        fast = all(r.params.greedy and not self._adjusts_logits(r.params, r.output_token_ids) for r in requests)
+        best = logits.argmax(dim=-1).tolist() if fast else None
+        if not fast:
+            logits = logits.cpu()  # the requests' generators are CPU generators
+        tokens, kept = [], []
+        row = 0
+        for request, proposal in zip(requests, drafts, strict=True):
+            output = list(request.output_token_ids)
+            for j in range(len(proposal) + 1):
+                token = best[row + j] if best is not None else self._draw(logits[row + j], request, output)
+                if j == len(proposal) or token != proposal[j]:
+                    break
+                output.append(token)
+            tokens.append(token)
+            kept.append(j)
+            row += len(proposal) + 1
+        return tokens, kept
 
     def logprobs(self, logits: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[TokenLogprobs | None]:
         """For each request that asked for logprobs: its sampled token's and its top alternatives'
@@ -45,23 +62,33 @@ class Sampler:
             out.append(None if k is None else token_logprobs(row[None], [token], k)[0])
         return out
 
-    def _adjusts_logits(self, request: Request) -> bool:
-        return request.params.adjusts_logits or len(request.output_token_ids) < request.params.min_tokens
-
-    def _adjust(self, row: torch.Tensor, request: Request) -> torch.Tensor:
+    def _draw(self, row: torch.Tensor, request: Request, output: list[int]) -> int:
+        """One token from `row` for `request` whose output so far is `output`."""
         params = request.params
+        if self._adjusts_logits(params, output):
+            row = self._adjust(row.clone(), params, request.prompt_token_ids, output)
+        if params.greedy:
+            return int(row.argmax())
+        probs = filtered_probs(row / params.temperature, params)
+        return int(torch.multinomial(probs, 1, generator=request.generator))
+
+    @staticmethod
+    def _adjusts_logits(params: SamplingParams, output: Sequence[int]) -> bool:
+        return params.adjusts_logits or len(output) < params.min_tokens
+
+    def _adjust(self, row: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
         if params.logit_bias:
             biased, biases = zip(*params.logit_bias, strict=True)
             row[list(biased)] += torch.tensor(biases, dtype=row.dtype)
         if params.repetition_penalty != 1:
-            seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
             picked = row[seen]
             row[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-        if (params.presence_penalty or params.frequency_penalty) and request.output_token_ids:
-            counts = torch.bincount(torch.tensor(request.output_token_ids), minlength=self.vocab_size)
+        if (params.presence_penalty or params.frequency_penalty) and output:
+            counts = torch.bincount(torch.tensor(output), minlength=self.vocab_size)
             counts = counts[: self.vocab_size].to(row.dtype)
             row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
-        if len(request.output_token_ids) < params.min_tokens:
+        if len(output) < params.min_tokens:
             banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
             ids = [t for t in banned if t < self.vocab_size]
             if ids:

@@ -42,6 +42,8 @@ class SamplingParams:
     """(token id, bias) pairs added to the logits before sampling; -100 / 100 ban / force a token."""
     structured: Grammar | None = None
     """Constrain the output to a grammar (runtime/structured_output.py); None = free text."""
+    speculate: bool = True
+    """Take part in the engine's speculative decoding, if it does any (False: one token per step)."""
 
     def __post_init__(self) -> None:
         checks = [

@@ -10,6 +10,9 @@ On admission the longest prefix of the request's full blocks found in the prefix
 instead of recomputed; blocks are registered in the cache as they fill. When blocks run out the
 least important running request is preempted: its blocks are released (they stay cached) and it
 is recomputed from its tokens later, so nothing is lost.
+
+With speculative decoding (runtime/speculative.py) a decoding sequence also computes the tokens it
+proposes; update() keeps those the sampler accepted and shortens the sequence past the others.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from llmbuild.errors import RequestError
 from llmbuild.runtime.block_pool import BlockPool, block_hash
 from llmbuild.runtime.request import FinishReason, Request, RequestStatus
+from llmbuild.runtime.speculative import Speculator
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,13 @@ class ScheduledSeq:
     num_new_tokens: int
     samples: bool
     """The chunk reaches the request's last known token, so the step samples its next token."""
+    draft_token_ids: tuple[int, ...] = ()
+    """Proposed tokens computed after the last known one (the chunk's last len(draft_token_ids) tokens)."""
+
+    @property
+    def num_rows(self) -> int:
+        """Logit rows the sequence samples from: its last known token's and one per proposed token."""
+        return 1 + len(self.draft_token_ids) if self.samples else 0
 
     @property
     def scored_positions(self) -> range:
@@ -51,6 +62,11 @@ class StepBatch:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def sampling_seqs(self) -> list[ScheduledSeq]:
+        """The sequences that sample: their logit rows come first (num_rows each), in batch order."""
+        return [s for s in self.seqs if s.samples]
 
     @property
     def sampling_requests(self) -> list[Request]:
@@ -74,9 +90,10 @@ class SchedulerConfig:
 class Scheduler:
     """Waiting queue, running list, and the step-by-step decisions between them."""
 
-    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, speculator: Speculator | None = None) -> None:
         self.config = config
         self.pool = pool
+        self.speculator = speculator
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -104,13 +121,17 @@ class Scheduler:
         """Pick this step's tokens: running requests first, then new ones, within all limits."""
         budget = self.config.max_num_tokens
         seqs: list[ScheduledSeq] = []
+        num_decoding = sum(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
+            drafts = self._drafts(request, budget, num_decoding) if n == 1 else ()
+            if drafts and not self._reserve(request, request.num_computed_tokens + n + len(drafts)):
+                drafts = ()  # no room for the proposals: decode one token
             if self._reserve(request, request.num_computed_tokens + n):
-                seqs.append(self._chunk(request, n))
-                budget -= n
+                seqs.append(self._chunk(request, n, drafts))
+                budget -= n + len(drafts)
                 i += 1
             else:
                 self._preempt(self.running.pop())  # the newest; may be `request` itself
@@ -132,26 +153,41 @@ class Scheduler:
             budget -= n
         return StepBatch(tuple(seqs))
 
-    def update(self, batch: StepBatch, sampled: list[int]) -> list[Request]:
-        """Advance each scheduled request; append sampled tokens and finish requests that stop.
+    def update(
+        self, batch: StepBatch, sampled: list[int], num_accepted: list[int] | None = None
+    ) -> list[tuple[Request, int]]:
+        """Advance each scheduled request; append its new tokens and finish requests that stop.
 
-        `sampled` holds one token per sampling sequence, in batch order. Returns the requests
-        that received a token this step.
+        `sampled` holds one token per sampling sequence, in batch order, and `num_accepted` how many of
+        the sequence's proposed tokens precede it (all sequences: 0 when None). A stop ends the request
+        at the token that stops it. Returns each request that got tokens, with how many.
         """
         tokens = iter(sampled)
+        accepted = iter(num_accepted) if num_accepted is not None else None
         advanced = []
         for seq in batch.seqs:
             request = seq.request
-            self._register_full_blocks(request, request.num_computed_tokens + seq.num_new_tokens)
-            request.num_computed_tokens += seq.num_new_tokens
             if not seq.samples:
+                self._register_full_blocks(request, request.num_computed_tokens + seq.num_new_tokens)
+                request.num_computed_tokens += seq.num_new_tokens
                 continue
-            token = next(tokens)
-            request.output_token_ids.append(token)
-            advanced.append(request)
-            reason = self._stop_reason(request, token)
+            kept = next(accepted) if accepted is not None else 0
+            new_tokens = [*seq.draft_token_ids[:kept], next(tokens)]
+            if seq.draft_token_ids and self.speculator is not None:
+                self.speculator.record(request, len(seq.draft_token_ids), kept)
+            count, reason = 0, None
+            while reason is None and count < len(new_tokens):
+                request.output_token_ids.append(new_tokens[count])
+                reason = self._stop_reason(request, new_tokens[count])
+                count += 1
+            # the KV cache now holds every token but the newest (rejected proposals' entries lie beyond)
+            self._register_full_blocks(request, request.num_tokens - 1)
+            request.num_computed_tokens = request.num_tokens - 1
+            advanced.append((request, count))
             if reason is not None:
                 self.finish(request, reason)
+            elif seq.draft_token_ids:
+                self._shrink(request)
         return advanced
 
     def finish(self, request: Request, reason: FinishReason) -> None:
@@ -204,8 +240,21 @@ class Scheduler:
         request.block_ids = []
         request.num_computed_tokens = request.num_cached_tokens = 0
 
-    def _chunk(self, request: Request, n: int) -> ScheduledSeq:
-        return ScheduledSeq(request, n, request.num_computed_tokens + n == request.num_tokens)
+    def _chunk(self, request: Request, n: int, drafts: tuple[int, ...] = ()) -> ScheduledSeq:
+        samples = request.num_computed_tokens + n == request.num_tokens
+        return ScheduledSeq(request, n + len(drafts), samples, drafts)
+
+    def _drafts(self, request: Request, budget: int, num_decoding: int) -> tuple[int, ...]:
+        if self.speculator is None:
+            return ()
+        return self.speculator.propose(request, budget, num_decoding)
+
+    def _shrink(self, request: Request) -> None:
+        """Return the blocks that held only rejected proposals (never registered in the prefix cache)."""
+        keep = math.ceil(request.num_tokens / self.config.block_size)
+        if len(request.block_ids) > keep:
+            self.pool.free(request.block_ids[keep:])
+            del request.block_ids[keep:]
 
     def _reserve(self, request: Request, num_tokens: int) -> bool:
         """Make sure the request owns blocks for num_tokens tokens; False if the pool is short."""

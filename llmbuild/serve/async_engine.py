@@ -251,3 +251,6 @@ class AsyncEngine:
         m.set_scheduler_counters(
             scheduler.num_preemptions, scheduler.prefix_queried_tokens, scheduler.prefix_hit_tokens
         )
+        spec = self.llm.speculator
+        if spec is not None:
+            m.set_speculation_counters(spec.num_verifications, spec.num_draft_tokens, spec.num_accepted_tokens)

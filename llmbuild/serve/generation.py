@@ -39,6 +39,7 @@ def sampling_params(ctx: ServeContext, body: GenerationRequest) -> SamplingParam
             prompt_logprobs=body.num_prompt_logprobs,
             logit_bias=body.logit_bias_pairs,
             structured=check_grammar(ctx, body),
+            speculate=body.speculate,
         )
     except RequestError as exc:
         raise APIError(400, str(exc)) from None

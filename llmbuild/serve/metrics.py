@@ -44,11 +44,19 @@ class Metrics:
         self.model_time = counter(
             "llmbuild_model_time_seconds", "Part of step time in the forward pass and sampling (the rest is overhead)"
         )
+        self.spec_drafts = counter(
+            "llmbuild_spec_decode_num_drafts", "Verifications of proposed tokens (speculative decoding)"
+        )
+        self.spec_draft_tokens = counter("llmbuild_spec_decode_num_draft_tokens", "Tokens proposed")
+        self.spec_accepted_tokens = counter(
+            "llmbuild_spec_decode_num_accepted_tokens", "Proposed tokens accepted (each a token without a step)"
+        )
         self._finished = Counter(
             "llmbuild_requests", "Finished requests by reason", labelnames=["model", "finish_reason"], registry=r
         )
         self._model = model
         self._counts = (0, 0, 0)
+        self._spec_counts = (0, 0, 0)
 
     def observe_step(self, seconds: float, model_seconds: float) -> None:
         self.step.observe(seconds)
@@ -67,3 +75,11 @@ class Metrics:
         self._counts = (preemptions, queried, hits)
         if queried:
             self.prefix_hit_rate.set(hits / queried)
+
+    def set_speculation_counters(self, drafts: int, draft_tokens: int, accepted_tokens: int) -> None:
+        """Mirror the speculator's running totals into counters (they only grow)."""
+        old = self._spec_counts
+        self.spec_drafts.inc(drafts - old[0])
+        self.spec_draft_tokens.inc(draft_tokens - old[1])
+        self.spec_accepted_tokens.inc(accepted_tokens - old[2])
+        self._spec_counts = (drafts, draft_tokens, accepted_tokens)

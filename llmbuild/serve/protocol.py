@@ -65,6 +65,8 @@ class GenerationRequest(RequestModel):
     skip_special_tokens: bool = True
     priority: int = Field(0, ge=-1000, le=1000)
     """Lower is served first (vLLM's convention); equal priorities are first come, first served."""
+    speculate: bool = True
+    """False: this request takes no part in the engine's speculative decoding (llmbuild extension)."""
     user: str | None = Field(None, max_length=256)
     """The end user's id (OpenAI's abuse monitoring): accepted, not used."""
     logit_bias: dict[str, float] | None = None

@@ -26,6 +26,7 @@ from types import FrameType
 import uvicorn
 
 from llmbuild.errors import LLMBuildError
+from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.serve.app import create_app
 from llmbuild.serve.async_engine import AsyncEngine
@@ -37,10 +38,19 @@ from llmbuild.serve.metrics import Metrics
 log = logging.getLogger("llmbuild.serve")
 
 
-def serve(engine_dir: str | Path, config: ServeConfig, backend: str | None = None, log_level: str = "info") -> None:
-    """Load the engine at engine_dir and serve it until shut down (must run on the main thread)."""
+def serve(
+    engine_dir: str | Path,
+    config: ServeConfig,
+    backend: str | None = None,
+    log_level: str = "info",
+    speculative: bool | SpeculativeSection = True,
+) -> None:
+    """Load the engine at engine_dir and serve it until shut down (must run on the main thread).
+    `speculative`: LLMEngine's (the engine's own speculative decoding, off, or other settings)."""
     configure_logging(config.log_format, log_level)
-    llm = LLMEngine.from_dir(engine_dir, backend=backend, enable_prefix_caching=config.enable_prefix_caching)
+    llm = LLMEngine.from_dir(
+        engine_dir, backend=backend, enable_prefix_caching=config.enable_prefix_caching, speculative=speculative
+    )
     state = ServerState()
     engine = AsyncEngine(llm, Metrics(config.model_name or llm.engine.manifest.name), config.max_queue)
     app = create_app(engine, config, state)

@@ -44,3 +44,17 @@ def test_bench_writes_json_and_markdown(llama_engine, tmp_path, capsys):
     assert report["kernel_isa"] == compiled_isas()[0] and set(report["cpu_isa_flags"]) <= cpu_flags()
     assert "| backend | batch |" in out.with_suffix(".md").read_text()
     assert "decode ceiling" in capsys.readouterr().out
+
+
+def test_bench_compares_speculation_on_and_off(demo_engine, tmp_path):
+    out = tmp_path / "spec"
+    args = ["bench", str(demo_engine), "--batch", "1", "--prompt-len", "16", "--new-tokens", "8", "--repeats", "2"]
+    main([*args, "--workload", "repeat", "--num-speculative-tokens", "3", "--compare-speculative", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    labels = {r["backend"] for r in report["summary"]}
+    assert labels == {f"{report['backend']}, speculative k=3", f"{report['backend']}, speculation off"}
+    spec = next(r for r in report["summary"] if "k=3" in r["backend"])
+    assert sum(r["draft_tokens"] for r in report["runs"]) > 0  # the repeated prompt gives prompt lookup matches
+    assert 0 <= spec["acceptance_rate"] <= 1 and spec["mean_accepted_len"] >= 0
+    assert "acceptance_rate" not in next(r for r in report["summary"] if "off" in r["backend"])
+    assert "| accepted (rate, mean length) |" in out.with_suffix(".md").read_text()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from llmbuild.errors import EngineError
 from llmbuild.manifest import Manifest
+from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
@@ -135,3 +136,17 @@ def test_quantized_bf16_engines_shard_too(make_engine, weights):
     agreement = (logits.argmax(-1) == expected.argmax(-1)).float().mean().item()
     error = (logits - expected).abs().mean().item() / expected.std().item()
     assert agreement >= 0.95 and error < 0.02, (agreement, error)
+
+
+def test_speculative_decoding_runs_on_every_rank(make_engine):
+    """Verification steps (several tokens and logit rows per sequence) on a tensor-parallel engine: the tokens
+    of plain decoding, with proposals accepted."""
+    engine = make_engine("demo-eager-tp2", DEMO, model={"dtype": "float32"}, target={"tensor_parallel": 2})
+    prompts = ["A function is", "The dictionary is a mapping of keys to values. The dictionary is", "The list"]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    with LLMEngine.from_dir(engine, speculative=False) as llm:
+        expected = [c.token_ids for c in llm.generate(prompts, params)]
+    spec = SpeculativeSection(num_speculative_tokens=3, max_batch_size=4)
+    with LLMEngine.from_dir(engine, speculative=spec) as llm:
+        assert [c.token_ids for c in llm.generate(prompts, params)] == expected
+        assert llm.speculator is not None and llm.speculator.num_draft_tokens > 0

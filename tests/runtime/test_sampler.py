@@ -71,7 +71,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
     s = Sampler(V, frozenset())
     logits = torch.tensor([4.0, -2.0, 3.0, 0, 0, 0, 0, 0, 0, 0])
     r = req(prompt=(0,), output=(1,), repetition_penalty=2.0)
-    adjusted = s._adjust(logits.clone(), r)
+    adjusted = s._adjust(logits.clone(), r.params, r.prompt_token_ids, r.output_token_ids)
     assert adjusted[0].item() == 2.0 and adjusted[1].item() == -4.0 and adjusted[2].item() == 3.0
     assert sample(logits, req(prompt=(0,), repetition_penalty=2.0, temperature=0)) == [2]
 
@@ -79,7 +79,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
 def test_presence_and_frequency_penalties_count_output_tokens():
     s = Sampler(V, frozenset())
     r = req(prompt=(5,), output=(3, 3, 4), presence_penalty=0.5, frequency_penalty=1.0)
-    adjusted = s._adjust(torch.zeros(V), r)
+    adjusted = s._adjust(torch.zeros(V), r.params, r.prompt_token_ids, r.output_token_ids)
     assert adjusted[3].item() == pytest.approx(-2.5)
     assert adjusted[4].item() == pytest.approx(-1.5)
     assert adjusted[5].item() == 0.0  # prompt tokens are not penalised

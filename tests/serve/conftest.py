@@ -170,6 +170,7 @@ class FakeLLM:
             waiting=[], running=[], num_preemptions=0, prefix_queried_tokens=0, prefix_hit_tokens=0
         )
         self.model_seconds = 0.0
+        self.speculator = None
         self.refuse: str | None = None
         self.running: list[Request] = []
         self._ids = itertools.count()

@@ -85,3 +85,23 @@ def test_ready_is_503_while_draining_or_after_the_engine_stopped(fake_llm, publi
         r = client.get("/ready")
         assert (r.status_code, r.json()) == (503, {"status": "engine stopped"})
         assert client.get("/health").status_code == 503
+
+
+def test_speculative_decoding_is_counted_and_a_request_may_opt_out(demo_engine, tmp_path):
+    server = start_server(demo_engine, tmp_path / "log", "--num-speculative-tokens", "3", "--model-name", "demo")
+    try:
+        prompt = "The dictionary is a mapping of keys to values. The dictionary is"
+        body = {"model": "demo", "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        with server.client() as c:
+            speculated = c.post("/v1/completions", json=body).json()
+            drafted = server.metric("llmbuild_spec_decode_num_draft_tokens_total")
+            alone = c.post("/v1/completions", json=body | {"speculate": False}).json()
+            assert server.metric("llmbuild_spec_decode_num_draft_tokens_total") == drafted  # opted out
+            assert c.post("/v1/completions", json=body | {"speculate": "maybe"}).status_code == 400
+        assert speculated["choices"][0]["text"] == alone["choices"][0]["text"]
+        assert speculated["usage"]["completion_tokens"] == alone["usage"]["completion_tokens"] == 24
+        assert drafted > 0 and server.metric("llmbuild_spec_decode_num_drafts_total") > 0
+        accepted = server.metric("llmbuild_spec_decode_num_accepted_tokens_total")
+        assert 0 <= accepted <= drafted
+    finally:
+        assert server.stop() == 0

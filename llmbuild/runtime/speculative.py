@@ -1,0 +1,111 @@
+"""Speculative decoding: which tokens a decoding sequence proposes, and when proposing pays.
+
+A sequence that speculates computes its last known token and k proposed tokens in one step (positions
+n-1 .. n-1+k, one logit row each). The sampler then draws the target's token at each row in order, as
+plain decoding would, and keeps the proposals up to the first one that differs from its draw; the draw
+there (or after the last proposal) is the step's final token. With a proposal that is a single guess
+(prompt lookup: a one-hot draft distribution), comparing the draw with the guess is exactly Leviathan et
+al.'s rejection sampling: the guess is kept with probability p(guess), and on rejection the token comes
+from p with the guess removed, renormalised. So the output distribution is the target's, and a seeded
+request draws the same tokens as without speculation (one draw per emitted token, in the same order).
+
+Rejected positions are rolled back by shortening the sequence: their KV entries sit past
+num_computed_tokens and are overwritten later; nothing is copied.
+
+When it pays (bench/results/spec-*.md): a verification step of 1 + k tokens costs little more than a
+decode step while a step is memory-bound (few sequences), and more as the batch grows; so a step
+speculates only while at most `max_batch_size` sequences decode, and a sequence whose running acceptance
+falls below `min_acceptance_rate` pauses for PAUSE_TOKENS tokens, then tries again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from llmbuild.recipe import SpeculativeSection
+from llmbuild.runtime.request import Request
+
+PAUSE_TOKENS = 32
+"""Tokens a sequence decodes without proposals after its acceptance rate fell below the threshold."""
+RATE_WEIGHT = 0.3
+"""Weight of the latest verification in a sequence's running acceptance rate (exponential average)."""
+
+
+def propose_ngram(tokens: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the last n
+    tokens, for the longest n in [min_n, max_n] that occurs; [] when none does."""
+    if k <= 0 or len(tokens) < min_n + 1:
+        return []
+    ids = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(max_n, len(ids) - 1), min_n - 1, -1):
+        # windows starting at 0 .. len-1-n: each is followed by at least one token
+        windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)
+        starts = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+        if starts.size:
+            start = int(starts[-1]) + n
+            return ids[start : start + k].tolist()
+    return []
+
+
+def speculation_override(
+    section: SpeculativeSection | None, enabled: bool | None, num_tokens: int | None
+) -> SpeculativeSection | bool:
+    """LLMEngine's `speculative` argument for an engine whose manifest holds `section`: off when `enabled` is
+    False; with `num_tokens`, prompt lookup proposing that many (the engine's other settings, or the defaults);
+    else the engine's own (True)."""
+    if enabled is False:
+        return False
+    if num_tokens is None:
+        return True
+    settings = section.model_dump() if section is not None else {}
+    return SpeculativeSection(**{**settings, "num_speculative_tokens": num_tokens})
+
+
+class Speculator:
+    """Proposes tokens for decoding sequences and keeps the acceptance counts (engine-wide and per request)."""
+
+    def __init__(self, config: SpeculativeSection, max_seq_len: int) -> None:
+        self.config = config
+        self.max_seq_len = max_seq_len
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.num_verifications = 0
+
+    def propose(self, request: Request, budget: int, num_decoding: int) -> tuple[int, ...]:
+        """The tokens `request` (a decoding sequence) checks this step, at most budget - 1 of them."""
+        config = self.config
+        if num_decoding > config.max_batch_size or not self._speculates(request):
+            return ()
+        # the step's final token counts against max_tokens and max_seq_len too
+        k = min(
+            config.num_speculative_tokens,
+            budget - 1,
+            request.max_tokens - len(request.output_token_ids) - 1,
+            self.max_seq_len - request.num_tokens - 1,
+        )
+        tokens = request.all_token_ids
+        return tuple(propose_ngram(tokens, config.prompt_lookup_min, config.prompt_lookup_max, k))
+
+    def record(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        """Count one verification of `num_drafts` proposals, `num_accepted` of them kept."""
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        self.num_verifications += 1
+        request.num_draft_tokens += num_drafts
+        request.num_accepted_tokens += num_accepted
+        rate = (1 - RATE_WEIGHT) * request.acceptance_rate + RATE_WEIGHT * num_accepted / num_drafts
+        if rate < self.config.min_acceptance_rate:
+            request.speculation_paused_until = len(request.output_token_ids) + PAUSE_TOKENS
+            rate = 1.0  # a fresh start after the pause
+        request.acceptance_rate = rate
+
+    def _speculates(self, request: Request) -> bool:
+        params = request.params
+        # a grammar's matcher follows one token at a time (no rollback here yet)
+        return (
+            params.speculate
+            and request.matcher is None
+            and len(request.output_token_ids) >= request.speculation_paused_until
+        )

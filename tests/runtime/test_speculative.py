@@ -1,0 +1,201 @@
+"""Speculative decoding (prompt lookup): proposals, the adaptive switch, and lossless output.
+
+Lossless is checked against the engine without speculation and against transformers (greedy), token for
+token for seeded sampled requests (the draws are the same ones plain decoding makes), and statistically
+for the verification rule on a small vocabulary.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmbuild.recipe import SpeculativeSection
+from llmbuild.runtime.llm_engine import LLMEngine
+from llmbuild.runtime.request import Request
+from llmbuild.runtime.sampler import Sampler
+from llmbuild.runtime.sampling_params import SamplingParams
+from llmbuild.runtime.speculative import PAUSE_TOKENS, Speculator, propose_ngram
+from tests.conftest import edit_json
+from tests.helpers import GREEDY
+
+DEMO = Path(__file__).parents[2] / "models" / "demo"
+KV_BYTES_PER_TOKEN = 4 * 2 * 4 * 32 * 4  # layers x (K, V) x kv heads x head dim x fp32
+SPEC = SpeculativeSection(num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3, max_batch_size=8)
+
+
+def _request(prompt, output=(), **params) -> Request:
+    request = Request("r", list(prompt), SamplingParams(max_tokens=64, **params), max_tokens=64)
+    request.output_token_ids.extend(output)
+    return request
+
+
+def test_ngram_proposes_what_followed_the_latest_longest_match():
+    assert propose_ngram([1, 2, 3, 9, 1, 2, 3, 8, 5, 2, 3], 1, 3, 4) == [8, 5, 2, 3]  # "2 3" latest: before 8
+    assert propose_ngram([1, 2, 3, 9, 7, 7, 1, 2, 3], 1, 3, 2) == [9, 7]  # the 3-gram wins over later 1-grams
+    assert propose_ngram([5, 6, 7, 5, 6], 2, 2, 8) == [7, 5, 6]  # stops at the end of the tokens
+    assert propose_ngram([1, 2, 3, 4], 1, 3, 4) == []  # the last token never occurred before
+    assert propose_ngram([4, 1, 2, 4], 2, 3, 4) == []  # a 1-gram matches, but min is 2
+    assert propose_ngram([4, 1, 4], 1, 3, 0) == []
+
+
+def test_speculator_respects_limits_the_batch_rule_and_opt_outs():
+    spec = Speculator(SPEC, max_seq_len=64)
+    loop = [3, 4, 5, 3, 4, 5, 3, 4]
+    assert spec.propose(_request(loop), budget=100, num_decoding=1) == (5, 3, 4)
+    assert spec.propose(_request(loop), budget=3, num_decoding=1) == (5, 3)  # budget - 1
+    assert spec.propose(_request(loop), budget=100, num_decoding=9) == ()  # above max_batch_size
+    assert spec.propose(_request(loop, speculate=False), budget=100, num_decoding=1) == ()
+    near_end = Speculator(SPEC, max_seq_len=10)  # 8 tokens: one proposal, then the final token fills 10
+    assert near_end.propose(_request(loop), budget=100, num_decoding=1) == (5,)
+    short = _request(loop)
+    short.max_tokens = 2  # the final token counts too: room for one proposal
+    assert spec.propose(short, budget=100, num_decoding=1) == (5,)
+    constrained = _request(loop)
+    constrained.matcher = object()
+    assert spec.propose(constrained, budget=100, num_decoding=1) == ()
+
+
+def test_a_request_that_rejects_its_proposals_pauses_then_tries_again():
+    spec = Speculator(SPEC, max_seq_len=512)
+    request = _request([3, 4, 5, 3, 4, 5, 3, 4])
+    while request.speculation_paused_until == 0:
+        spec.record(request, 4, 0)
+    assert request.num_draft_tokens >= 8 and request.num_accepted_tokens == 0
+    assert spec.propose(request, budget=100, num_decoding=1) == ()
+    request.output_token_ids.extend([4] * PAUSE_TOKENS)
+    assert spec.propose(request, budget=100, num_decoding=1) != ()
+    spec.record(request, 4, 4)
+    assert request.acceptance_rate == 1.0 and spec.num_accepted_tokens == 4
+
+
+def test_greedy_verification_keeps_the_matching_prefix():
+    sampler = Sampler(8, frozenset())
+    logits = torch.full((7, 8), -5.0)
+    for row, best in enumerate([2, 6, 1, 4, 0, 3, 3]):
+        logits[row, best] = 5.0
+    requests = [_request([1], temperature=0.0), _request([1], temperature=0.0), _request([1], temperature=0.0)]
+    # rows 0-3: proposals 2 6 7 -> keeps 2 6, then 1 (not 7); rows 4-5: proposal 0 -> kept, bonus 3; row 6: none
+    tokens, kept = sampler.verify(logits, requests, [(2, 6, 7), (0,), ()])
+    assert (tokens, kept) == ([1, 3, 3], [2, 1, 0])
+
+
+def test_verification_of_a_guess_samples_the_target_distribution():
+    """The first token's distribution with a (wrong or right) one-token guess equals p: chi-square bound."""
+    sampler = Sampler(6, frozenset())
+    probs = torch.tensor([0.05, 0.1, 0.4, 0.25, 0.15, 0.05])
+    logits = probs.log().repeat(2, 1)
+    n = 20000
+    for guess in (2, 5):
+        request = _request([1], temperature=1.0, seed=7)
+        counts = torch.zeros(6)
+        for _ in range(n):
+            tokens, kept = sampler.verify(logits, [request], [(guess,)])
+            counts[guess if kept[0] else tokens[0]] += 1
+        chi2 = float(((counts - n * probs) ** 2 / (n * probs)).sum())
+        assert chi2 < 20.5, (guess, counts.tolist())  # 5 degrees of freedom: p = 0.001
+
+
+@pytest.fixture(scope="module")
+def engines(demo_engine):
+    return LLMEngine.from_dir(demo_engine, speculative=False), LLMEngine.from_dir(demo_engine, speculative=SPEC)
+
+
+def _grounded_prompts(tokenizer) -> list[list[int]]:
+    """Passages of the demo's held-out text, then their first words again, of lengths around block edges."""
+    passages = (DEMO / "validation.txt").read_text().split("\n\n")
+    prompts = []
+    for n, passage in zip((5, 14, 15, 16, 33), passages, strict=False):
+        ids = tokenizer.encode(passage)[:n]
+        prompts.append(ids + tokenizer.encode("\n\n") + ids[: n // 2])
+    return prompts
+
+
+def test_greedy_tokens_equal_plain_decoding_and_transformers(engines):
+    plain, spec = engines
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    prompts = _grounded_prompts(plain.tokenizer)
+    together = spec.generate(prompts, params)
+    assert [c.token_ids for c in together] == [c.token_ids for c in plain.generate(prompts, params)]
+    alone = [spec.generate([p], params)[0].token_ids for p in prompts]
+    assert alone == [c.token_ids for c in together]
+    assert spec.speculator.num_accepted_tokens > 20, "the test must exercise accepted proposals"
+    hf = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
+    # HF's min_new_tokens bans EOS; min_tokens is our equivalent
+    banned_eos = spec.generate(prompts[:2], SamplingParams(max_tokens=40, min_tokens=40, temperature=0.0))
+    for prompt, ours in zip(prompts, banned_eos, strict=False):
+        with torch.no_grad():
+            ids = torch.tensor([prompt])
+            ref = hf.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, attention_mask=ids * 0 + 1)
+        assert ours.token_ids == ref[0, len(prompt) :].tolist()
+    spec.pool.check_integrity()
+    assert spec.pool.num_free == spec.pool.num_blocks
+
+
+def test_seeded_sampling_equals_plain_decoding_token_for_token(engines):
+    plain, spec = engines
+    prompts = _grounded_prompts(plain.tokenizer)
+    for options in (
+        dict(temperature=0.8, top_k=20, seed=3),
+        dict(temperature=1.0, top_p=0.9, min_p=0.02, seed=5, repetition_penalty=1.1),
+        dict(temperature=0.7, seed=11, presence_penalty=0.5, frequency_penalty=0.3, min_tokens=10),
+    ):
+        params = SamplingParams(max_tokens=32, ignore_eos=True, **options)
+        before = spec.speculator.num_draft_tokens
+        ours = [c.token_ids for c in spec.generate(prompts, params)]
+        assert ours == [c.token_ids for c in plain.generate(prompts, params)], options
+        assert spec.speculator.num_draft_tokens > before
+
+
+def test_stops_limits_and_logprobs_hold(engines):
+    plain, spec = engines
+    prompt = _grounded_prompts(plain.tokenizer)[1]
+    full = plain.generate([prompt], SamplingParams(max_tokens=30, **GREEDY))[0]
+    stop_token = full.token_ids[9]
+    for params in (
+        SamplingParams(max_tokens=7, **GREEDY),  # max_tokens inside a run of kept proposals
+        SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=(stop_token,)),
+        SamplingParams(max_tokens=30, temperature=0.0, stop=(full.text[len(full.text) // 2 :][:3],)),
+    ):
+        a, b = spec.generate([prompt], params)[0], plain.generate([prompt], params)[0]
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason), params
+    params = SamplingParams(max_tokens=24, logprobs=2, **GREEDY)
+    a = [o.logprobs for o in spec.stream(spec.make_request(prompt, params))]
+    b = [o.logprobs for o in plain.stream(plain.make_request(prompt, params))]
+    assert len(a) == len(b) == 24
+    for x, y in zip(a, b, strict=True):
+        assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=1e-4)
+        assert [t for t, _ in x.top] == [t for t, _ in y.top]
+
+
+def test_preemption_and_prefix_cache_keep_the_tokens(engines, demo_engine, tmp_path):
+    """A KV cache too small for the batch preempts speculating sequences; shared prefixes come from the cache."""
+    plain, _ = engines
+    prompts = [p[:24] for p in _grounded_prompts(plain.tokenizer)[2:]] * 2
+    params = SamplingParams(max_tokens=48, **GREEDY)
+    shutil.copytree(demo_engine, tmp_path / "small")
+    # 20 blocks of 16: one max_seq_len sequence fits, six of up to 72 tokens (30 blocks) do not at once
+    edit_json(tmp_path / "small" / "manifest.json", kv_cache__memory_bytes=20 * 16 * KV_BYTES_PER_TOKEN)
+    small = LLMEngine.from_dir(tmp_path / "small", speculative=SPEC)
+    assert small.pool.num_blocks == 20
+    ours = [c.token_ids for c in small.generate(prompts, params)]
+    assert ours == [c.token_ids for c in plain.generate(prompts, params)]
+    assert small.scheduler.num_preemptions > 0 and small.scheduler.prefix_hit_tokens > 0
+    assert small.speculator.num_accepted_tokens > 0
+    small.pool.check_integrity()
+    assert small.pool.num_free == small.pool.num_blocks
+
+
+def test_an_engine_built_with_a_speculative_section_speculates_by_default(make_ckpt, make_engine, llama_engine):
+    section = {"num_speculative_tokens": 2, "prompt_lookup_max": 2, "max_batch_size": 2}
+    engine = make_engine("llama-spec", make_ckpt("llama"), speculative=section)
+    llm = LLMEngine.from_dir(engine)
+    assert llm.speculator is not None and llm.speculator.config == SpeculativeSection(**section)
+    assert LLMEngine.from_dir(engine, speculative=False).speculator is None
+    assert LLMEngine.from_dir(llama_engine).speculator is None
+    # runtime settings only: the same graph as the engine without them (one build-cache entry)
+    assert (engine / "rank0" / "exported.pt2").read_bytes() == (llama_engine / "rank0" / "exported.pt2").read_bytes()
