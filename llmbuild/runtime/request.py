@@ -61,8 +61,9 @@ class Request:
     """Tokens proposed for this request by speculative decoding (runtime/speculative.py)."""
     num_accepted_tokens: int = 0
     """Proposed tokens kept (each one a token this request got without a step of its own)."""
-    acceptance_rate: float = 1.0
-    """Running share of its proposals kept; below the engine's threshold it stops proposing for a while."""
+    acceptance_rate: float = 0.5
+    """Running share of its proposals kept (a neutral start: two verifications that accept nothing pause it);
+    below the engine's threshold it stops proposing for a while."""
     speculation_paused_until: int = 0
     """No proposals until the output has this many tokens."""
     status: RequestStatus = RequestStatus.WAITING

@@ -98,7 +98,8 @@ class Speculator:
         rate = (1 - RATE_WEIGHT) * request.acceptance_rate + RATE_WEIGHT * num_accepted / num_drafts
         if rate < self.config.min_acceptance_rate:
             request.speculation_paused_until = len(request.output_token_ids) + PAUSE_TOKENS
-            rate = 1.0  # a fresh start after the pause
+            # after the pause, one more verification that accepts nothing pauses it again
+            rate = self.config.min_acceptance_rate
         request.acceptance_rate = rate
 
     def _speculates(self, request: Request) -> bool:

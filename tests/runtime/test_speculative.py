@@ -61,16 +61,22 @@ def test_speculator_respects_limits_the_batch_rule_and_opt_outs():
 
 
 def test_a_request_that_rejects_its_proposals_pauses_then_tries_again():
-    spec = Speculator(SPEC, max_seq_len=512)
+    spec = Speculator(SPEC, max_seq_len=512)  # min_acceptance_rate 0.3
     request = _request([3, 4, 5, 3, 4, 5, 3, 4])
-    while request.speculation_paused_until == 0:
-        spec.record(request, 4, 0)
-    assert request.num_draft_tokens >= 8 and request.num_accepted_tokens == 0
+    spec.record(request, 4, 0)
+    assert request.speculation_paused_until == 0  # one miss is not enough
+    spec.record(request, 4, 0)
+    assert request.speculation_paused_until == PAUSE_TOKENS and request.num_draft_tokens == 8
     assert spec.propose(request, budget=100, num_decoding=1) == ()
     request.output_token_ids.extend([4] * PAUSE_TOKENS)
     assert spec.propose(request, budget=100, num_decoding=1) != ()
-    spec.record(request, 4, 4)
-    assert request.acceptance_rate == 1.0 and spec.num_accepted_tokens == 4
+    spec.record(request, 4, 0)  # back from the pause, one miss pauses it again
+    assert request.speculation_paused_until == 2 * PAUSE_TOKENS
+    request.output_token_ids.extend([4] * PAUSE_TOKENS)
+    for _ in range(3):
+        spec.record(request, 4, 4)
+    assert request.acceptance_rate > 0.7 and spec.num_accepted_tokens == 12
+    assert request.speculation_paused_until == 2 * PAUSE_TOKENS
 
 
 def test_greedy_verification_keeps_the_matching_prefix():
