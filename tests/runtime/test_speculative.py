@@ -25,7 +25,10 @@ from tests.helpers import GREEDY
 
 DEMO = Path(__file__).parents[2] / "models" / "demo"
 KV_BYTES_PER_TOKEN = 4 * 2 * 4 * 32 * 4  # layers x (K, V) x kv heads x head dim x fp32
-SPEC = SpeculativeSection(num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3, max_batch_size=8)
+# min_acceptance_rate 0: every sequence keeps proposing, so the lossless tests exercise verification all the way
+SPEC = SpeculativeSection(
+    num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3, max_batch_size=8, min_acceptance_rate=0.0
+)
 
 
 def _request(prompt, output=(), **params) -> Request:
@@ -61,7 +64,7 @@ def test_speculator_respects_limits_the_batch_rule_and_opt_outs():
 
 
 def test_a_request_that_rejects_its_proposals_pauses_then_tries_again():
-    spec = Speculator(SPEC, max_seq_len=512)  # min_acceptance_rate 0.3
+    spec = Speculator(SpeculativeSection(min_acceptance_rate=0.3), max_seq_len=512)
     request = _request([3, 4, 5, 3, 4, 5, 3, 4])
     spec.record(request, 4, 0)
     assert request.speculation_paused_until == 0  # one miss is not enough
