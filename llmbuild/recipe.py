@@ -258,6 +258,10 @@ class SpeculativeSection(_Section):
     max_batch_size: int = Field(4, ge=1)
     """Speculate only in steps with at most this many decoding sequences (above it the step is compute-bound
     and checking proposals costs more than it saves)."""
+    adaptive: bool = True
+    """Let sequences propose only while steps with proposals have measured faster (tokens per second) than
+    steps without, per number of decoding sequences (one step in 64 tries the other kind); false: propose
+    whenever a sequence finds a match."""
     min_acceptance_rate: float = Field(0.3, ge=0, le=1)
     """A sequence whose running share of accepted proposals falls below this stops speculating for 32 tokens,
     then tries again (on a CPU a step of 1 + 4 tokens costs about 2x a decode step: bench/results/

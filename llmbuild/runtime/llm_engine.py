@@ -240,12 +240,17 @@ class LLMEngine:
         logprobs = self._logprobs(logits, seqs, first_rows, tokens, kept)
         if prompt_logits.shape[0]:
             score_prompts(batch, prompt_logits)
-        self.model_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.model_seconds += seconds
         outputs = []
         for request, count in self.scheduler.update(batch, tokens, kept):
             if request.matcher is not None:
                 self._advance_grammar(request)
             outputs.extend(self._outputs(request, count, logprobs.get(request)))
+        if self.speculator is not None and all(s.num_new_tokens == s.num_rows for s in batch.seqs):
+            # a pure decode step (every sequence: its last token and proposals): what proposals buy here
+            proposed = any(s.draft_token_ids for s in batch.seqs)
+            self.speculator.observe(len(batch.seqs), proposed, len(seqs) + sum(kept), seconds)
         return outputs
 
     def _logprobs(

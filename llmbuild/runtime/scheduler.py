@@ -122,11 +122,13 @@ class Scheduler:
         budget = self.config.max_num_tokens
         seqs: list[ScheduledSeq] = []
         num_decoding = sum(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+        # proposals this step (runtime/speculative.py decides from measured speeds)
+        speculator = self.speculator if self.speculator is not None and self.speculator.allows(num_decoding) else None
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            drafts = self._drafts(request, budget, num_decoding) if n == 1 else ()
+            drafts = speculator.propose(request, budget) if speculator is not None and n == 1 else ()
             if drafts and not self._reserve(request, request.num_computed_tokens + n + len(drafts)):
                 drafts = ()  # no room for the proposals: decode one token
             if self._reserve(request, request.num_computed_tokens + n):
@@ -243,11 +245,6 @@ class Scheduler:
     def _chunk(self, request: Request, n: int, drafts: tuple[int, ...] = ()) -> ScheduledSeq:
         samples = request.num_computed_tokens + n == request.num_tokens
         return ScheduledSeq(request, n + len(drafts), samples, drafts)
-
-    def _drafts(self, request: Request, budget: int, num_decoding: int) -> tuple[int, ...]:
-        if self.speculator is None:
-            return ()
-        return self.speculator.propose(request, budget, num_decoding)
 
     def _shrink(self, request: Request) -> None:
         """Return the blocks that held only rejected proposals (never registered in the prefix cache)."""

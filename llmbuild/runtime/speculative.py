@@ -12,15 +12,20 @@ request draws the same tokens as without speculation (one draw per emitted token
 Rejected positions are rolled back by shortening the sequence: their KV entries sit past
 num_computed_tokens and are overwritten later; nothing is copied.
 
-When it pays (bench/results/spec-*.md): a verification step of 1 + k tokens costs little more than a
-decode step while a step is memory-bound (few sequences), and more as the batch grows; so a step
-speculates only while at most `max_batch_size` sequences decode, and a sequence whose running acceptance
-falls below `min_acceptance_rate` pauses for PAUSE_TOKENS tokens, then tries again.
+When it pays: a verification step of 1 + k tokens costs little more than a decode step where a step is
+memory-bound, but on a CPU with few cores it is close to compute-bound and an extra token costs ~0.3-0.6 of
+a step (bench/results/spec-verify-cost.md). So the engine measures instead of assuming: for each number of
+decoding sequences it keeps the tokens per second of model time of steps with proposals and of steps
+without, lets sequences propose only while that has been the faster kind, and takes the other kind one
+step in EXPLORE_EVERY so the estimate follows the workload. On top: no proposals in steps with more than
+`max_batch_size` decoding sequences, and a sequence whose running acceptance falls below
+`min_acceptance_rate` pauses for PAUSE_TOKENS tokens, then tries again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,6 +36,38 @@ PAUSE_TOKENS = 32
 """Tokens a sequence decodes without proposals after its acceptance rate fell below the threshold."""
 RATE_WEIGHT = 0.3
 """Weight of the latest verification in a sequence's running acceptance rate (exponential average)."""
+EXPLORE_EVERY = 64
+"""One step in this many (per number of decoding sequences) takes the kind, with or without proposals,
+that has been slower, so that a change of workload is noticed."""
+SPEED_WEIGHT = 0.1
+"""Weight of the latest step in the tokens and seconds averages behind a speed (exponential averages)."""
+
+
+@dataclass
+class _Speed:
+    """Tokens per second of one kind of step: averages of tokens and of seconds, divided (a ratio of means:
+    a lucky step's many accepted tokens weigh by its time, not as a rate of its own)."""
+
+    tokens: float
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += SPEED_WEIGHT * (tokens - self.tokens)
+        self.seconds += SPEED_WEIGHT * (seconds - self.seconds)
+
+
+@dataclass
+class _Speeds:
+    """Pure decode steps with proposals and without, for one number of decoding sequences (None: not
+    measured yet)."""
+
+    with_proposals: _Speed | None = None
+    without: _Speed | None = None
+    steps: int = 0
 
 
 def propose_ngram(tokens: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
@@ -72,11 +109,36 @@ class Speculator:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.num_verifications = 0
+        self._speeds: dict[int, _Speeds] = {}
 
-    def propose(self, request: Request, budget: int, num_decoding: int) -> tuple[int, ...]:
+    def allows(self, num_decoding: int) -> bool:
+        """Whether a step with `num_decoding` decoding sequences lets them propose (call once per step)."""
+        if num_decoding > self.config.max_batch_size:
+            return False
+        if not self.config.adaptive:
+            return True
+        speeds = self._speeds.setdefault(num_decoding, _Speeds())
+        speeds.steps += 1
+        if speeds.with_proposals is None or speeds.without is None:
+            return speeds.with_proposals is None  # measure a step with proposals, then one without
+        faster = speeds.with_proposals.tokens_per_second >= speeds.without.tokens_per_second
+        return faster != (speeds.steps % EXPLORE_EVERY == 0)
+
+    def observe(self, num_decoding: int, proposed: bool, num_tokens: int, seconds: float) -> None:
+        """A pure decode step's outcome: `num_tokens` emitted in `seconds` of model time, with proposals or not."""
+        speeds = self._speeds.setdefault(num_decoding, _Speeds())
+        speed = speeds.with_proposals if proposed else speeds.without
+        if speed is not None:
+            speed.add(num_tokens, seconds)
+        elif proposed:
+            speeds.with_proposals = _Speed(num_tokens, seconds)
+        else:
+            speeds.without = _Speed(num_tokens, seconds)
+
+    def propose(self, request: Request, budget: int) -> tuple[int, ...]:
         """The tokens `request` (a decoding sequence) checks this step, at most budget - 1 of them."""
         config = self.config
-        if num_decoding > config.max_batch_size or not self._speculates(request):
+        if not self._speculates(request):
             return ()
         # the step's final token counts against max_tokens and max_seq_len too
         k = min(

@@ -19,15 +19,20 @@ from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.request import Request
 from llmbuild.runtime.sampler import Sampler
 from llmbuild.runtime.sampling_params import SamplingParams
-from llmbuild.runtime.speculative import PAUSE_TOKENS, Speculator, propose_ngram
+from llmbuild.runtime.speculative import EXPLORE_EVERY, PAUSE_TOKENS, Speculator, propose_ngram
 from tests.conftest import edit_json
 from tests.helpers import GREEDY
 
 DEMO = Path(__file__).parents[2] / "models" / "demo"
 KV_BYTES_PER_TOKEN = 4 * 2 * 4 * 32 * 4  # layers x (K, V) x kv heads x head dim x fp32
-# min_acceptance_rate 0: every sequence keeps proposing, so the lossless tests exercise verification all the way
+# not adaptive, min_acceptance_rate 0: sequences keep proposing, so the lossless tests exercise verification
 SPEC = SpeculativeSection(
-    num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3, max_batch_size=8, min_acceptance_rate=0.0
+    num_speculative_tokens=4,
+    prompt_lookup_min=1,
+    prompt_lookup_max=3,
+    max_batch_size=8,
+    min_acceptance_rate=0.0,
+    adaptive=False,
 )
 
 
@@ -49,18 +54,18 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
 def test_speculator_respects_limits_the_batch_rule_and_opt_outs():
     spec = Speculator(SPEC, max_seq_len=64)
     loop = [3, 4, 5, 3, 4, 5, 3, 4]
-    assert spec.propose(_request(loop), budget=100, num_decoding=1) == (5, 3, 4)
-    assert spec.propose(_request(loop), budget=3, num_decoding=1) == (5, 3)  # budget - 1
-    assert spec.propose(_request(loop), budget=100, num_decoding=9) == ()  # above max_batch_size
-    assert spec.propose(_request(loop, speculate=False), budget=100, num_decoding=1) == ()
+    assert spec.propose(_request(loop), budget=100) == (5, 3, 4)
+    assert spec.propose(_request(loop), budget=3) == (5, 3)  # budget - 1
+    assert spec.allows(8) and not spec.allows(9)  # above max_batch_size
+    assert spec.propose(_request(loop, speculate=False), budget=100) == ()
     near_end = Speculator(SPEC, max_seq_len=10)  # 8 tokens: one proposal, then the final token fills 10
-    assert near_end.propose(_request(loop), budget=100, num_decoding=1) == (5,)
+    assert near_end.propose(_request(loop), budget=100) == (5,)
     short = _request(loop)
     short.max_tokens = 2  # the final token counts too: room for one proposal
-    assert spec.propose(short, budget=100, num_decoding=1) == (5,)
+    assert spec.propose(short, budget=100) == (5,)
     constrained = _request(loop)
     constrained.matcher = object()
-    assert spec.propose(constrained, budget=100, num_decoding=1) == ()
+    assert spec.propose(constrained, budget=100) == ()
 
 
 def test_a_request_that_rejects_its_proposals_pauses_then_tries_again():
@@ -70,9 +75,9 @@ def test_a_request_that_rejects_its_proposals_pauses_then_tries_again():
     assert request.speculation_paused_until == 0  # one miss is not enough
     spec.record(request, 4, 0)
     assert request.speculation_paused_until == PAUSE_TOKENS and request.num_draft_tokens == 8
-    assert spec.propose(request, budget=100, num_decoding=1) == ()
+    assert spec.propose(request, budget=100) == ()
     request.output_token_ids.extend([4] * PAUSE_TOKENS)
-    assert spec.propose(request, budget=100, num_decoding=1) != ()
+    assert spec.propose(request, budget=100) != ()
     spec.record(request, 4, 0)  # back from the pause, one miss pauses it again
     assert request.speculation_paused_until == 2 * PAUSE_TOKENS
     request.output_token_ids.extend([4] * PAUSE_TOKENS)
@@ -80,6 +85,21 @@ def test_a_request_that_rejects_its_proposals_pauses_then_tries_again():
         spec.record(request, 4, 4)
     assert request.acceptance_rate > 0.7 and spec.num_accepted_tokens == 12
     assert request.speculation_paused_until == 2 * PAUSE_TOKENS
+
+
+def test_proposals_go_where_measured_steps_say_they_pay():
+    spec = Speculator(SpeculativeSection(max_batch_size=8), max_seq_len=512)
+    assert spec.allows(1)  # nothing measured: try a step with proposals
+    spec.observe(1, True, 3, 0.060)  # 50 tok/s
+    assert not spec.allows(1)  # then one without
+    spec.observe(1, False, 1, 0.030)  # 33 tok/s: proposals pay
+    assert [spec.allows(1) for _ in range(64)].count(False) == 64 // EXPLORE_EVERY  # only to explore
+    for _ in range(20):
+        spec.observe(1, True, 1, 0.060)  # the workload changed: proposals rejected, 17 tok/s
+    decisions = [spec.allows(1) for _ in range(64)]
+    assert decisions.count(True) == 64 // EXPLORE_EVERY  # only the exploring steps
+    assert spec.allows(2)  # another batch size is measured on its own
+    assert Speculator(SPEC, max_seq_len=512).allows(1)  # not adaptive: always
 
 
 def test_greedy_verification_keeps_the_matching_prefix():
