@@ -55,9 +55,10 @@ def inspect_command(engine: Path, as_json: bool) -> None:
         f"{cfg.num_heads}/{cfg.num_kv_heads} kv, head_dim {cfg.head_dim}, vocab {cfg.vocab_size}, "
         f"{cfg.num_params / 1e6:.1f}M params"
     )
-    out.print(
-        f"dtype    {manifest.dtype} (KV cache {manifest.kv_cache_dtype}), quantization {manifest.quantization.weights}"
-    )
+    q = manifest.quantization
+    weights = f"{q.weights} weights + {q.activations} activations (W8A8)" if q.activations != "none" else q.weights
+    method = f", method {q.method}" if q.weights != "none" else ""
+    out.print(f"dtype    {manifest.dtype} (KV cache {manifest.kv_cache_dtype}), quantization {weights}{method}")
     lim = manifest.limits
     out.print(
         f"limits   max_batch_size {lim.max_batch_size}, max_seq_len {lim.max_seq_len}, "
