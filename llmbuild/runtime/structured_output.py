@@ -72,6 +72,10 @@ class Grammar:
         return llguidance.LLMatcher.grammar_from_lark(self.text)
 
 
+WARM_UP_GRAMMAR = Grammar.json_schema({"type": "object"})
+"""What `response_format: json_object` compiles to (serve/structured.py): warmed at server start."""
+
+
 class GrammarCompiler:
     """Compiles grammars against one tokenizer, with a cache of compiled matchers (copied per request).
 
@@ -107,6 +111,12 @@ class GrammarCompiler:
             if len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
         return compiled.deep_copy()
+
+    def warm_up(self) -> None:
+        """Build llguidance's view of the tokenizer (~1 s for a 32k vocabulary) and compile a JSON-object
+        grammar, so that the first constrained request does not wait for either (the server calls this on a
+        thread at start)."""
+        self.matcher(WARM_UP_GRAMMAR)
 
     def _compile(self, grammar: Grammar) -> llguidance.LLMatcher:
         tokenizer = self._llg_tokenizer()

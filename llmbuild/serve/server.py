@@ -51,6 +51,8 @@ def serve(
     llm = LLMEngine.from_dir(
         engine_dir, backend=backend, enable_prefix_caching=config.enable_prefix_caching, speculative=speculative
     )
+    # off the start-up path: the port opens while llguidance reads the tokenizer
+    threading.Thread(target=_warm_up_grammars, args=(llm,), name="grammar-warm-up", daemon=True).start()
     state = ServerState()
     engine = AsyncEngine(llm, Metrics(config.model_name or llm.engine.manifest.name), config.max_queue)
     app = create_app(engine, config, state)
@@ -93,3 +95,12 @@ def serve(
         sys.exit(f"error: could not start the HTTP server on {config.host}:{config.port} (see the log above)")
     if engine.error is not None:
         sys.exit(f"error: the engine stopped after an internal error: {engine.error}")
+
+
+def _warm_up_grammars(llm: LLMEngine) -> None:
+    """Prepare structured output before the first constrained request; a failure only costs that request
+    the wait (and its own error, if the tokenizer is one llguidance cannot read)."""
+    try:
+        llm.grammars.warm_up()
+    except Exception as exc:  # noqa: BLE001 - a warm-up must never take the server down
+        log.warning("structured output warm-up failed (the first constrained request will retry): %s", exc)

@@ -12,7 +12,7 @@ import pytest
 from llmbuild.errors import RequestError
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
-from llmbuild.runtime.structured_output import Grammar
+from llmbuild.runtime.structured_output import WARM_UP_GRAMMAR, Grammar
 from tests.conftest import edit_json
 from tests.helpers import PERSON
 
@@ -124,3 +124,11 @@ def test_a_tensor_parallel_engine_constrains_like_one_rank(llm, make_ckpt, make_
     assert got == expected
     for text in got:
         check_person(text)
+
+
+def test_warm_up_prepares_what_json_object_compiles_to(llama_engine):
+    llm = LLMEngine.from_dir(llama_engine)
+    assert llm.grammars._tokenizer is None  # nothing is built at load
+    llm.grammars.warm_up()
+    assert llm.grammars._tokenizer is not None and WARM_UP_GRAMMAR in llm.grammars._cache
+    assert WARM_UP_GRAMMAR == Grammar.json_schema({"type": "object"})  # response_format json_object's grammar
