@@ -228,7 +228,11 @@ class LLMEngine:
         seqs = batch.sampling_seqs
         sampling = [s.request for s in seqs]
         first_rows = list(itertools.accumulate((s.num_rows for s in seqs), initial=0))
-        constrained = [(row, r.matcher) for row, r in zip(first_rows, sampling, strict=False) if r.matcher is not None]
+        constrained = [
+            (row, s.request.matcher, s.draft_token_ids)
+            for row, s in zip(first_rows, seqs, strict=False)
+            if s.request.matcher is not None
+        ]
         masks = None
         if constrained:
             cuda = self.engine.device.type == "cuda"
@@ -245,7 +249,7 @@ class LLMEngine:
         outputs = []
         for request, count in self.scheduler.update(batch, tokens, kept):
             if request.matcher is not None:
-                self._advance_grammar(request)
+                count = self._advance_grammar(request, count)
             outputs.extend(self._outputs(request, count, logprobs.get(request)))
         if self.speculator is not None and all(s.num_new_tokens == s.num_rows for s in batch.seqs):
             # a pure decode step (every sequence: its last token and proposals): what proposals buy here
@@ -269,14 +273,20 @@ class LLMEngine:
                 out[seq.request] = token_logprobs(logits[row : row + n + 1], [*seq.draft_token_ids[:n], token], k)
         return out
 
-    def _advance_grammar(self, request: Request) -> None:
-        """Feed the sampled token to the request's matcher; a grammar that is complete ends the request."""
+    def _advance_grammar(self, request: Request, count: int) -> int:
+        """Feed the request's `count` new tokens to its matcher; returns how many stay. A grammar that is
+        complete ends the request at the token that completed it."""
         if request.is_finished:
-            return
-        accepted = request.matcher.consume_token(request.output_token_ids[-1])
-        if not accepted or request.matcher.is_stopped():
-            # stopped: the grammar is complete; not accepted: the matcher hit a limit (StepMasks allowed EOS)
-            self.scheduler.finish(request, FinishReason.STOP)
+            return count
+        first = len(request.output_token_ids) - count
+        for i in range(first, first + count):
+            accepted = request.matcher.consume_token(request.output_token_ids[i])
+            if not accepted or request.matcher.is_stopped():
+                # stopped: the grammar is complete; not accepted: the matcher hit a limit (StepMasks allowed EOS)
+                del request.output_token_ids[i + 1 :]
+                self.scheduler.finish(request, FinishReason.STOP)
+                return i + 1 - first
+        return count
 
     def stream(self, request: Request) -> Iterator[RequestOutput]:
         """Queue one request and yield its outputs step by step until it finishes."""

@@ -165,10 +165,4 @@ class Speculator:
         request.acceptance_rate = rate
 
     def _speculates(self, request: Request) -> bool:
-        params = request.params
-        # a grammar's matcher follows one token at a time (no rollback here yet)
-        return (
-            params.speculate
-            and request.matcher is None
-            and len(request.output_token_ids) >= request.speculation_paused_until
-        )
+        return request.params.speculate and len(request.output_token_ids) >= request.speculation_paused_until

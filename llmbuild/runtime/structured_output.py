@@ -148,25 +148,45 @@ class StepMasks:
 
     _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
 
-    def __init__(self, matchers: list[tuple[int, Any]], vocab_size: int, eos: frozenset[int], overlap: bool) -> None:
-        """`matchers`: (logits row, matcher) of each constrained sequence that samples this step."""
-        self.rows = [row for row, _ in matchers]
+    def __init__(
+        self,
+        matchers: list[tuple[int, Any, tuple[int, ...]]],
+        vocab_size: int,
+        eos: frozenset[int],
+        overlap: bool,
+    ) -> None:
+        """`matchers`: (first logits row, matcher, proposed tokens) of each constrained sequence that samples
+        this step; its rows are the first and one per proposed token (speculative decoding)."""
+        self.rows = [row + j for row, _, drafts in matchers for j in range(len(drafts) + 1)]
         self._eos = sorted(t for t in eos if t < vocab_size)
-        self._bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab_size)
-        fill = [m for _, m in matchers]
+        self._bitmask = llguidance.torch.allocate_token_bitmask(len(self.rows), vocab_size)
+        fill = [(m, drafts) for _, m, drafts in matchers]
         self._future: Future | None = self._pool.submit(self._fill, fill) if overlap else None
         if not overlap:
             self._fill(fill)
 
-    def _fill(self, matchers: list[Any]) -> None:
-        for i, matcher in enumerate(matchers):
-            llguidance.torch.fill_next_token_bitmask(matcher, self._bitmask, i)
-            if matcher.is_error():
-                # a parser limit hit mid-output (llguidance fails at a step, not only at compile): let the
-                # row end with EOS; LLMEngine finishes the request when the matcher refuses a token
-                self._bitmask[i] = 0
-                for t in self._eos:
-                    self._bitmask[i, t // 32] |= 1 << (t % 32)
+    def _fill(self, matchers: list[tuple[Any, tuple[int, ...]]]) -> None:
+        i = 0
+        for matcher, drafts in matchers:
+            # row j's mask is the grammar's state after the first j proposed tokens (taken back afterwards);
+            # rows past a proposal the grammar refuses keep the full mask: verification stops before them
+            valid = matcher.validate_tokens(list(drafts)) if drafts else 0
+            for j in range(valid + 1):
+                self._fill_row(matcher, i + j)
+                if j < valid:
+                    matcher.consume_token(drafts[j])
+            if valid:
+                matcher.rollback(valid)
+            i += len(drafts) + 1
+
+    def _fill_row(self, matcher: Any, row: int) -> None:
+        llguidance.torch.fill_next_token_bitmask(matcher, self._bitmask, row)
+        if matcher.is_error():
+            # a parser limit hit mid-output (llguidance fails at a step, not only at compile): let the
+            # row end with EOS; LLMEngine finishes the request when the matcher refuses a token
+            self._bitmask[row] = 0
+            for t in self._eos:
+                self._bitmask[row, t // 32] |= 1 << (t % 32)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits with every token outside its row's grammar at -inf (a copy: the caller's stay raw)."""

@@ -7,6 +7,7 @@ for the verification rule on a small vocabulary.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from llmbuild.runtime.request import Request
 from llmbuild.runtime.sampler import Sampler
 from llmbuild.runtime.sampling_params import SamplingParams
 from llmbuild.runtime.speculative import EXPLORE_EVERY, PAUSE_TOKENS, Speculator, propose_ngram
+from llmbuild.runtime.structured_output import Grammar
 from tests.conftest import edit_json
-from tests.helpers import GREEDY
+from tests.helpers import GREEDY, PERSON
 
 DEMO = Path(__file__).parents[2] / "models" / "demo"
 KV_BYTES_PER_TOKEN = 4 * 2 * 4 * 32 * 4  # layers x (K, V) x kv heads x head dim x fp32
@@ -63,9 +65,6 @@ def test_speculator_respects_limits_the_batch_rule_and_opt_outs():
     short = _request(loop)
     short.max_tokens = 2  # the final token counts too: room for one proposal
     assert spec.propose(short, budget=100) == (5,)
-    constrained = _request(loop)
-    constrained.matcher = object()
-    assert spec.propose(constrained, budget=100) == ()
 
 
 def test_a_request_that_rejects_its_proposals_pauses_then_tries_again():
@@ -199,6 +198,20 @@ def test_stops_limits_and_logprobs_hold(engines):
     for x, y in zip(a, b, strict=True):
         assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=1e-4)
         assert [t for t, _ in x.top] == [t for t, _ in y.top]
+
+
+def test_constrained_requests_speculate_and_keep_their_grammar(engines):
+    """Proposals under a grammar: each row masked by the grammar's state after the proposals before it."""
+    plain, spec = engines
+    prompts = ["A Python container described as JSON: ", "The list type as JSON: "]
+    before = spec.speculator.num_accepted_tokens
+    for options in (dict(temperature=0.0), dict(temperature=0.8, top_p=0.95, seed=4)):
+        params = SamplingParams(max_tokens=160, structured=Grammar.json_schema(PERSON), **options)
+        ours = spec.generate(prompts, params)
+        assert [c.text for c in ours] == [c.text for c in plain.generate(prompts, params)], options
+        for done in ours:
+            assert done.finish_reason == "stop" and set(json.loads(done.text)) >= set(PERSON["required"])
+    assert spec.speculator.num_accepted_tokens > before  # proposals were checked and kept under the grammar
 
 
 def test_preemption_and_prefix_cache_keep_the_tokens(engines, demo_engine, tmp_path):
