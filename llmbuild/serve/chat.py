@@ -33,8 +33,8 @@ async def create_chat_completion(ctx: ServeContext, request: Request) -> Respons
 def chat_requests(ctx: ServeContext, body: ChatCompletionRequest, request_id: str) -> list[EngineRequest]:
     """The engine requests of a chat body, after the server's caps (tokenizes: off the event loop)."""
     check_limits(ctx, body)
-    params = sampling_params(ctx, body)
-    return make_requests(ctx, [chat_prompt(ctx, body)], params, body.n, request_id, body.priority)
+    prompt = chat_prompt(ctx, body)  # a template that cannot render the tools: 400 before any grammar compiles
+    return make_requests(ctx, [prompt], sampling_params(ctx, body), body.n, request_id, body.priority)
 
 
 def chat_prompt(ctx: ServeContext, body: ChatCompletionRequest) -> list[int]:

@@ -304,10 +304,18 @@ class ChatCompletionRequest(GenerationRequest):
         return ToolCalling(frozenset(t.function.name for t in self.tools or []), self.parallel_tool_calls)
 
     def _constraints(self) -> list[tuple[str, Grammar | None]]:
+        others = super()._constraints()
         grammar = None
         if self.tools and self.tool_mode in ("required", "function"):
             grammar = tool_grammar(self.tools, chosen_function(self.tool_choice), self.parallel_tool_calls)
-        return [("tools", grammar), *super()._constraints()]
+        elif self.tools and self.tool_mode == "auto" and self._strict and not any(g for _, g in others):
+            # strict functions under auto: text, or calls whose arguments match (a response_format wins)
+            grammar = tool_grammar(self.tools, None, self.parallel_tool_calls, free_text=True)
+        return [("tools", grammar), *others]
+
+    @property
+    def _strict(self) -> bool:
+        return any(t.function.strict for t in self.tools or [])
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools as the chat template takes them (None: no tools)."""

@@ -118,9 +118,11 @@ def check_tools(tools: list[Tool], choice: str | dict[str, Any] | None) -> None:
         raise ValueError(f"tool_choice: function {named!r} is not among tools ({', '.join(names)})")
 
 
-def tool_grammar(tools: list[Tool], only: str | None, parallel: bool) -> Grammar:
+def tool_grammar(tools: list[Tool], only: str | None, parallel: bool, free_text: bool = False) -> Grammar:
     """The Lark grammar of an answer that is one call (several with `parallel`) of the tools (or only
     the one named `only`), each a <tool_call> block of JSON whose arguments match the function's schema.
+    With `free_text` (tool_choice auto with strict functions) the answer may instead be text without a
+    <tool_call> block.
 
     One %json rule per function: each is a schema root, so the function's `$defs` stay where its
     references find them.
@@ -128,7 +130,12 @@ def tool_grammar(tools: list[Tool], only: str | None, parallel: bool) -> Grammar
     chosen = [t.function for t in tools if only is None or t.function.name == only]
     rules = [f"fn_{i}: %json {json.dumps(_call_schema(f))}" for i, f in enumerate(chosen)]
     calls = " | ".join(f"fn_{i}" for i in range(len(chosen)))
-    start = 'start: call ("\\n" call)*' if parallel else "start: call"
+    answer = 'call ("\\n" call)*' if parallel else "call"
+    start = f"start: {answer}"
+    if free_text:
+        # llguidance's lexeme algebra: any text that does not contain the opening tag. Text or calls, not
+        # both: its lexer is greedy, so free text cannot end right before a tag it could still extend
+        start = f"start: TEXT | {answer}\nTEXT: /(?s:.+)/ & ~/(?s:.*{CALL_OPEN}.*)/"
     call = f'call: "{CALL_OPEN}\\n" ({calls}) "\\n{CALL_CLOSE}"'
     return Grammar("grammar", "\n".join([start, call, *rules]))
 

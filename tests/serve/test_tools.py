@@ -6,6 +6,7 @@ naming the field, and a template that cannot render tools refuses them."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Literal
 
 import openai
@@ -14,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmbuild.serve.tools import ToolCallParser, message_with_calls
 from tests.serve.conftest import API_KEY
+
+DEMO = Path(__file__).parents[2] / "models" / "demo"
 
 
 class WeatherArgs(BaseModel):
@@ -346,3 +349,56 @@ def test_a_template_that_never_mentions_tools_refuses_them(app_client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
     r = app_client.post("/v1/chat/completions", json={"messages": HISTORY[1:3], "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_strict_functions_under_auto_allow_text_or_calls_whose_arguments_match():
+    """The grammar of auto with a strict function, compiled as the server compiles it: any text without the
+    opening tag, or calls whose arguments match."""
+    from transformers import AutoTokenizer
+
+    from llmbuild.runtime.structured_output import GrammarCompiler
+    from llmbuild.serve.tools import Tool, tool_grammar
+
+    demo = AutoTokenizer.from_pretrained(DEMO)
+    tools = [Tool.model_validate(t) for t in TOOLS]
+    matcher = GrammarCompiler(demo, len(demo)).matcher(tool_grammar(tools, None, parallel=True, free_text=True))
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}\n</tool_call>'
+
+    def consumed(text: str) -> tuple[int, int, bool]:
+        matcher.reset()
+        ids = demo.encode(text, add_special_tokens=False)
+        return matcher.try_consume_tokens(ids), len(ids), matcher.is_accepting()
+
+    for answer in ("It is sunny in Oslo, no call needed.", call, call + "\n" + call):
+        taken, total, done = consumed(answer)
+        assert taken == total and done, answer
+    for wrong in (
+        call.replace('"days": 3', '"days": 9'),  # out of the schema's range
+        call.replace("get_weather", "get_wether"),  # no such function
+        "Sure: <tool_call>\nnot json",  # the tag commits to a call
+        "Let me look.\n" + call,  # text or calls, not both (see tool_grammar)
+    ):
+        taken, total, _ = consumed(wrong)
+        assert taken < total, wrong
+
+
+def test_auto_with_a_strict_function_answers_text_or_valid_calls(client):
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model="tools", messages=MESSAGES, tools=TOOLS, max_tokens=60, temperature=1.0, seed=seed
+        )
+        message = r.choices[0].message
+        assert "<tool_call>" not in (message.content or "")
+        if message.tool_calls:
+            assert_valid_calls(message.tool_calls)
+    # an explicit response_format takes precedence over the tools' grammar (one constraint per request)
+    r = client.chat.completions.create(
+        model="tools",
+        messages=MESSAGES,
+        tools=TOOLS,
+        response_format={"type": "json_object"},
+        max_tokens=120,
+        temperature=0.0,
+    )
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
