@@ -142,7 +142,7 @@ def tool_grammar(tools: list[Tool], only: str | None, parallel: bool, free_text:
 
 def _call_schema(function: FunctionSpec) -> dict[str, Any]:
     """{"name": the function's, "arguments": its parameters}, laid out as json.dumps writes JSON."""
-    parameters = dict(function.parameters) if function.parameters is not None else {"type": "object"}
+    parameters = _rebased(dict(function.parameters)) if function.parameters is not None else {"type": "object"}
     moved = {key: parameters.pop(key) for key in _MOVED_KEYS if key in parameters}
     return {
         "type": "object",
@@ -152,6 +152,22 @@ def _call_schema(function: FunctionSpec) -> dict[str, Any]:
         **moved,
         "x-guidance": dict(JSON_LAYOUT),
     }
+
+
+def _rebased(node: Any) -> Any:
+    """The parameters schema with its references to itself (`#`, `#/properties/...`) pointed at where it sits
+    in the call's schema (`#/properties/arguments...`); `#/$defs/...` stays: $defs move to the root."""
+    if isinstance(node, list):
+        return [_rebased(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _rebased(value) for key, value in node.items()}
+    ref = node.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        first = ref[2:].split("/", 1)[0]
+        if first not in _MOVED_KEYS:
+            out["$ref"] = "#/properties/arguments" + ref[1:]
+    return out
 
 
 @dataclass(frozen=True, slots=True)

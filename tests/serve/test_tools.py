@@ -402,3 +402,33 @@ def test_auto_with_a_strict_function_answers_text_or_valid_calls(client):
     )
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_recursive_parameters_refer_to_themselves_inside_the_call():
+    """`$ref: "#"` in a function's parameters means the parameters, not the call object around them."""
+    from transformers import AutoTokenizer
+
+    from llmbuild.runtime.structured_output import GrammarCompiler
+    from llmbuild.serve.tools import Tool, tool_grammar
+
+    tree = {
+        "type": "object",
+        "properties": {
+            "label": {"type": "string", "maxLength": 4},
+            "children": {"type": "array", "items": {"$ref": "#"}},
+        },
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+    tool = Tool.model_validate({"type": "function", "function": {"name": "plant", "parameters": tree}})
+    demo = AutoTokenizer.from_pretrained(DEMO)
+    matcher = GrammarCompiler(demo, len(demo)).matcher(tool_grammar([tool], None, parallel=False))
+    nested = '{"label": "a", "children": [{"label": "b", "children": []}]}'
+    ids = demo.encode(
+        f'<tool_call>\n{{"name": "plant", "arguments": {nested}}}\n</tool_call>', add_special_tokens=False
+    )
+    assert matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+    matcher.reset()
+    wrong = '{"label": "a", "children": [{"name": "plant", "arguments": {}}]}'  # what "#" as the call would allow
+    ids = demo.encode(f'<tool_call>\n{{"name": "plant", "arguments": {wrong}}}\n</tool_call>', add_special_tokens=False)
+    assert matcher.try_consume_tokens(ids) < len(ids)
