@@ -10,14 +10,24 @@ gets scale 0 and codes 0. Then, exactly:
 
 The CPU kernel (csrc/linear_w8a8.cpp) computes the same integer sums in every tier, so it differs from
 `linear_w8a8_ref` only by the rounding of the last fp32 operations (none, where it keeps this order).
+
+Decode-sized batches (at most DECODE_ROWS rows, K a multiple of 32, bf16 or fp32 x) take
+`llmbuild::linear_int8`'s decode kernel instead: activations quantized per 32 columns rather than per token
+(finer), 32-column int32 sums accumulated in fp32 (`decode_ref`). It streams the weight once at the memory
+bandwidth; a GEMM call at one row is slower inside an engine (bench/results/w8a8-tinyllama.md). The Triton
+twin computes `linear_w8a8_ref` at every size.
 """
 
 from __future__ import annotations
 
 import torch
 
+from llmbuild.plugins.linear_int8 import linear_int8_decode_ref
+
 OP_NAME = "llmbuild::linear_w8a8"
 VERSION = 1
+DECODE_ROWS = 4
+"""Most rows of x that take the decode path (csrc/linear_w8a8.cpp kDecodeRows)."""
 
 
 def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,8 +41,20 @@ def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return codes, (amax / 127.0)[..., 0]
 
 
+def takes_decode_path(x: torch.Tensor) -> bool:
+    """Whether the CPU op runs x through linear_int8's decode kernel (see the module docstring)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return 0 < rows <= DECODE_ROWS and x.shape[-1] % 32 == 0 and x.dtype != torch.float16
+
+
+def decode_ref(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The CPU decode path's arithmetic (fp32): linear_int8's, activations quantized per 32 columns."""
+    return linear_int8_decode_ref(x, w, scales, bias)
+
+
 def linear_w8a8_ref(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The op's exact arithmetic in plain torch ops (int32 sums, fp32 scaling), returned in x.dtype."""
+    """The format's arithmetic in plain torch ops (int32 sums, fp32 scaling), returned in x.dtype: what the
+    Triton twin and the CPU kernel's GEMM path compute (the CPU decode path: `decode_ref`)."""
     codes, x_scale = quantize_per_token_ref(x)
     # int64 sums: exact, and the kernels' int32 sums cannot overflow (|sum| <= K * 127^2 < 2^31 for K < 133k)
     acc = torch.matmul(codes.long(), w.long().t()).to(torch.int32)

@@ -241,6 +241,12 @@ void epilogue(const at::Tensor& acc, const float* xs, const float* ws, const flo
   });
 }
 
+// Decode-sized batches take linear_int8's decode kernel (the same weights against activations quantized
+// per 32 columns, vpdpbusd / vpmaddubsw): it streams the weight once at the memory bandwidth, where a
+// GEMM call at M = 1 is slower inside an engine (TinyLlama, batch-1 decode: 33 tok/s through oneDNN's int8
+// matmul, 43 through this path; bench/results/w8a8-tinyllama.md).
+constexpr int64_t kDecodeRows = 4;
+
 template <class T>
 at::Tensor run(const at::Tensor& x2d, const at::Tensor& w, const at::Tensor& scales,
                const c10::optional<at::Tensor>& bias) {
@@ -273,6 +279,9 @@ at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(!bias || (bias->scalar_type() == dtype && bias->numel() == w.size(0)),
               "linear_w8a8: bias must be [", w.size(0), "] in x's dtype");
   const auto x2d = x.reshape({-1, x.size(-1)}).contiguous();
+  if (x2d.size(0) <= kDecodeRows && x2d.size(0) > 0 && x.size(-1) % 32 == 0 && dtype != at::kHalf) {
+    return linear_int8(x.contiguous(), w, scales, bias);
+  }
   const auto wc = w.contiguous();
   at::Tensor y;
   if (dtype == at::kFloat) {
