@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from llmbuild.cli.speculative_options import engine_speculation, speculative_options
+
 
 class _DefaultGroup(click.Group):
     """A group whose `default` subcommand runs when the first argument names no subcommand,
@@ -46,16 +48,7 @@ def bench_group() -> None:
     default=None,
     help="Replay decode steps as CUDA graphs or not (cuda engines; default: the engine's cuda_graphs.enabled).",
 )
-@click.option(
-    "--speculative/--no-speculative",
-    default=None,
-    help="Speculative decoding as the engine's recipe set it (default), or off.",
-)
-@click.option(
-    "--num-speculative-tokens",
-    type=click.IntRange(1, 16),
-    help="Prompt-lookup speculative decoding proposing up to N tokens per step (also for an engine built without).",
-)
+@speculative_options
 @click.option(
     "--compare-speculative", is_flag=True, help="Also run the engine without speculative decoding, interleaved."
 )
@@ -88,12 +81,10 @@ def bench_offline(
 
     from llmbuild.bench.offline import bench_offline as measure
     from llmbuild.bench.offline import format_markdown
-    from llmbuild.manifest import Manifest
-    from llmbuild.runtime.speculative import speculation_override
 
     if threads:
         torch.set_num_threads(threads)
-    spec = speculation_override(Manifest.load(engine).speculative, speculative, num_speculative_tokens)
+    spec = engine_speculation(engine, speculative, num_speculative_tokens)
     report = measure(
         engine,
         tuple(batches),

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from llmbuild.cli.console import console
+from llmbuild.cli.speculative_options import engine_speculation, speculative_options
 
 if TYPE_CHECKING:
     from llmbuild.runtime.llm_engine import LLMEngine
@@ -51,16 +52,7 @@ if TYPE_CHECKING:
     type=click.Choice(["compiled", "eager"]),
     help="Override the engine's backend (eager runs a compiled engine's exported program, for debugging).",
 )
-@click.option(
-    "--speculative/--no-speculative",
-    default=None,
-    help="Speculative decoding as the engine's recipe set it (default), or off.",
-)
-@click.option(
-    "--num-speculative-tokens",
-    type=click.IntRange(1, 16),
-    help="Prompt-lookup speculative decoding proposing up to N tokens per step (also for an engine built without).",
-)
+@speculative_options
 def run_command(
     engine: Path,
     prompt: str | None,
@@ -73,16 +65,14 @@ def run_command(
     **sampling: Any,
 ) -> None:
     """Generate one completion with ENGINE in the terminal."""
-    from llmbuild.manifest import Manifest
     from llmbuild.runtime.llm_engine import LLMEngine
-    from llmbuild.runtime.speculative import speculation_override
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
     if chat and prompt is None:
         raise click.UsageError("--chat needs --prompt")
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
-    spec = speculation_override(Manifest.load(engine).speculative, speculative, num_speculative_tokens)
+    spec = engine_speculation(engine, speculative, num_speculative_tokens)
     with LLMEngine.from_dir(engine, backend=backend, speculative=spec) as llm:
         _generate(llm, prompt, ids, chat, output_format, sampling)
 

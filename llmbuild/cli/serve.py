@@ -9,6 +9,7 @@ import click
 from pydantic import ValidationError
 
 from llmbuild.cli.console import console
+from llmbuild.cli.speculative_options import engine_speculation, speculative_options
 from llmbuild.serve.config import ServeConfig
 
 
@@ -59,14 +60,7 @@ def _default(field: str) -> Any:
 )
 @click.option("--no-prefix-caching", is_flag=True, help="Do not reuse KV blocks of repeated prompt prefixes.")
 @click.option("--backend", type=click.Choice(["compiled", "eager"]), help="Override the engine's backend.")
-@click.option(
-    "--no-speculative", is_flag=True, help="No speculative decoding, even if the engine's recipe asked for it."
-)
-@click.option(
-    "--num-speculative-tokens",
-    type=click.IntRange(1, 16),
-    help="Prompt-lookup speculative decoding proposing up to N tokens per step (also for an engine built without).",
-)
+@speculative_options
 @click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
@@ -102,7 +96,7 @@ def serve_command(
     shutdown_timeout: float,
     no_prefix_caching: bool,
     backend: str | None,
-    no_speculative: bool,
+    speculative: bool | None,
     num_speculative_tokens: int | None,
     log_level: str,
     log_format: str,
@@ -110,14 +104,12 @@ def serve_command(
 ) -> None:
     """Serve ENGINE behind an OpenAI-compatible HTTP API (loopback only unless --host says otherwise)."""
     from llmbuild.manifest import Manifest
-    from llmbuild.runtime.speculative import speculation_override
     from llmbuild.serve.server import serve as run_server
 
     keys = list(api_keys)
     if api_key_file is not None:
         keys += _read_api_keys(api_key_file)
-    manifest = Manifest.load(engine)
-    defaults = manifest.serve
+    defaults = Manifest.load(engine).serve
     if public_key is not None:
         from llmbuild.signing import verify_engine_signature
 
@@ -145,8 +137,8 @@ def serve_command(
             f"[bold yellow]warning:[/] serving on {config.host} without an API key: anyone who can reach this "
             "port can use the model; pass --api-key-file"
         )
-    speculative = speculation_override(manifest.speculative, not no_speculative, num_speculative_tokens)
-    run_server(engine, config, backend=backend, log_level=log_level, speculative=speculative)
+    spec = engine_speculation(engine, speculative, num_speculative_tokens)
+    run_server(engine, config, backend=backend, log_level=log_level, speculative=spec)
 
 
 def _read_api_keys(path: Path) -> list[str]:
