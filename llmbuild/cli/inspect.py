@@ -64,6 +64,13 @@ def inspect_command(engine: Path, as_json: bool) -> None:
         f"limits   max_batch_size {lim.max_batch_size}, max_seq_len {lim.max_seq_len}, "
         f"max_num_tokens {lim.max_num_tokens}, KV block {manifest.kv_cache.block_size}"
     )
+    spec = manifest.speculative
+    if spec is not None:
+        out.print(
+            f"speculative {spec.method}: up to {spec.num_speculative_tokens} tokens, lookup "
+            f"{spec.prompt_lookup_min}-{spec.prompt_lookup_max}, at most {spec.max_batch_size} decoding sequences"
+            + (", adaptive" if spec.adaptive else "")
+        )
     out.print(f"plugins  {', '.join(f'{k} v{v}' for k, v in manifest.plugins.items())}")
     out.print(f"config   {manifest.config_hash[:16]}  checkpoint {manifest.inputs.checkpoint_sha256[:16]}")
     for line in _provenance_lines(statement):

@@ -6,6 +6,7 @@ import json
 
 from llmbuild.builder.provenance import git_commit, source_sha256
 from llmbuild.manifest import PROVENANCE
+from tests.conftest import edit_json
 from tests.helpers import run_cli
 
 
@@ -34,3 +35,16 @@ def test_inspect_says_when_an_engine_has_no_provenance(capsys, engine_copy):
     assert code == 0 and "no provenance.json" in out
     code, out, _ = run_cli(capsys, "inspect", str(engine_copy), "--json")
     assert code == 0 and "provenance" not in json.loads(out)
+
+
+def test_inspect_names_the_speculative_settings_and_w8a8(capsys, llama_engine, engine_copy):
+    code, out, _ = run_cli(capsys, "inspect", str(llama_engine))
+    assert code == 0 and "speculative" not in out and "quantization none" in out
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    spec |= {"max_batch_size": 4, "min_acceptance_rate": 0.3, "adaptive": True}
+    edit_json(engine_copy / "manifest.json", speculative=spec, quantization__weights="int8")
+    edit_json(engine_copy / "manifest.json", quantization__activations="int8")
+    code, out, _ = run_cli(capsys, "inspect", str(engine_copy))
+    assert code == 0, out
+    assert "speculative ngram: up to 3 tokens, lookup 2-5, at most 4 decoding sequences, adaptive" in out
+    assert "quantization int8 weights + int8 activations (W8A8), method rtn" in out
