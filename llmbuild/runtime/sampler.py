@@ -42,7 +42,8 @@ class Sampler:
         tokens, kept = [], []
         row = 0
         for request, proposal in zip(requests, drafts, strict=True):
-            output = list(request.output_token_ids)
+            # the output as the row after j kept proposals sees it (penalties, min_tokens); unused by argmax
+            output = list(request.output_token_ids) if best is None else []
             for j in range(len(proposal) + 1):
                 token = best[row + j] if best is not None else self._draw(logits[row + j], request, output)
                 if j == len(proposal) or token != proposal[j]:
