@@ -45,3 +45,8 @@ class SigningError(LLMBuildError):
 
 class RequestError(LLMBuildError):
     """A generation request is invalid for this engine (too long, bad token ids, bad params)."""
+
+
+class LoraError(LLMBuildError):
+    """A LoRA adapter cannot be loaded into this engine (missing or corrupt files, an unsupported PEFT
+    variant, a rank or module the engine has no slots for, shapes of another base model)."""

@@ -33,6 +33,7 @@ from llmbuild.recipe import (
     CudaGraphsSection,
     EngineLimits,
     KVCacheSection,
+    LoraSection,
     QuantizationSection,
     ServeSection,
     SpeculativeSection,
@@ -62,8 +63,12 @@ GRAPH_INPUTS = (
     "seq_lens",  # [B] int32: tokens in the cache of each sequence after this step
     "cu_seqlens_q",  # [B + 1] int32: start of each sequence's tokens in the packed step
     "logits_indices",  # [N] int64: packed positions whose logits the step returns
+    "lora_slots",  # [T] int32: adapter slot of each token (0: none)
     "kv_caches",  # list of 2 * num_layers tensors [num_blocks, num_kv_heads, block_size, head_dim]
 )
+
+LEGACY_GRAPH_INPUTS = tuple(n for n in GRAPH_INPUTS if n != "lora_slots")
+"""The inputs of graphs built before LoRA slots (llmbuild 0.1.0 engines whose manifest names none)."""
 
 
 def rank_dir(rank: int) -> str:
@@ -127,6 +132,10 @@ class Manifest(_Frozen):
     """Decode batch sizes the runtime captures as CUDA graphs at load (cuda engines)."""
     speculative: SpeculativeSection | None = None
     """Speculative decoding the runtime does by default (None: none)."""
+    lora: LoraSection | None = None
+    """LoRA adapter slots in the graph (None: none)."""
+    graph_inputs: tuple[str, ...] = LEGACY_GRAPH_INPUTS
+    """The graph's inputs in order (GRAPH_INPUTS when it was built; the runtime refuses any other)."""
     config_hash: str
     """Hash of every field that changes the built artifact (the build-cache key, with the input hashes)."""
     inputs: Inputs

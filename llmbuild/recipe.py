@@ -276,6 +276,32 @@ class SpeculativeSection(_Section):
         return self
 
 
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The projections a LoRA adapter may target, by their Hugging Face (PEFT) names."""
+
+
+class LoraSection(_Section):
+    """Adapter slots compiled into the engine: LoRA adapters (PEFT format) are loaded into them at run time."""
+
+    max_loras: int = Field(4, ge=1, le=256)
+    """Distinct adapters one step can run (slot 0, no adapter, comes on top); more may be registered, they
+    take turns in the slots."""
+    max_rank: int = Field(16, ge=1, le=512)
+    """The highest adapter rank a slot holds; a lower-rank adapter computes at its own rank."""
+    target_modules: tuple[str, ...] = LORA_MODULES
+    """The projections that carry slots (PEFT names); an adapter may target a subset of them."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in v if m not in LORA_MODULES]
+        if unknown:
+            raise ValueError(f"unknown module {unknown[0]!r}: target_modules are among {', '.join(LORA_MODULES)}")
+        if not v:
+            raise ValueError(f"must name at least one of {', '.join(LORA_MODULES)}")
+        return tuple(m for m in LORA_MODULES if m in v)
+
+
 class ServeSection(_Section):
     host: str = "127.0.0.1"
     """Address `llmbuild serve` binds by default (loopback: nothing outside the machine can reach it)."""
@@ -306,6 +332,8 @@ class Recipe(_Section):
     cuda_graphs: CudaGraphsSection = CudaGraphsSection()
     speculative: SpeculativeSection | None = None
     """Speculative decoding (absent: none); the runtime may switch it off (`--no-speculative`)."""
+    lora: LoraSection | None = None
+    """LoRA adapter slots (absent: the engine serves its base weights only)."""
     serve: ServeSection = ServeSection()
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -14,6 +14,8 @@ sizes each rank's KV cache), so both agree on every rank's shapes.
 
 from __future__ import annotations
 
+import torch
+
 from llmbuild.model_config import ModelConfig
 
 GROUP_NAME = "0"
@@ -57,3 +59,24 @@ def kv_heads_of_rank(cfg: ModelConfig, tp: int, rank: int) -> range:
         return range(rank * per_rank, (rank + 1) * per_rank)
     ranks_per_head = tp // cfg.num_kv_heads
     return range(rank // ranks_per_head, rank // ranks_per_head + 1)
+
+
+def column_rows(cfg: ModelConfig, tp: int, rank: int, module: str) -> torch.Tensor:
+    """Output rows of a column-parallel projection ("attn.qkv" or "mlp.gate_up") that rank `rank` keeps.
+
+    Indices into the full fused projection's rows (`cfg` the full model's), slice by slice: the rank's
+    q rows, then its k and v rows (a replicated kv head when there are fewer kv heads than ranks); or
+    its gate rows, then the same rows of up.
+    """
+    if module == "attn.qkv":
+        d, q = cfg.head_dim, cfg.num_heads * cfg.head_dim
+        heads = cfg.num_heads // tp
+        kv = kv_heads_of_rank(cfg, tp, rank)
+        q_rows = torch.arange(rank * heads * d, (rank + 1) * heads * d)
+        k_rows = torch.arange(kv.start * d, kv.stop * d) + q
+        v_rows = k_rows + cfg.num_kv_heads * d
+        return torch.cat([q_rows, k_rows, v_rows])
+    inter = cfg.intermediate_size
+    share = inter // tp
+    gate = torch.arange(rank * share, (rank + 1) * share)
+    return torch.cat([gate, gate + inter])

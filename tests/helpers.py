@@ -231,3 +231,30 @@ def quantized_case(dtype, codes=torch.int8, seed=0, **case):
         for cache, head_scales in zip(args[3:5], kv_scales, strict=True)
     ]
     return (*args[:3], *caches, *args[5:]), kv_scales, full_k, full_v, q_parts
+
+
+# --- LoRA adapters (made with peft, the format's reference) ---
+
+ALL_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(checkpoint: Path, out: Path, seed: int, **config) -> torch.nn.Module:
+    """Write a PEFT LoRA adapter of the checkpoint to `out` (random A and B: init_lora_weights=False) and
+    return transformers' model with it merged (W + scale * B @ A), the oracle of adapter tests."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(init_lora_weights=False, **config))
+    model.save_pretrained(out)
+    return model.merge_and_unload().eval()
+
+
+def greedy_tokens(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens of a transformers model after `prompt` (no stop at EOS)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmbuild.tensor_parallel import kv_heads_of_rank, rank_config, split_problems
+from llmbuild.tensor_parallel import column_rows, kv_heads_of_rank, rank_config, split_problems
 from tests.helpers import config
 
 
@@ -48,3 +48,15 @@ def test_possible_splits_have_no_problems():
     assert split_problems(config(heads=8, kv_heads=2), 8) == []
     assert split_problems(config(heads=8, kv_heads=8), 4) == []
     assert rank_config(config(), 1) == config()
+
+
+def test_column_rows_are_each_slice_of_the_rank_in_order():
+    """qkv: the rank's q rows, then its kv heads' k and v rows; gate_up: its gate rows, then the same of up.
+    config(heads=8, kv_heads=2): head_dim 32, q 256 rows, k and v 64 each; intermediate 512."""
+    cfg = config(heads=8, kv_heads=2)
+    rows = column_rows(cfg, 4, 3, "attn.qkv").tolist()
+    assert rows == [*range(192, 256), *range(256 + 32, 256 + 64), *range(320 + 32, 320 + 64)]
+    rows = column_rows(cfg, 2, 1, "mlp.gate_up").tolist()
+    assert rows == [*range(256, 512), *range(768, 1024)]
+    every = sorted(r for rank in range(2) for r in column_rows(cfg, 2, rank, "attn.qkv").tolist())
+    assert every == list(range(384))

@@ -27,6 +27,7 @@ from llmbuild.builder.compile import compile_graph
 from llmbuild.builder.export import export_graph, save_graph
 from llmbuild.builder.kv_quant import kv_absmax, quantize_kv_cache
 from llmbuild.builder.models.llama import LlamaModel
+from llmbuild.builder.models.lora_slots import attach_lora_slots
 from llmbuild.builder.package import add_runtime_files, check_output_dir, seal, staging_dir
 from llmbuild.builder.plan import BuildPlan, make_plan
 from llmbuild.builder.provenance import provenance, seal_provenance
@@ -39,7 +40,17 @@ from llmbuild.builder.stages import ProgressCallback, StageCallback, Stages
 from llmbuild.builder.weights import load_weights
 from llmbuild.cpu_target import CpuTarget, resolve
 from llmbuild.machine import cpu_flags, gpu_arch
-from llmbuild.manifest import EXPORTED, GRAPH, WEIGHTS, Inputs, Manifest, Target, rank_dir, sha256_json
+from llmbuild.manifest import (
+    EXPORTED,
+    GRAPH,
+    GRAPH_INPUTS,
+    WEIGHTS,
+    Inputs,
+    Manifest,
+    Target,
+    rank_dir,
+    sha256_json,
+)
 from llmbuild.model_config import DTYPES, KV_CACHE_DTYPES
 from llmbuild.plugins import OP_VERSIONS, load_plugins
 from llmbuild.plugins.library import build_library, compiled_isas, default_cache_dir, target_isa, use_isa
@@ -228,6 +239,8 @@ def _export(build: _Build, model: LlamaModel | None) -> ExportedProgram:
         # the graph never depends on weight values: zeros do when none were loaded
         if model is None:
             model = _layout_model(build)
+        if recipe.lora is not None:
+            attach_lora_slots(model.layers, model.cfg, recipe.lora, model.embed.weight.dtype)
         kv_dtype = KV_CACHE_DTYPES[build.plan.kv_cache_dtype]
         program = export_graph(model, build.plan.limits, recipe.kv_cache.block_size, kv_dtype)
         program = retarget(program, recipe.target.device)
@@ -339,6 +352,8 @@ def _manifest(build: _Build, files: dict[str, str]) -> Manifest:
         serve=recipe.serve,
         cuda_graphs=recipe.cuda_graphs,
         speculative=recipe.speculative,
+        lora=recipe.lora,
+        graph_inputs=GRAPH_INPUTS,
         config_hash=build.graph_key,
         inputs=build.inputs,
         files=files,

@@ -23,7 +23,7 @@ import torch
 import llmbuild
 from llmbuild.builder.plan import BuildPlan
 from llmbuild.builder.quality import EVAL_VERSION
-from llmbuild.manifest import Inputs, Target, sha256_json
+from llmbuild.manifest import GRAPH_INPUTS, Inputs, Target, sha256_json
 from llmbuild.plugins import OP_VERSIONS
 from llmbuild.recipe import Recipe
 
@@ -104,5 +104,7 @@ def config_hash(recipe: Recipe, plan: BuildPlan, target: Target) -> str:
             ),
             "plugins": OP_VERSIONS,
             "graph_options": recipe.plugins.model_dump(mode="json"),
+            "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
+            "graph_inputs": GRAPH_INPUTS,
         }
     )

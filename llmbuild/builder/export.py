@@ -36,6 +36,7 @@ def example_step(
         seq_lens=[3, 2, 2],
         cu_seqlens_q=[0, 3, 5, 7],
         logits_indices=[0, 1, 2, 4, 6],
+        lora_slots=[0] * _T,
     )
     return (*inputs.as_tuple(), kv)
 

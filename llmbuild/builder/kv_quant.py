@@ -39,7 +39,9 @@ def kv_absmax(
         # slots no token writes stay zero: they cannot raise a maximum of absolute values
         caches = [torch.zeros(shape, dtype=model.embed.weight.dtype, device=device) for _ in range(2 * cfg.num_layers)]
         with torch.inference_mode():
-            model(chunk.flatten(), positions, *meta, torch.zeros(1, dtype=torch.int64, device=device), caches)
+            ids = chunk.flatten()
+            no_adapters = torch.zeros(len(ids), dtype=torch.int32, device=device)
+            model(ids, positions, *meta, torch.zeros(1, dtype=torch.int64, device=device), no_adapters, caches)
         for i, cache in enumerate(caches):
             top = cache.abs().amax(dim=(0, 2, 3)).float().cpu()
             absmax[i // 2, i % 2] = torch.maximum(absmax[i // 2, i % 2], top)

@@ -16,6 +16,7 @@ from llmbuild.builder.models.llama import linear_shapes
 from llmbuild.builder.quantize import check_group_fit, excluded, quantized_bytes
 from llmbuild.builder.support import check_supported, unsupported_features
 from llmbuild.errors import RecipeError
+from llmbuild.lora_layout import buffer_bytes
 from llmbuild.memory_plan import (
     GPU_OVERHEAD_BYTES,
     HOST_OVERHEAD_BYTES,
@@ -48,6 +49,8 @@ class BuildPlan:
     memory: MemoryPlan
     available_bytes: int
     """The memory the engine must fit: host RAM for a cpu recipe, one GPU's memory for a cuda one."""
+    lora_bytes: int = 0
+    """Of the weights, the LoRA slot buffers (every rank's; allocated at load, not in the weights files)."""
 
     @property
     def limits(self) -> EngineLimits:
@@ -153,9 +156,10 @@ def make_plan(recipe: Recipe, available_bytes: int | None = None, build_machine:
         if tp == 1:
             raise
         raise RecipeError(f"with target.tensor_parallel={tp}, {exc} (input sizes are per rank)") from None
+    lora_bytes = tp * buffer_bytes(rank_cfg, recipe.lora, DTYPES[dtype]) if recipe.lora is not None else 0
     # every rank of an engine runs on this machine: the plan sums them (replicated tensors count per rank)
     memory = plan_memory(
-        weight_bytes=tp * rank_weight_bytes,
+        weight_bytes=tp * rank_weight_bytes + lora_bytes,
         kv_bytes_per_token=tp * rank_cfg.kv_bytes_per_token(KV_CACHE_DTYPES[kv_dtype]),
         limits=limits,
         kv_cache=recipe.kv_cache,
@@ -164,4 +168,4 @@ def make_plan(recipe: Recipe, available_bytes: int | None = None, build_machine:
         # a cpu engine runs one process per rank; a cuda one's host side is not in the GPU's budget
         overhead_bytes=GPU_OVERHEAD_BYTES if device == "cuda" else tp * HOST_OVERHEAD_BYTES,
     )
-    return BuildPlan(recipe, ckpt, dtype, kv_dtype, memory, available)
+    return BuildPlan(recipe, ckpt, dtype, kv_dtype, memory, available, lora_bytes)

@@ -123,6 +123,7 @@ def _group_logits(graph: StepGraph, group: torch.Tensor, on_step: Callable[[], N
     base = torch.arange(n) * per_seq * bs  # sequence b's slot of position p: base[b] + p
 
     def step(*inputs: torch.Tensor) -> torch.Tensor:
+        inputs = (*inputs, torch.zeros(len(inputs[0]), dtype=torch.int32))  # lora_slots: the base weights
         with torch.inference_mode():
             logits = graph.run(tuple(t.to(graph.device) for t in inputs), caches).float().cpu()
         on_step()

@@ -27,6 +27,7 @@ _CUDA_SAME_SCHEMA = (
     "linear_int8",
     "linear_w8a8",
     "linear_fp8",
+    "lora",
 )
 
 

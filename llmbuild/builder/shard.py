@@ -16,23 +16,7 @@ from __future__ import annotations
 import torch
 
 from llmbuild.model_config import ModelConfig
-from llmbuild.tensor_parallel import kv_heads_of_rank
-
-
-def _column_rows(cfg: ModelConfig, tp: int, rank: int, module: str) -> torch.Tensor:
-    """Output rows of a column-parallel projection that rank `rank` keeps."""
-    if module == "attn.qkv":
-        d, q = cfg.head_dim, cfg.num_heads * cfg.head_dim
-        heads = cfg.num_heads // tp
-        kv = kv_heads_of_rank(cfg, tp, rank)
-        q_rows = torch.arange(rank * heads * d, (rank + 1) * heads * d)
-        k_rows = torch.arange(kv.start * d, kv.stop * d) + q
-        v_rows = k_rows + cfg.num_kv_heads * d
-        return torch.cat([q_rows, k_rows, v_rows])
-    inter = cfg.intermediate_size
-    share = inter // tp
-    gate = torch.arange(rank * share, (rank + 1) * share)
-    return torch.cat([gate, gate + inter])
+from llmbuild.tensor_parallel import column_rows, kv_heads_of_rank
 
 
 def shard_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
@@ -47,7 +31,7 @@ def shard_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, 
             kv = kv_heads_of_rank(cfg, tp, rank)
             out[name] = t[:, kv.start : kv.stop].contiguous()
         elif layer_module in ("attn.qkv", "mlp.gate_up"):
-            out[name] = t.index_select(0, _column_rows(cfg, tp, rank, layer_module))
+            out[name] = t.index_select(0, column_rows(cfg, tp, rank, layer_module))
         elif layer_module in ("attn.o", "mlp.down"):
             if kind == "bias":
                 out[name] = t.clone() if rank == 0 else torch.zeros_like(t)

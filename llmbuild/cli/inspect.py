@@ -71,6 +71,12 @@ def inspect_command(engine: Path, as_json: bool) -> None:
             f"{spec.prompt_lookup_min}-{spec.prompt_lookup_max}, at most {spec.max_batch_size} decoding sequences"
             + (", adaptive" if spec.adaptive else "")
         )
+    if manifest.lora is not None:
+        lora = manifest.lora
+        out.print(
+            f"lora     {lora.max_loras} slots, rank <= {lora.max_rank}, on {', '.join(lora.target_modules)} "
+            "(adapters: run / serve --lora NAME=DIR)"
+        )
     out.print(f"plugins  {', '.join(f'{k} v{v}' for k, v in manifest.plugins.items())}")
     out.print(f"config   {manifest.config_hash[:16]}  checkpoint {manifest.inputs.checkpoint_sha256[:16]}")
     for line in _provenance_lines(statement):

@@ -94,6 +94,7 @@ def _summary(recipe: Path, r: Recipe, p: BuildPlan) -> dict[str, Any]:
         "dtype": p.dtype,
         "kv_cache_dtype": p.kv_cache_dtype,
         "weight_bytes": m.weight_bytes,
+        "lora_slot_bytes": p.lora_bytes,
         "kv_bytes_per_token": m.kv_bytes_per_token,
         "kv_bytes_per_sequence": m.kv_bytes_per_token * p.limits.max_seq_len,
         "kv_cache_bytes": m.kv_budget_bytes,
@@ -107,6 +108,16 @@ def _summary(recipe: Path, r: Recipe, p: BuildPlan) -> dict[str, Any]:
         "fits": p.shortfall() is None,
         "sequences_in_budget": _sequences_in_budget(r, p),
     }
+
+
+def _lora_note(r: Recipe, p: BuildPlan) -> str:
+    """What the LoRA slots add to the weights (empty without a `lora` section)."""
+    if r.lora is None:
+        return ""
+    return (
+        f"  (of which LoRA slots {format_bytes(p.lora_bytes)}: {r.lora.max_loras} adapters of rank <= "
+        f"{r.lora.max_rank} on {', '.join(r.lora.target_modules)})"
+    )
 
 
 def _print_plan(recipe: Path, r: Recipe, p: BuildPlan, budget_given: bool) -> None:
@@ -123,7 +134,7 @@ def _print_plan(recipe: Path, r: Recipe, p: BuildPlan, budget_given: bool) -> No
     out.print(r.to_yaml().rstrip(), markup=False)
     out.print()
     rows = [
-        ("weights", format_bytes(m.weight_bytes)),
+        ("weights", format_bytes(m.weight_bytes) + _lora_note(r, p)),
         (
             "KV cache per token",
             f"{format_bytes(m.kv_bytes_per_token)}  ({cfg.num_layers} layers x "

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from llmbuild.cli.console import console
+from llmbuild.cli.lora_options import lora_option
 from llmbuild.cli.speculative_options import engine_speculation, speculative_options
 
 if TYPE_CHECKING:
@@ -53,8 +54,14 @@ if TYPE_CHECKING:
     help="Override the engine's backend (eager runs a compiled engine's exported program, for debugging).",
 )
 @speculative_options
+@lora_option
+@click.option(
+    "--model", "model_name", metavar="NAME", help="Generate with the --lora adapter NAME (default: the base)."
+)
 def run_command(
     engine: Path,
+    lora: tuple[tuple[str, Path], ...],
+    model_name: str | None,
     prompt: str | None,
     prompt_ids: str | None,
     chat: bool,
@@ -66,19 +73,29 @@ def run_command(
 ) -> None:
     """Generate one completion with ENGINE in the terminal."""
     from llmbuild.runtime.llm_engine import LLMEngine
+    from llmbuild.runtime.lora_manager import register_adapters
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
     if chat and prompt is None:
         raise click.UsageError("--chat needs --prompt")
+    if model_name is not None and model_name not in dict(lora):
+        raise click.UsageError(f"--model {model_name}: no --lora {model_name}=DIR names that adapter")
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     spec = engine_speculation(engine, speculative, num_speculative_tokens)
     with LLMEngine.from_dir(engine, backend=backend, speculative=spec) as llm:
-        _generate(llm, prompt, ids, chat, output_format, sampling)
+        register_adapters(llm.loras, llm.engine.path, lora, llm.engine.manifest.name)
+        _generate(llm, prompt, ids, chat, output_format, sampling, model_name)
 
 
 def _generate(
-    llm: LLMEngine, prompt: str | None, ids: list[int] | None, chat: bool, output_format: str, sampling: dict[str, Any]
+    llm: LLMEngine,
+    prompt: str | None,
+    ids: list[int] | None,
+    chat: bool,
+    output_format: str,
+    sampling: dict[str, Any],
+    lora: str | None = None,
 ) -> None:
     """`run`'s generation: sampling defaults from the engine, text streamed to stdout (or one JSON line)."""
     from llmbuild.runtime.sampling_params import resolve_sampling_params
@@ -91,7 +108,7 @@ def _generate(
     )
     if chat:
         ids = _chat_prompt(llm, prompt or "")
-    request = llm.make_request(ids if ids is not None else prompt or "", params)
+    request = llm.make_request(ids if ids is not None else prompt or "", params, lora=lora)
     text = []
     for out in llm.stream(request):
         text.append(out.text)

@@ -9,6 +9,7 @@ import click
 from pydantic import ValidationError
 
 from llmbuild.cli.console import console
+from llmbuild.cli.lora_options import lora_option
 from llmbuild.cli.speculative_options import engine_speculation, speculative_options
 from llmbuild.serve.config import ServeConfig
 
@@ -61,6 +62,12 @@ def _default(field: str) -> Any:
 @click.option("--no-prefix-caching", is_flag=True, help="Do not reuse KV blocks of repeated prompt prefixes.")
 @click.option("--backend", type=click.Choice(["compiled", "eager"]), help="Override the engine's backend.")
 @speculative_options
+@lora_option
+@click.option(
+    "--allow-adapter-loading",
+    is_flag=True,
+    help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read any directory this server can).",
+)
 @click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
@@ -98,6 +105,8 @@ def serve_command(
     backend: str | None,
     speculative: bool | None,
     num_speculative_tokens: int | None,
+    lora: tuple[tuple[str, Path], ...],
+    allow_adapter_loading: bool,
     log_level: str,
     log_format: str,
     public_key: Path | None,
@@ -127,6 +136,7 @@ def serve_command(
             max_n=max_n,
             shutdown_timeout=shutdown_timeout,
             enable_prefix_caching=not no_prefix_caching,
+            allow_adapter_loading=allow_adapter_loading,
             log_format=log_format,
         )
     except ValidationError as exc:
@@ -138,7 +148,7 @@ def serve_command(
             "port can use the model; pass --api-key-file"
         )
     spec = engine_speculation(engine, speculative, num_speculative_tokens)
-    run_server(engine, config, backend=backend, log_level=log_level, speculative=spec)
+    run_server(engine, config, backend=backend, log_level=log_level, speculative=spec, loras=lora)
 
 
 def _read_api_keys(path: Path) -> list[str]:

@@ -21,6 +21,7 @@ from llmbuild.plugins import (
     linear_int4,
     linear_int8,
     linear_w8a8,
+    lora,
     paged_attention,
     rms_norm,
     rope,
@@ -40,9 +41,10 @@ OP_VERSIONS: dict[str, int] = {
     rms_norm.ADD_OP_NAME: rms_norm.VERSION,
     rope.OP_NAME: rope.VERSION,
     swiglu.OP_NAME: swiglu.VERSION,
+    lora.OP_NAME: lora.VERSION,
 }
 
-_MODULES = (paged_attention, linear, linear_int8, linear_int4, linear_fp8, linear_w8a8, rms_norm, rope, swiglu)
+_MODULES = (paged_attention, linear, linear_int8, linear_int4, linear_fp8, linear_w8a8, rms_norm, rope, swiglu, lora)
 _registered = False
 
 

@@ -59,6 +59,7 @@ def pad_decode_step(inputs: StepInputs, bucket: int, scratch_block: int, block_s
         seq_lens=torch.cat([inputs.seq_lens, inputs.seq_lens.new_ones(pad)]),
         cu_seqlens_q=torch.arange(bucket + 1, dtype=inputs.cu_seqlens_q.dtype),  # one token per sequence
         logits_indices=torch.arange(bucket, dtype=inputs.logits_indices.dtype),
+        lora_slots=torch.cat([inputs.lora_slots, inputs.lora_slots.new_zeros(pad)]),
     )
 
 

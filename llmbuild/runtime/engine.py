@@ -7,7 +7,7 @@ loads the library's compiled code from the engine itself (no compiler on a servi
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -15,10 +15,12 @@ import torch
 
 from llmbuild.cpu_target import fitting_level
 from llmbuild.errors import EngineError
+from llmbuild.lora_layout import allocate_buffers
 from llmbuild.machine import cpu_flags, gpu_arch
 from llmbuild.manifest import (
     EXPORTED,
     GRAPH,
+    GRAPH_INPUTS,
     OP_LIBRARY,
     RECIPE,
     TOKENIZER_DIR,
@@ -30,6 +32,7 @@ from llmbuild.manifest import (
 from llmbuild.model_config import DTYPES, KV_CACHE_DTYPES
 from llmbuild.plugins import OP_VERSIONS, load_plugins
 from llmbuild.runtime.graph import Graph, load_graph
+from llmbuild.tensor_parallel import rank_config
 
 
 def target_mismatch(manifest: Manifest, backend: str | None = None) -> str | None:
@@ -98,6 +101,8 @@ class Engine:
     rank: int
     backend: str
     graph: Graph
+    lora_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The graph's LoRA slot buffers (lora_layout.py), written in place as adapters come and go."""
 
     @classmethod
     def load(cls, path: str | Path, rank: int = 0, verify: bool = True, backend: str | None = None) -> Engine:
@@ -121,9 +126,18 @@ class Engine:
             verify_files(path, manifest, only=(rank_dir(rank), TOKENIZER_DIR, RECIPE, OP_LIBRARY))
         if OP_LIBRARY not in manifest.files:
             raise EngineError(f"{path}: manifest lists no op library {OP_LIBRARY}; rebuild the engine")
+        if manifest.graph_inputs != GRAPH_INPUTS:
+            raise EngineError(
+                f"{path}: the engine's graph takes the step inputs of llmbuild {manifest.llmbuild_version} "
+                f"({', '.join(manifest.graph_inputs)}), not this llmbuild's; rebuild the engine"
+            )
         load_plugins(path / OP_LIBRARY)
-        graph = load_graph(path / rank_dir(rank), backend, manifest.target.device)
-        return cls(path, manifest, rank, backend, graph)
+        lora_buffers = {}
+        if manifest.lora is not None:
+            cfg = rank_config(manifest.model, manifest.target.tensor_parallel)
+            lora_buffers = allocate_buffers(cfg, manifest.lora, DTYPES[manifest.dtype], manifest.target.device)
+        graph = load_graph(path / rank_dir(rank), backend, manifest.target.device, lora_buffers)
+        return cls(path, manifest, rank, backend, graph, lora_buffers)
 
     @property
     def device(self) -> torch.device:

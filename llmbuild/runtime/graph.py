@@ -98,10 +98,16 @@ class CompiledGraph:
         return self._run(dense_inputs(inputs, kv_caches))[0]
 
 
-def load_graph(rank_path: Path, backend: str, device: str = "cpu") -> Graph:
-    """Load a rank's weights onto `device` and its graph for `backend` ('eager' or 'compiled')."""
+def load_graph(
+    rank_path: Path, backend: str, device: str = "cpu", buffers: dict[str, torch.Tensor] | None = None
+) -> Graph:
+    """Load a rank's weights onto `device` and its graph for `backend` ('eager' or 'compiled').
+
+    `buffers` are graph constants that the weights file does not hold (LoRA slots, lora_layout.py): the
+    graph reads these very tensors, so writing into them later changes what it computes."""
     try:
         weights = load_weights(rank_path / WEIGHTS, device)
     except (SafetensorError, OSError) as exc:
         raise EngineError(f"{rank_path / WEIGHTS}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    weights.update(buffers or {})
     return CompiledGraph(rank_path, weights) if backend == "compiled" else EagerGraph(rank_path, weights)

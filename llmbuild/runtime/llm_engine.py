@@ -26,6 +26,7 @@ from llmbuild.runtime.detokenizer import IncrementalDetokenizer
 from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.kv_cache import allocate_kv_cache
 from llmbuild.runtime.logprobs import TokenLogprobs, token_logprobs
+from llmbuild.runtime.lora_manager import LoraManager
 from llmbuild.runtime.model_runner import ModelRunner
 from llmbuild.runtime.rank_workers import RankWorkers
 from llmbuild.runtime.request import FinishReason, Request
@@ -104,6 +105,8 @@ class LLMEngine:
             self.runner.capture_decode_graphs(buckets or (self.limits.max_batch_size,), self.memory.num_blocks)
         section = manifest.speculative if speculative is True else speculative or None
         self.speculator = Speculator(section, self.limits.max_seq_len) if section is not None else None
+        self.loras = LoraManager(engine, workers) if manifest.lora is not None else None
+        """The adapters this engine serves (None: built without LoRA slots)."""
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch_size=self.limits.max_batch_size,
@@ -111,6 +114,7 @@ class LLMEngine:
                 max_seq_len=self.limits.max_seq_len,
                 block_size=block_size,
                 eos_token_ids=eos,
+                max_loras=manifest.lora.max_loras if manifest.lora is not None else 0,
             ),
             self.pool,
             self.speculator,
@@ -166,11 +170,21 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
+        lora: str | None = None,
     ) -> Request:
-        """Tokenize and validate a prompt against the engine's limits (nothing is queued).
+        """Tokenize and validate a prompt against the engine's limits (nothing is queued); `lora` names a
+        registered adapter to run it with (None: the base weights).
 
-        Safe to call from any thread: it reads only immutable engine state.
+        Safe to call from any thread: it reads only immutable engine state (and the adapter registry).
         """
+        adapter = None
+        if lora is not None:
+            if self.loras is None:
+                raise RequestError(
+                    f"this engine has no LoRA slots, so it cannot run adapter {lora!r}; "
+                    "rebuild it with a recipe `lora` section"
+                )
+            adapter = self.loras.resolve(lora)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         vocab, max_len = self.engine.manifest.model.vocab_size, self.limits.max_seq_len
         if not ids:
@@ -196,6 +210,7 @@ class LLMEngine:
             generator=generator,
             priority=priority,
             matcher=matcher,
+            lora=adapter,
         )
         self.scheduler.check_fits(request)
         return request
@@ -225,6 +240,8 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with unfinished requests")
             return []
         start = time.perf_counter()
+        if self.loras is not None:
+            self.loras.assign(s.request for s in batch.seqs)
         seqs = batch.sampling_seqs
         sampling = [s.request for s in seqs]
         first_rows = list(itertools.accumulate((s.num_rows for s in seqs), initial=0))
@@ -296,9 +313,11 @@ class LLMEngine:
                 if out.request_id == request.request_id:
                     yield out
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams, lora: str | None = None
+    ) -> list[Completion]:
         """Run prompts to completion together (in-flight batched); results in prompt order."""
-        requests = [self.make_request(p, params) for p in prompts]
+        requests = [self.make_request(p, params, lora=lora) for p in prompts]
         for request in requests:
             self.add_request(request)
         texts = {r.request_id: "" for r in requests}

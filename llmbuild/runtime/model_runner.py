@@ -87,6 +87,7 @@ class ModelRunner:
         seq_lens: list[int] = []
         cu_seqlens = [0]
         rows: list[int] = []
+        adapters: list[int] = []
         for seq in batch.seqs:
             request = seq.request
             start, end = request.num_computed_tokens, request.num_computed_tokens + seq.num_new_tokens
@@ -94,6 +95,7 @@ class ModelRunner:
             ids.extend(request.token_at(p) for p in range(start, end - len(seq.draft_token_ids)))
             ids.extend(seq.draft_token_ids)
             positions.extend(range(start, end))
+            adapters.extend([request.lora_slot] * seq.num_new_tokens)
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             tables.append(blocks + [0] * (self.max_blocks_per_seq - len(blocks)))
             seq_lens.append(end)
@@ -111,5 +113,6 @@ class ModelRunner:
             seq_lens=seq_lens,
             cu_seqlens_q=cu_seqlens,
             logits_indices=rows or [0],  # the graph needs >= 1 row; dropped by execute
+            lora_slots=adapters,
         )
         return inputs, len(rows)

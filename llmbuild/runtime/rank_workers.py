@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
 import os
 import signal
@@ -38,14 +39,18 @@ import torch
 import torch.distributed as dist
 
 from llmbuild.errors import EngineError
+from llmbuild.model_config import DTYPES
 from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.graph import Graph
 from llmbuild.runtime.kv_cache import allocate_kv_cache
+from llmbuild.runtime.lora_adapter import load_adapter
 from llmbuild.runtime.step_inputs import StepInputs, StepShape
 from llmbuild.tensor_parallel import GROUP_NAME, rank_config
 
-STOP, STEP, KEEP_ALIVE, ALLOCATE = 0, 1, 2, 3
+STOP, STEP, KEEP_ALIVE, ALLOCATE, LOAD_LORA = 0, 1, 2, 3, 4
 HEADER = 4  # [kind, tokens, sequences, logit rows] (ALLOCATE: [kind, num_blocks, 0, 0])
+# LOAD_LORA: [kind, slot, bytes, 0], then that many bytes of JSON {"name", "path"}: each rank reads its
+# own shard of the adapter (rank 0 has checked it) into the slot
 TIMEOUT = dt.timedelta(minutes=5)
 """How long any collective may wait for a peer: far above a step, and the keep-alive's period."""
 KEEP_ALIVE_SECONDS = 10.0
@@ -161,6 +166,13 @@ class RankWorkers:
             self.raise_if_dead(wait=2.0)
             raise EngineError(f"tensor-parallel step failed: {str(exc).splitlines()[0]}") from exc
 
+    def load_lora(self, slot: int, name: str, path: Path) -> None:
+        """Have every worker write its shard of the adapter at `path` into `slot` (before the step using it)."""
+        payload = torch.frombuffer(bytearray(json.dumps({"name": name, "path": str(path)}).encode()), dtype=torch.uint8)
+        _broadcast_header(self.group, LOAD_LORA, slot, len(payload))
+        dist.broadcast(payload, src=0, group=self.group)
+        self._last_send = time.monotonic()
+
     def keep_alive(self) -> None:
         """Called while idle: fail if a worker died, and keep the waiting workers inside the group timeout."""
         self.raise_if_dead()
@@ -230,6 +242,20 @@ def _receive_step(group: dist.ProcessGroup, header: list[int], max_blocks_per_se
     return StepInputs.unflatten(payload, shape)
 
 
+def _receive_lora(group: dist.ProcessGroup, engine: Engine, slot: int, size: int) -> None:
+    """Write this rank's shard of the adapter rank 0 names into `slot` of the engine's LoRA buffers."""
+    payload = torch.empty(size, dtype=torch.uint8)
+    dist.broadcast(payload, src=0, group=group)
+    named = json.loads(bytes(payload.tolist()).decode())
+    manifest = engine.manifest
+    assert manifest.lora is not None  # rank 0 loads adapters only into an engine with slots
+    adapter = load_adapter(
+        named["name"], Path(named["path"]), manifest.model, manifest.lora, DTYPES[manifest.dtype],
+        manifest.target.tensor_parallel, engine.rank,
+    )  # fmt: skip
+    adapter.write_to(engine.lora_buffers, slot)
+
+
 def _worker_main(path: str, verify: bool, backend: str | None, threads: int) -> None:
     """A worker process: join the group, load its rank, then run every step rank 0 broadcasts."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 decides
@@ -254,6 +280,8 @@ def _worker_main(path: str, verify: bool, backend: str | None, threads: int) -> 
                     kv_caches = allocate_kv_cache(model, header[1], block_size, engine.kv_cache_dtype)
                 elif header[0] == STEP:
                     engine.graph(_receive_step(group, header, max_blocks_per_seq).as_tuple(), kv_caches)
+                elif header[0] == LOAD_LORA:
+                    _receive_lora(group, engine, header[1], header[2])
     finally:
         dist.destroy_process_group()
 

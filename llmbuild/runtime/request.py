@@ -66,6 +66,10 @@ class Request:
     below the engine's threshold it stops proposing for a while."""
     speculation_paused_until: int = 0
     """No proposals until the output has this many tokens."""
+    lora: Any = None
+    """The LoRA adapter the request runs with (runtime/lora_manager.ServedAdapter), None: the base weights."""
+    lora_slot: int = 0
+    """The slot its adapter holds this step (set by LoraManager.assign; 0: none)."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
 

@@ -11,6 +11,9 @@ instead of recomputed; blocks are registered in the cache as they fill. When blo
 least important running request is preempted: its blocks are released (they stay cached) and it
 is recomputed from its tokens later, so nothing is lost.
 
+With LoRA adapters (runtime/lora_manager.py) the running batch holds at most max_loras distinct ones: a
+request whose adapter would be one too many waits, and later requests with adapters wait behind it.
+
 With speculative decoding (runtime/speculative.py) a decoding sequence also computes the tokens it
 proposes; update() keeps those the sampler accepted and shortens the sequence past the others.
 """
@@ -85,6 +88,8 @@ class SchedulerConfig:
     max_seq_len: int
     block_size: int
     eos_token_ids: frozenset[int]
+    max_loras: int = 0
+    """Distinct LoRA adapters the running batch may hold (the engine's slots; 0: no adapters)."""
 
 
 class Scheduler:
@@ -137,15 +142,28 @@ class Scheduler:
                 i += 1
             else:
                 self._preempt(self.running.pop())  # the newest; may be `request` itself
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
-            request = self.waiting[0]
+        adapters = {r.lora.lora_id for r in self.running if r.lora is not None}
+        waits_for_slot = False
+        j = 0
+        while j < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_batch_size:
+            request = self.waiting[j]
+            if request.lora is not None and (
+                waits_for_slot or (request.lora.lora_id not in adapters and len(adapters) >= self.config.max_loras)
+            ):
+                # every slot is taken by running requests: this one waits for one to free up, and no later
+                # request with an adapter goes first (it could keep the slot taken): none waits forever
+                waits_for_slot = True
+                j += 1
+                continue
             if not request.block_ids:
                 self._reuse_cached_prefix(request)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._reserve(request, request.num_computed_tokens + n):
                 self._release(request)
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(j)
+            if request.lora is not None:
+                adapters.add(request.lora.lora_id)
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=_sort_key)
             if request.num_cached_tokens:
@@ -233,7 +251,8 @@ class Scheduler:
         if len(hashes) < num_blocks:
             tokens = request.all_token_ids
             for i in range(len(hashes), num_blocks):
-                hashes.append(block_hash(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+                parent = hashes[-1] if hashes else _root_hash(request)
+                hashes.append(block_hash(parent, tokens[i * bs : (i + 1) * bs]))
         return hashes
 
     def _release(self, request: Request) -> None:
@@ -278,6 +297,12 @@ class Scheduler:
         if len(request.output_token_ids) >= request.max_tokens or request.num_tokens >= self.config.max_seq_len:
             return FinishReason.LENGTH
         return None
+
+
+def _root_hash(request: Request) -> bytes | None:
+    """What a request's first block hash chains from: its adapter's registration, so that KV blocks computed
+    with one adapter (or none) are never reused for another."""
+    return None if request.lora is None else b"lora:%d" % request.lora.lora_id
 
 
 def _sort_key(request: Request) -> tuple[int, int]:

@@ -93,6 +93,8 @@ class StepInputs:
     """Start of each sequence's tokens in the packed step."""
     logits_indices: torch.Tensor = _input(torch.int64, StepDim.ROWS)
     """Packed positions whose logits the step returns."""
+    lora_slots: torch.Tensor = _input(torch.int32, StepDim.TOKENS)
+    """Adapter slot of each token (0: the base weights; every token 0 in an engine without `lora`)."""
 
     @classmethod
     def from_lists(cls, pin_memory: bool = False, **values: list) -> StepInputs:

@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmbuild.serve import protocol, status
+from llmbuild.serve import adapters, protocol, status
 from llmbuild.serve.api_error import APIError
 from llmbuild.serve.async_engine import AsyncEngine
 from llmbuild.serve.auth import BearerAuth
@@ -72,6 +72,14 @@ def create_app(engine: AsyncEngine, config: ServeConfig, state: ServerState | No
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(ctx, request)
+
+    @app.post("/v1/load_lora_adapter", dependencies=guarded)
+    async def load_lora_adapter_route(request: Request) -> Response:
+        return await adapters.load_lora_adapter(ctx, request)
+
+    @app.post("/v1/unload_lora_adapter", dependencies=guarded)
+    async def unload_lora_adapter_route(request: Request) -> Response:
+        return await adapters.unload_lora_adapter(ctx, request)
 
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize_route(request: Request) -> Response:

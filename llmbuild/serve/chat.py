@@ -17,7 +17,7 @@ from llmbuild.runtime.request import Request as EngineRequest
 from llmbuild.serve.api_error import APIError
 from llmbuild.serve.context import ServeContext
 from llmbuild.serve.generation import make_requests, sampling_params
-from llmbuild.serve.intake import check_limits, read_body
+from llmbuild.serve.intake import adapter_of, check_limits, read_body
 from llmbuild.serve.protocol import ChatCompletionRequest
 from llmbuild.serve.request_log import request_record
 from llmbuild.serve.responses import respond
@@ -34,7 +34,8 @@ def chat_requests(ctx: ServeContext, body: ChatCompletionRequest, request_id: st
     """The engine requests of a chat body, after the server's caps (tokenizes: off the event loop)."""
     check_limits(ctx, body)
     prompt = chat_prompt(ctx, body)  # a template that cannot render the tools: 400 before any grammar compiles
-    return make_requests(ctx, [prompt], sampling_params(ctx, body), body.n, request_id, body.priority)
+    params = sampling_params(ctx, body)
+    return make_requests(ctx, [prompt], params, body.n, request_id, body.priority, adapter_of(ctx, body.model))
 
 
 def chat_prompt(ctx: ServeContext, body: ChatCompletionRequest) -> list[int]:

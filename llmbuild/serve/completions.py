@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from llmbuild.runtime.request import Request as EngineRequest
 from llmbuild.serve.context import ServeContext
 from llmbuild.serve.generation import make_requests, sampling_params
-from llmbuild.serve.intake import check_limits, check_prompt_count, read_body
+from llmbuild.serve.intake import adapter_of, check_limits, check_prompt_count, read_body
 from llmbuild.serve.protocol import CompletionRequest
 from llmbuild.serve.request_log import request_record
 from llmbuild.serve.responses import respond
@@ -29,4 +29,5 @@ def completion_requests(ctx: ServeContext, body: CompletionRequest, request_id: 
     prompts = body.prompts()
     check_prompt_count(ctx, prompts)
     check_limits(ctx, body)
-    return make_requests(ctx, prompts, sampling_params(ctx, body), body.n, request_id, body.priority)
+    params = sampling_params(ctx, body)
+    return make_requests(ctx, prompts, params, body.n, request_id, body.priority, adapter_of(ctx, body.model))

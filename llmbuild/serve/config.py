@@ -37,5 +37,7 @@ class ServeConfig(BaseModel):
     shutdown_timeout: float = Field(30.0, ge=0)
     """Seconds SIGTERM waits for in-flight requests before cutting them off."""
     enable_prefix_caching: bool = True
+    allow_adapter_loading: bool = False
+    """Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read any directory the server can)."""
     log_format: Literal["text", "json"] = "text"
     """Log lines as text, or one JSON object per line (the per-request line's fields as keys)."""

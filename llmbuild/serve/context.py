@@ -63,6 +63,11 @@ class ServeContext:
     def llm(self) -> LLMEngine:
         return self.engine.llm
 
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters served besides the base model, by name (registered at start-up or since)."""
+        loras = self.llm.loras
+        return sorted(loras.adapters) if loras is not None else []
+
     def decode(self, token_id: int) -> str:
         """One token's text (for logprobs)."""
         return self.tokenizer.decode([token_id])

@@ -59,7 +59,13 @@ def check_grammar(ctx: ServeContext, body: GenerationRequest) -> Grammar | None:
 
 
 def make_requests(
-    ctx: ServeContext, prompts: Sequence[Prompt], params: SamplingParams, n: int, request_id: str, priority: int = 0
+    ctx: ServeContext,
+    prompts: Sequence[Prompt],
+    params: SamplingParams,
+    n: int,
+    request_id: str,
+    priority: int = 0,
+    lora: str | None = None,
 ) -> list[EngineRequest]:
     """n requests per prompt, the n of a prompt consecutive; with a seed, choice j draws from seed + j.
 
@@ -67,7 +73,7 @@ def make_requests(
     else `<request_id>-<i>` for the i-th (prompt-major), so that the ids in the engine stay unique.
 
     Tokenizes text prompts (blocking work: call it off the event loop). 400 for an empty or too
-    long prompt, or one the engine refuses.
+    long prompt, or one the engine refuses. `lora` names the adapter the requests run with (None: the base).
     """
     requests: list[EngineRequest] = []
     single = len(prompts) * n == 1
@@ -87,7 +93,9 @@ def make_requests(
                 p = replace(params, seed=(params.seed + j) % (2**63))
             try:
                 engine_id = request_id if single else f"{request_id}-{len(requests)}"
-                requests.append(ctx.llm.make_request(ids, p, request_id=engine_id, priority=priority))
+                requests.append(ctx.llm.make_request(ids, p, request_id=engine_id, priority=priority, lora=lora))
             except RequestError as exc:
+                if lora is not None and lora not in ctx.adapter_names():  # unloaded since check_model
+                    raise APIError(404, str(exc), "not_found_error", "model") from None
                 raise APIError(400, str(exc), param="prompt") from None
     return requests

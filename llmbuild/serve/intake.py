@@ -98,11 +98,16 @@ def ignored_header(body: RequestModel) -> dict[str, str]:
 
 
 def check_model(ctx: ServeContext, model: str | None) -> None:
-    """404 naming the served model when a request names another (None: any route's default)."""
-    if model is not None and model != ctx.model_name:
-        raise APIError(
-            404, f"model '{model}' does not exist; this server serves '{ctx.model_name}'", "not_found_error", "model"
-        )
+    """404 naming the served models when a request names none of them: the base model or a LoRA adapter
+    (None: any route's default, the base model)."""
+    if model is not None and model != ctx.model_name and model not in ctx.adapter_names():
+        served = ", ".join(f"'{name}'" for name in (ctx.model_name, *ctx.adapter_names()))
+        raise APIError(404, f"model '{model}' does not exist; this server serves {served}", "not_found_error", "model")
+
+
+def adapter_of(ctx: ServeContext, model: str | None) -> str | None:
+    """The LoRA adapter a request's `model` names (None: the base model)."""
+    return None if model is None or model == ctx.model_name else model
 
 
 def check_limits(ctx: ServeContext, body: GenerationRequest) -> None:

@@ -20,6 +20,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -28,6 +29,7 @@ import uvicorn
 from llmbuild.errors import LLMBuildError
 from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.llm_engine import LLMEngine
+from llmbuild.runtime.lora_manager import register_adapters
 from llmbuild.serve.app import create_app
 from llmbuild.serve.async_engine import AsyncEngine
 from llmbuild.serve.config import ServeConfig
@@ -44,13 +46,20 @@ def serve(
     backend: str | None = None,
     log_level: str = "info",
     speculative: bool | SpeculativeSection = True,
+    loras: Sequence[tuple[str, str | Path]] = (),
 ) -> None:
     """Load the engine at engine_dir and serve it until shut down (must run on the main thread).
-    `speculative`: LLMEngine's (the engine's own speculative decoding, off, or other settings)."""
+    `speculative`: LLMEngine's (the engine's own speculative decoding, off, or other settings).
+    `loras`: (name, PEFT adapter directory) of each LoRA adapter served as a model of its own."""
     configure_logging(config.log_format, log_level)
     llm = LLMEngine.from_dir(
         engine_dir, backend=backend, enable_prefix_caching=config.enable_prefix_caching, speculative=speculative
     )
+    try:
+        register_adapters(llm.loras, llm.engine.path, loras, config.model_name or llm.engine.manifest.name)
+    except BaseException:
+        llm.close()
+        raise
     # off the start-up path: the port opens while llguidance reads the tokenizer
     threading.Thread(target=_warm_up_grammars, args=(llm,), name="grammar-warm-up", daemon=True).start()
     state = ServerState()

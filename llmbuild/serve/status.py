@@ -34,17 +34,21 @@ def metrics(ctx: ServeContext) -> Response:
 
 
 def models(ctx: ServeContext) -> dict:
-    """The OpenAI model list: the one model this server serves."""
-    return {"object": "list", "data": [model(ctx, ctx.model_name)]}
+    """The OpenAI model list: the base model, then each LoRA adapter (its `parent` the base model)."""
+    return {"object": "list", "data": [model(ctx, name) for name in (ctx.model_name, *ctx.adapter_names())]}
 
 
 def model(ctx: ServeContext, model_id: str) -> dict:
-    """The OpenAI model object of `model_id`; a 404 naming the served model for any other id."""
+    """The OpenAI model object of `model_id` (vLLM's `root` and `parent` included); a 404 naming the served
+    models for any other id."""
     check_model(ctx, model_id)
+    adapter = ctx.llm.loras.adapters.get(model_id) if ctx.llm.loras is not None else None
     return {
-        "id": ctx.model_name,
+        "id": model_id,
         "object": "model",
         "created": ctx.started,
         "owned_by": "llmbuild",
+        "root": str(adapter.path) if adapter is not None else ctx.model_name,
+        "parent": ctx.model_name if adapter is not None else None,
         "max_model_len": ctx.max_seq_len,
     }

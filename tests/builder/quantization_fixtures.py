@@ -62,4 +62,4 @@ def sequence_logits(model: LlamaModel, ids: torch.Tensor, block_size: int = 16) 
         for _ in range(2 * cfg.num_layers)
     ]
     with torch.inference_mode():
-        return model(ids, positions, *meta, torch.arange(n), caches)
+        return model(ids, positions, *meta, torch.arange(n), torch.zeros(len(ids), dtype=torch.int32), caches)

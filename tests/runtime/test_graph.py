@@ -34,16 +34,16 @@ def two_sequence_step() -> tuple[torch.Tensor, ...]:
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     cu = torch.tensor([0, 5, 8], dtype=torch.int32)
     rows = torch.tensor([4, 7])
-    return ids, positions, slots, tables, seq_lens, cu, rows
+    return ids, positions, slots, tables, seq_lens, cu, rows, torch.zeros(8, dtype=torch.int32)
 
 
 def as_views(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """The same values as columns of wider tensors, slices at an offset, a transposed copy, wrong dtypes."""
-    ids, positions, slots, tables, seq_lens, cu, rows = inputs
+    ids, positions, slots, tables, seq_lens, cu, rows, lora_slots = inputs
     column = torch.stack([ids, ids.flip(0)], dim=1)[:, 0]  # stride 2, as quality.window_logits had it
     offset = torch.cat([torch.tensor([99, 98]), positions])[2:]  # storage offset 2
     transposed = tables.t().contiguous().t()  # strides (1, 2)
-    return column, offset, slots.int(), transposed, seq_lens.long(), cu, torch.cat([rows, rows])[2:]
+    return column, offset, slots.int(), transposed, seq_lens.long(), cu, torch.cat([rows, rows])[2:], lora_slots.long()
 
 
 def run(engine: Engine, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

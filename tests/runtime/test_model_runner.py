@@ -63,7 +63,8 @@ def test_a_packed_prefill_then_a_decode_step():
     assert inputs.seq_lens.tolist() == [5, 3]
     assert inputs.cu_seqlens_q.tolist() == [0, 5, 8]
     assert inputs.logits_indices.tolist() == [4, 7]
-    assert [t.dtype for t in inputs.as_tuple()] == [torch.int64] * 3 + [torch.int32] * 3 + [torch.int64]
+    assert inputs.lora_slots.tolist() == [0] * 8  # no adapters
+    assert [t.dtype for t in inputs.as_tuple()] == [torch.int64] * 3 + [torch.int32] * 3 + [torch.int64, torch.int32]
 
     scheduler.update(batch, [7, 9])
     decode, num_rows = runner.prepare(scheduler.schedule())

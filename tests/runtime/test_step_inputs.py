@@ -21,6 +21,7 @@ def two_sequence_step() -> StepInputs:
         seq_lens=[3, 41],
         cu_seqlens_q=[0, 3, 4],
         logits_indices=[2, 3],
+        lora_slots=[1, 1, 1, 0],
     )
 
 

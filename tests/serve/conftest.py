@@ -171,13 +171,20 @@ class FakeLLM:
         )
         self.model_seconds = 0.0
         self.speculator = None
+        self.loras = None  # no LoRA slots
         self.refuse: str | None = None
         self.running: list[Request] = []
         self._ids = itertools.count()
 
     def make_request(
-        self, prompt: list[int], params: SamplingParams, request_id: str | None = None, priority: int = 0
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+        lora: str | None = None,
     ) -> Request:
+        assert lora is None, "the fake engine has no LoRA slots"
         if any(t >= 1000 for t in prompt):
             raise RequestError("prompt token id is out of range [0, 1000)")
         max_tokens = min(params.max_tokens, self.limits.max_seq_len - len(prompt))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmbuild.builder.models.lora_slots import LoraSlots
 from llmbuild.errors import CheckpointError
 from llmbuild.model_config import ModelConfig, RopeConfig
 from llmbuild.plugins.rms_norm import add_rms_norm_ref, rms_norm_ref
@@ -102,8 +103,18 @@ class RMSNorm(nn.Module):
         return add_rms_norm_ref(x, residual, self.weight, self.eps)
 
 
+def with_lora(
+    lora: LoraSlots | None, x: torch.Tensor, y: torch.Tensor, lora_slots: torch.Tensor | None
+) -> torch.Tensor:
+    """y plus the step's adapters' share of the projection of x (y as it is without adapter slots, or
+    when the caller runs a layer on its own with no slots given: the builder's calibration passes)."""
+    return y if lora is None or lora_slots is None else lora(x, y, lora_slots)
+
+
 class Attention(nn.Module):
     kv_scales: torch.Tensor | None  # [2, H_kv] fp32 K and V head scales of an int8 KV cache (builder/kv_quant.py)
+    qkv_lora: LoraSlots | None  # adapter slots (builder/models/lora_slots.py), None without a recipe `lora`
+    o_lora: LoraSlots | None
 
     def __init__(self, cfg: ModelConfig, plugins: PluginsSection, tp: int) -> None:
         super().__init__()
@@ -118,6 +129,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, plugins) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
         self.register_buffer("kv_scales", None)
+        self.qkv_lora = self.o_lora = None
 
     def forward(
         self,
@@ -126,9 +138,10 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: tuple[torch.Tensor, ...],
+        lora_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q, k, v = with_lora(self.qkv_lora, x, self.qkv(x), lora_slots).split(self.split, dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -142,10 +155,14 @@ class Attention(nn.Module):
             out = torch.ops.llmbuild.quantized_paged_attention(
                 q, k, v, k_cache, v_cache, *meta, self.kv_scales, self.scale
             )
-        return all_reduce(self.o(out.reshape(t, self.num_heads * self.head_dim)), self.tp)
+        out = out.reshape(t, self.num_heads * self.head_dim)
+        return all_reduce(with_lora(self.o_lora, out, self.o(out), lora_slots), self.tp)
 
 
 class MLP(nn.Module):
+    gate_up_lora: LoraSlots | None
+    down_lora: LoraSlots | None
+
     def __init__(self, cfg: ModelConfig, plugins: PluginsSection, tp: int) -> None:
         super().__init__()
         self.plugins = plugins
@@ -153,11 +170,12 @@ class MLP(nn.Module):
         self.intermediate = cfg.intermediate_size
         self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, plugins)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, plugins)
+        self.gate_up_lora = self.down_lora = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up(x)
+    def forward(self, x: torch.Tensor, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+        gate_up = with_lora(self.gate_up_lora, x, self.gate_up(x), lora_slots)
         act = torch.ops.llmbuild.swiglu(gate_up) if self.plugins.fused_swiglu else swiglu_ref(gate_up)
-        return all_reduce(self.down(act), self.tp)
+        return all_reduce(with_lora(self.down_lora, act, self.down(act), lora_slots), self.tp)
 
 
 class DecoderLayer(nn.Module):
@@ -168,16 +186,16 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plugins)
         self.mlp = MLP(cfg, plugins, tp)
 
-    def forward(self, h, residual, rope, k_cache, v_cache, meta):
+    def forward(self, h, residual, rope, k_cache, v_cache, meta, lora_slots=None):
         """Residual-stream form: returns (this layer's output, the stream before it), so that every
         residual add fuses into the norm that follows it (the same sums as h = h + f(norm(h)))."""
         if residual is None:
             x, residual = self.attn_norm(h), h
         else:
             x, residual = self.attn_norm.add(h, residual)
-        h = self.attn(x, rope, k_cache, v_cache, meta)
+        h = self.attn(x, rope, k_cache, v_cache, meta, lora_slots)
         x, residual = self.mlp_norm.add(h, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, lora_slots), residual
 
 
 class LlamaModel(nn.Module):
@@ -235,6 +253,7 @@ class LlamaModel(nn.Module):
         seq_lens: torch.Tensor,  # [B]
         cu_seqlens_q: torch.Tensor,  # [B + 1]
         logits_indices: torch.Tensor,  # [N]
+        lora_slots: torch.Tensor,  # [T] int32: each token's adapter slot (0: none; unused without slots)
         kv_caches: list[torch.Tensor],  # 2 * num_layers x [num_blocks, H_kv, block_size, D]
     ) -> torch.Tensor:
         h = self.embed(input_ids)
@@ -242,7 +261,7 @@ class LlamaModel(nn.Module):
         meta = (slot_mapping, block_tables, seq_lens, cu_seqlens_q)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
-            h, residual = layer(h, residual, rope, kv_caches[2 * i], kv_caches[2 * i + 1], meta)
+            h, residual = layer(h, residual, rope, kv_caches[2 * i], kv_caches[2 * i + 1], meta, lora_slots)
         assert residual is not None  # num_layers >= 1
         h, _ = self.norm.add(h[logits_indices], residual[logits_indices])
         if self.lm_head is None:  # tied to the embedding

@@ -22,6 +22,7 @@ TORCH_LIBRARY(llmbuild, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor positions, Tensor cos, Tensor sin) -> Tensor");
   m.def("swiglu(Tensor gate_up) -> Tensor");
+  m.def("lora(Tensor x, Tensor y, Tensor a, Tensor b, Tensor ranks, Tensor slots, int[] slices) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmbuild, CPU, m) {
@@ -36,6 +37,7 @@ TORCH_LIBRARY_IMPL(llmbuild, CPU, m) {
   m.impl("add_rms_norm", &llmbuild::add_rms_norm);
   m.impl("rope", &llmbuild::rope);
   m.impl("swiglu", &llmbuild::swiglu);
+  m.impl("lora", &llmbuild::lora);
 }
 
 // Which kernel tiers this build holds and which one the ops use (isa.h); not model ops.

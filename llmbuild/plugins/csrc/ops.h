@@ -42,4 +42,8 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, const at::Tens
 
 at::Tensor swiglu(const at::Tensor& gate_up);
 
+// lora: y plus each token's adapter from the slot buffers a, b, ranks (lora.cpp; contract in plugins/lora.py).
+at::Tensor lora(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
+                const at::Tensor& ranks, const at::Tensor& slots, at::IntArrayRef slices);
+
 }  // namespace llmbuild

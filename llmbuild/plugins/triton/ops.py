@@ -17,6 +17,7 @@ from llmbuild.plugins.triton import elementwise
 from llmbuild.plugins.triton import linear_int4 as int4
 from llmbuild.plugins.triton import linear_int8 as int8
 from llmbuild.plugins.triton import linear_w8a8 as w8a8
+from llmbuild.plugins.triton import lora as lora_kernels
 from llmbuild.plugins.triton import paged_attention as attention
 
 NAMESPACE = "llmbuild_triton"
@@ -95,6 +96,19 @@ def linear_int8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: to
 @triton_op(f"{NAMESPACE}::linear_w8a8", mutates_args=())
 def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return w8a8.linear_w8a8(x, w, scales, bias)
+
+
+@triton_op(f"{NAMESPACE}::lora", mutates_args=())
+def lora(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ranks: torch.Tensor,
+    slots: torch.Tensor,
+    slices: list[int],
+) -> torch.Tensor:
+    return lora_kernels.lora(x, y, a, b, ranks, slots, slices)
 
 
 @triton_op(f"{NAMESPACE}::linear_fp8", mutates_args=())
