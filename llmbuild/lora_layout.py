@@ -4,7 +4,7 @@ Projections are fused in the graph (q/k/v in `attn.qkv`, gate/up in `mlp.gate_up
 projection carries the adapters of all its PEFT modules ("slices"), side by side:
 
     layers.{i}.{projection}_lora.a      [S, n * R, in]   slice j's A in rows j*R .. j*R + rank
-    layers.{i}.{projection}_lora.b      [S, out, R]      slice j's B in its own output rows
+    layers.{i}.{projection}_lora.b      [S, R, out]      slice j's B, transposed, in its own output columns
     layers.{i}.{projection}_lora.ranks  [S, n] int32     each slot's rank per slice (0: no adapter there)
 
 S = max_loras + 1 (slot 0 is "no adapter" and stays zero), R = max_rank, n the slices of the fused
@@ -36,7 +36,7 @@ PROJECTIONS: dict[str, tuple[str, ...]] = {
 
 ROW_PARALLEL = frozenset({"attn.o", "mlp.down"})
 """Projections split by input columns across tensor-parallel ranks (A splits by columns, B is whole);
-the others split by output rows (B splits by rows, A is whole)."""
+the others split by output rows (B, stored transposed, splits along its last dimension; A is whole)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +57,7 @@ class ProjectionSlots:
         slots, n = lora.max_loras + 1, len(self.slices)
         return {
             "a": (slots, n * lora.max_rank, self.in_features),
-            "b": (slots, sum(self.slices), lora.max_rank),
+            "b": (slots, lora.max_rank, sum(self.slices)),
             "ranks": (slots, n),
         }
 

@@ -22,11 +22,11 @@ def test_buffer_shapes_per_projection_follow_the_fused_rows_and_the_rank():
     lora = LoraSection(max_loras=3, max_rank=8, target_modules=("q_proj", "v_proj", "down_proj"))
     specs = buffer_specs(cfg, lora, torch.bfloat16)
     assert specs["layers.0.attn.qkv_lora.a"] == ((4, 3 * 8, 256), torch.bfloat16)  # q, k (rank 0), v
-    assert specs["layers.0.attn.qkv_lora.b"] == ((4, 256 + 64 + 64, 8), torch.bfloat16)
+    assert specs["layers.0.attn.qkv_lora.b"] == ((4, 8, 256 + 64 + 64), torch.bfloat16)
     assert specs["layers.0.attn.qkv_lora.ranks"] == ((4, 3), torch.int32)
     assert specs["layers.1.mlp.down_lora.a"] == ((4, 8, 512), torch.bfloat16)
     assert not any("attn.o_lora" in n or "gate_up_lora" in n for n in specs)  # untargeted: no slots
-    per_layer = 2 * 4 * 24 * 256 + 2 * 4 * 384 * 8 + 4 * 3 * 4 + 2 * 4 * 8 * 512 + 2 * 4 * 256 * 8 + 4 * 1 * 4
+    per_layer = 2 * 4 * 24 * 256 + 2 * 4 * 8 * 384 + 4 * 3 * 4 + 2 * 4 * 8 * 512 + 2 * 4 * 8 * 256 + 4 * 1 * 4
     assert buffer_bytes(cfg, lora, torch.bfloat16) == cfg.num_layers * per_layer
 
 
@@ -34,7 +34,7 @@ def test_a_rank_holds_its_share_of_the_rows_and_columns():
     cfg: ModelConfig = config(heads=8, kv_heads=2, intermediate=512)
     lora = LoraSection(max_loras=1, max_rank=4)
     one, two = buffer_specs(cfg, lora, torch.float32), buffer_specs(rank_config(cfg, 2), lora, torch.float32)
-    assert two["layers.0.attn.qkv_lora.b"][0] == (2, (256 + 128) // 2, 4)  # column-parallel: B's rows split
+    assert two["layers.0.attn.qkv_lora.b"][0] == (2, 4, (256 + 128) // 2)  # column-parallel: B's columns split
     assert two["layers.0.attn.qkv_lora.a"][0] == one["layers.0.attn.qkv_lora.a"][0]  # A whole
     assert two["layers.0.mlp.down_lora.a"][0] == (2, 4, 256)  # row-parallel: A's columns split
     assert two["layers.0.mlp.down_lora.b"][0] == one["layers.0.mlp.down_lora.b"][0]

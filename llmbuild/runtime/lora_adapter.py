@@ -13,13 +13,13 @@ alpha / sqrt(r) with rsLoRA) is folded into B in fp32 before the cast to the eng
 modules of one fused projection are laid out side by side (q | k | v, gate | up):
 
     a      [n * R, in]   slice j's A in rows j*R .. j*R + r (zero below and for untargeted slices)
-    b      [out, R]      slice j's scaled B in its output rows, columns :r
+    b      [R, out]      slice j's scaled B, transposed: rows :r, its output columns
     ranks  [n] int32     r per slice, 0 where the slice is not adapted
 
 Tensor parallel (llmbuild/tensor_parallel.py): column-parallel projections (qkv, gate_up) keep this
-rank's output rows of b, slice by slice, and all of a; row-parallel ones (o, down) keep this rank's
-input columns of a, and all of b. Everything is read and checked before an adapter exists, so a
-refused adapter never touches the engine's buffers.
+rank's output columns of b (its last dimension), slice by slice, and all of a; row-parallel ones (o,
+down) keep this rank's input columns of a, and all of b. Everything is read and checked before an
+adapter exists, so a refused adapter never touches the engine's buffers.
 """
 
 from __future__ import annotations
@@ -387,7 +387,7 @@ def _projection_tensors(
     """One fused projection's slot tensors at the full model's shapes (fp32 a and b, int32 ranks)."""
     rank_r = max_rank
     a = torch.zeros(len(p.modules) * rank_r, p.in_features)
-    b = torch.zeros(sum(p.slices), rank_r)
+    b = torch.zeros(rank_r, sum(p.slices))
     ranks = torch.zeros(len(p.modules), dtype=torch.int32)
     offset = 0
     for j, (module, rows) in enumerate(zip(p.modules, p.slices, strict=True)):
@@ -395,7 +395,7 @@ def _projection_tensors(
             lora_a, lora_b, _ = modules[layer, module]
             r = lora_a.shape[0]
             a[j * rank_r : j * rank_r + r] = lora_a.float()
-            b[offset : offset + rows, :r] = lora_b.float() * scales[layer, module]
+            b[:r, offset : offset + rows] = lora_b.float().T * scales[layer, module]
             ranks[j] = r
         offset += rows
     return {"a": a, "b": b, "ranks": ranks}
@@ -404,10 +404,11 @@ def _projection_tensors(
 def _shard(
     p: ProjectionSlots, full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int
 ) -> dict[str, torch.Tensor]:
-    """Rank `rank`'s share: row-parallel keeps its input columns of a, column-parallel its output rows of b."""
+    """Rank `rank`'s share: row-parallel keeps its input columns of a, column-parallel its output columns
+    of b (b's last dimension)."""
     if tp == 1:
         return full
     if p.projection in ROW_PARALLEL:
         share = p.in_features // tp
         return {**full, "a": full["a"][:, rank * share : (rank + 1) * share].contiguous()}
-    return {**full, "b": full["b"].index_select(0, column_rows(cfg, tp, rank, p.projection))}
+    return {**full, "b": full["b"].index_select(1, column_rows(cfg, tp, rank, p.projection))}

@@ -251,6 +251,9 @@ class AsyncEngine:
         m.set_scheduler_counters(
             scheduler.num_preemptions, scheduler.prefix_queried_tokens, scheduler.prefix_hit_tokens
         )
+        loras = self.llm.loras
+        if loras is not None:
+            m.set_lora_state(len(loras.adapters), loras.slots_in_use(), loras.num_loads)
         spec = self.llm.speculator
         if spec is not None:
             m.set_speculation_counters(spec.num_verifications, spec.num_draft_tokens, spec.num_accepted_tokens)

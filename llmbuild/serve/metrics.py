@@ -51,12 +51,18 @@ class Metrics:
         self.spec_accepted_tokens = counter(
             "llmbuild_spec_decode_num_accepted_tokens", "Proposed tokens accepted (each a token without a step)"
         )
+        self.lora_adapters = gauge("llmbuild_lora_adapters", "LoRA adapters registered (served as models)")
+        self.lora_slots_used = gauge("llmbuild_lora_slots_used", "LoRA slots holding an adapter")
+        self.lora_loads = counter(
+            "llmbuild_lora_slot_loads", "Adapters written into a slot (first use, or back after an eviction)"
+        )
         self._finished = Counter(
             "llmbuild_requests", "Finished requests by reason", labelnames=["model", "finish_reason"], registry=r
         )
         self._model = model
         self._counts = (0, 0, 0)
         self._spec_counts = (0, 0, 0)
+        self._lora_loads = 0
 
     def observe_step(self, seconds: float, model_seconds: float) -> None:
         self.step.observe(seconds)
@@ -75,6 +81,13 @@ class Metrics:
         self._counts = (preemptions, queried, hits)
         if queried:
             self.prefix_hit_rate.set(hits / queried)
+
+    def set_lora_state(self, adapters: int, slots_used: int, loads: int) -> None:
+        """Mirror the LoRA manager's state (loads: a running total, into a counter)."""
+        self.lora_adapters.set(adapters)
+        self.lora_slots_used.set(slots_used)
+        self.lora_loads.inc(loads - self._lora_loads)
+        self._lora_loads = loads
 
     def set_speculation_counters(self, drafts: int, draft_tokens: int, accepted_tokens: int) -> None:
         """Mirror the speculator's running totals into counters (they only grow)."""

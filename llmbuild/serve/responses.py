@@ -16,7 +16,7 @@ from llmbuild.serve.api_error import APIError
 from llmbuild.serve.async_engine import RequestStream
 from llmbuild.serve.choice import Choice, PromptEcho, usage
 from llmbuild.serve.context import ServeContext
-from llmbuild.serve.intake import ignored_header
+from llmbuild.serve.intake import adapter_of, ignored_header
 from llmbuild.serve.logprobs import LogprobsBuilder
 from llmbuild.serve.protocol import GenerationRequest
 from llmbuild.serve.request_log import RequestRecord, request_record
@@ -41,6 +41,7 @@ async def respond(
     stream = submit(ctx, requests)
     record = request_record(request)
     rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{record.id}", protocol.now()
+    model = adapter_of(ctx, body.model) or ctx.model_name  # an adapter answers as itself
     choices = [make_choice(ctx, body, r, chat, echo[i // body.n] if echo else None) for i, r in enumerate(requests)]
     record.requests, record.choices, record.n, record.streamed = requests, choices, body.n, body.stream
     if body.stream:
@@ -48,7 +49,7 @@ async def respond(
             await stream.admitted()
         except LLMBuildError as exc:
             raise APIError.from_engine(exc) from None
-        header = ChunkHeader(rid, created, ctx.model_name, chat)
+        header = ChunkHeader(rid, created, model, chat)
         response = sse(stream_events(stream, requests, choices, header, body, record))
         response.headers.update(ignored_header(body))
         return response
@@ -58,7 +59,7 @@ async def respond(
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
             "created": created,
-            "model": ctx.model_name,
+            "model": model,
             "choices": [_choice_body(i, c, chat) for i, c in enumerate(choices)],
             "usage": usage(requests, choices, body.n),
         },

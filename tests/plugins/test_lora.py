@@ -9,15 +9,15 @@ from llmbuild.plugins.lora import lora_ref
 S, R, IN = 5, 8, 48  # slots (slot 0 = no adapter), max_rank, input features
 
 
-def case(dtype, slots, slices, ranks, seed=0):
+def case(dtype, slots, slices, ranks, seed=0, k=IN):
     """Slot buffers whose every unused element is garbage (slot 0, rows beyond a slice's rank): a kernel
     that reads any of them is wrong. ranks: [S][n] per slot and slice."""
     g = torch.Generator().manual_seed(seed)
     n, out = len(slices), sum(slices)
-    x = torch.randn(len(slots), IN, generator=g).to(dtype)
+    x = torch.randn(len(slots), k, generator=g).to(dtype)
     y = (torch.randn(len(slots), out, generator=g) * 4).to(dtype)
-    a = (torch.randn(S, n * R, IN, generator=g) * 0.3).to(dtype)
-    b = (torch.randn(S, out, R, generator=g) * 0.3).to(dtype)
+    a = (torch.randn(S, n * R, k, generator=g) * 0.3).to(dtype)
+    b = (torch.randn(S, R, out, generator=g) * 0.3).to(dtype)
     return x, y, a, b, torch.tensor(ranks, dtype=torch.int32), torch.tensor(slots, dtype=torch.int32)
 
 
@@ -34,6 +34,13 @@ RANKS = {
 SLICES = {1: (40,), 2: (24, 24), 3: (32, 8, 8)}
 
 
+def assert_close_to_reference(out, expected, dtype):
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    else:  # the fp32 sums differ in order: a rounding to 16 bits may land one ulp apart
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=2**-7)
+
+
 def mixed_slots(t, seed=1):
     """Every slot, slot 0 included, in a shuffled order with repeats; a step of one token gets slot 1."""
     if t == 1:
@@ -43,23 +50,35 @@ def mixed_slots(t, seed=1):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1, 2, 3])
-@pytest.mark.parametrize("t", [1, 300])
+@pytest.mark.parametrize("t", [1, 400])
 def test_matches_the_reference(dtype, n, t):
     slots = mixed_slots(t)
+    assert t == 1 or sum(s != 0 for s in slots) > 256  # 400 tokens: the GEMM path
     x, y, a, b, ranks, slots_t = case(dtype, slots, SLICES[n], RANKS[n])
     out = lora(x, y, a, b, ranks, slots_t, slices=SLICES[n])
     expected = lora_ref(x, y, a, b, ranks, slots_t, SLICES[n])
     assert out.shape == y.shape and out.dtype == dtype
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    else:  # the fp32 sums differ in order: a rounding to 16 bits may land one ulp apart
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=2**-7)
+    assert_close_to_reference(out, expected, dtype)
     assert not torch.equal(out, y)  # every case adapts some element
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [2, 16, 64, 256])
+def test_decode_steps_match_the_reference_at_every_tier(kernel_isa, dtype, t):
+    """Up to 256 adapted tokens take the decode loops: groups of 1 to 4+ tokens, inputs past one 512-wide
+    pass and not a multiple of 32, slices over one 128-column chunk and with ragged ends."""
+    slices, k = (200, 72, 40), 600
+    slots = mixed_slots(t, seed=t)
+    x, y, a, b, ranks, slots_t = case(dtype, slots, slices, RANKS[3], seed=t, k=k)
+    out = lora(x, y, a, b, ranks, slots_t, slices=slices)
+    assert_close_to_reference(out, lora_ref(x, y, a, b, ranks, slots_t, slices), dtype)
+    assert not torch.equal(out, y)
+
+
 @pytest.mark.parametrize("n", [1, 3])
-def test_slot_0_tokens_and_rank_0_slices_are_bit_exact_copies_of_y(n):
-    slots = mixed_slots(300)
+@pytest.mark.parametrize("t", [16, 400])  # the decode loops and the GEMMs (over 256 adapted tokens)
+def test_slot_0_tokens_and_rank_0_slices_are_bit_exact_copies_of_y(kernel_isa, n, t):
+    slots = mixed_slots(t)
     x, y, a, b, ranks, slots_t = case(torch.bfloat16, slots, SLICES[n], RANKS[n])
     y[::2] = -0.0  # a zero added to -0.0 would make it +0.0
     out = lora(x, y, a, b, ranks, slots_t, slices=SLICES[n])
@@ -95,7 +114,7 @@ def test_each_adapter_equals_its_merged_weights():
         off = 0
         for j, width in enumerate(slices):
             r = RANKS[3][s][j] if s != 0 else 0
-            delta = b[s, off : off + width, :r].double() @ a[s, j * R : j * R + r].double()
+            delta = b[s, :r, off : off + width].double().T @ a[s, j * R : j * R + r].double()
             merged[off : off + width] += delta
             off += width
         expected[t] = merged @ x[t].double()

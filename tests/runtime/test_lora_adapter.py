@@ -89,7 +89,7 @@ def make_adapter(base, tmp_path_factory) -> Callable[..., tuple[Path, Deltas]]:
 
 def module_deltas(slot: dict[str, torch.Tensor], cfg: ModelConfig, lora: LoraSection) -> Deltas:
     """Each module's W delta from one slot's tensors, computed as the op contract says: slice j of a fused
-    projection adds b[rows_j, :r] @ a[j*R : j*R + r] (r = ranks[j]; zero where r is 0)."""
+    projection adds b[:r, cols_j].T @ a[j*R : j*R + r] (b is stored transposed; r = ranks[j]; zero where r is 0)."""
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": cfg.hidden_size}
     rows |= {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
@@ -104,7 +104,7 @@ def module_deltas(slot: dict[str, torch.Tensor], cfg: ModelConfig, lora: LoraSec
             offset = 0
             for j, m in enumerate(modules):
                 r = int(ranks[j])
-                deltas[i, m] = b[offset : offset + rows[m], :r] @ a[j * big_r : j * big_r + r]
+                deltas[i, m] = b[:r, offset : offset + rows[m]].T @ a[j * big_r : j * big_r + r]
                 offset += rows[m]
     return deltas
 
@@ -161,8 +161,8 @@ def test_ranks_and_scales_follow_the_patterns(base, make_adapter) -> None:
     saved = load_file(path / "adapter_model.safetensors")
     b_gate = saved["base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight"]
     slot_b = adapter.tensors["layers.0.mlp.gate_up_lora.b"]
-    torch.testing.assert_close(slot_b[: cfg.intermediate_size, :4], b_gate * 8)
-    assert not slot_b[: cfg.intermediate_size, 4:].any()
+    torch.testing.assert_close(slot_b[:4, : cfg.intermediate_size], b_gate.T * 8)
+    assert not slot_b[4:, : cfg.intermediate_size].any()
 
 
 def test_buffer_shapes_and_dtype(base, make_adapter) -> None:
@@ -206,7 +206,7 @@ def test_adapter_name_in_keys_is_accepted(base, make_adapter, tmp_path: Path) ->
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_shards_rebuild_the_whole(base, make_adapter, tp: int) -> None:
-    """Column-parallel b: each slice's rows over the ranks are the tp=1 slice's rows (tp=4, more ranks than
+    """Column-parallel b: each slice's columns over the ranks are the tp=1 slice's columns (tp=4, more ranks than
     kv heads: each rank's k and v are those of kv head rank // 2); row-parallel a: its columns over the
     ranks. The other half, and the ranks, are whole on every rank."""
     _, cfg = base
@@ -225,16 +225,16 @@ def test_tensor_parallel_shards_rebuild_the_whole(base, make_adapter, tp: int) -
         qkv, gate_up = f"layers.{i}.attn.qkv_lora", f"layers.{i}.mlp.gate_up_lora"
         for r, shard in enumerate(shards):
             b = whole[f"{qkv}.b"]
-            rows = [b[r * q_share : (r + 1) * q_share]]
-            rows += [b[q + kv_start(r) : q + kv_start(r) + kv_share]]
-            rows += [b[q + kv + kv_start(r) : q + kv + kv_start(r) + kv_share]]
-            assert torch.equal(shard[f"{qkv}.b"], torch.cat(rows))
+            cols = [b[:, r * q_share : (r + 1) * q_share]]
+            cols += [b[:, q + kv_start(r) : q + kv_start(r) + kv_share]]
+            cols += [b[:, q + kv + kv_start(r) : q + kv + kv_start(r) + kv_share]]
+            assert torch.equal(shard[f"{qkv}.b"], torch.cat(cols, dim=1))
             b = whole[f"{gate_up}.b"]
-            rows = [
-                b[r * inter_share : (r + 1) * inter_share],
-                b[inter + r * inter_share : inter + (r + 1) * inter_share],
+            cols = [
+                b[:, r * inter_share : (r + 1) * inter_share],
+                b[:, inter + r * inter_share : inter + (r + 1) * inter_share],
             ]
-            assert torch.equal(shard[f"{gate_up}.b"], torch.cat(rows))
+            assert torch.equal(shard[f"{gate_up}.b"], torch.cat(cols, dim=1))
             for name in (qkv, gate_up):
                 assert torch.equal(shard[f"{name}.a"], whole[f"{name}.a"])
                 assert torch.equal(shard[f"{name}.ranks"], whole[f"{name}.ranks"])

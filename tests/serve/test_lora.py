@@ -81,6 +81,23 @@ def test_concurrent_requests_for_the_base_and_each_adapter_get_each_ones_own_tok
         assert text == expected_text(make_ckpt, oracles[model], prompt), model
 
 
+def test_chat_takes_an_adapter_too_and_metrics_show_the_slots(lora_server, client):
+    answer = client.chat.completions.create(
+        model="sql-writer", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    assert answer.model == "sql-writer" and answer.choices[0].message.content is not None
+    chunks = list(
+        client.chat.completions.create(
+            model="sql-writer", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, stream=True
+        )
+    )
+    assert chunks and {c.model for c in chunks} == {"sql-writer"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.choices[0].message.content
+    assert lora_server.metric("llmbuild_lora_adapters") == 2
+    assert lora_server.metric("llmbuild_lora_slots_used") == 2
+    assert lora_server.metric("llmbuild_lora_slot_loads_total") >= 2
+
+
 def test_an_unknown_model_is_a_404_naming_what_is_served(client):
     with pytest.raises(openai.NotFoundError, match="'serve-lora', 'sql-writer', 'support-bot'"):
         complete(client, "no-such-adapter", [5, 6, 7])

@@ -22,7 +22,7 @@ class LoraSlots(nn.Module):
     """The slots of one fused projection: y + (x A_s^T) B_s^T for each token's slot s."""
 
     a: torch.Tensor  # [S, n * R, in]
-    b: torch.Tensor  # [S, out, R]
+    b: torch.Tensor  # [S, R, out]: B_s transposed
     ranks: torch.Tensor  # [S, n] int32
 
     def __init__(self, layout: ProjectionSlots, lora: LoraSection, dtype: torch.dtype) -> None:

@@ -4,7 +4,7 @@ Two launches after the copy of y, each reading the token's slot on the GPU (no h
 stays CUDA-graph capturable):
 
     shrink  grid (T, n):               shrink[t, j, :r] = a[s, jR : jR + r] @ x[t]           (fp32)
-    expand  grid (T, cdiv(out, BN)):   out[t, cols]     = round(y[t, cols] + b[s, cols, :r] @ shrink[t, j(col), :r])
+    expand  grid (T, cdiv(out, BN)):   out[t, cols]     = round(y[t, cols] + shrink[t, j(col), :r] @ b[s, :r, cols])
 
 Tokens of slot 0 return at once and rank-0 slices store nothing, so their rows stay the copy of y. Rows
 beyond a slice's rank are masked off, never read: the sums run at each adapter's own rank. Fused
@@ -69,10 +69,10 @@ def _expand_kernel(
         j = (cols >= bound1).to(tl.int32) + (cols >= bound2).to(tl.int32)  # each column's slice
         r = tl.load(ranks_ptr + s * n + j, mask=col_mask, other=0)
         qs = tl.arange(0, BLOCK_R)
-        mask = col_mask[:, None] & (qs[None, :] < r[:, None])
-        sh = tl.load(shrink_ptr + (t * n + j)[:, None] * rank_cap + qs[None, :], mask=mask, other=0.0)
-        bq = tl.load(b_ptr + (s * width + cols)[:, None] * rank_cap + qs[None, :], mask=mask, other=0.0)
-        delta = tl.sum(sh * bq.to(tl.float32), axis=1)
+        mask = (qs[:, None] < r[None, :]) & col_mask[None, :]  # [BLOCK_R, BLOCK_N] tiles of b[s, q, cols]
+        sh = tl.load(shrink_ptr + (t * n + j)[None, :] * rank_cap + qs[:, None], mask=mask, other=0.0)
+        bq = tl.load(b_ptr + (s * rank_cap + qs)[:, None] * width + cols[None, :], mask=mask, other=0.0)
+        delta = tl.sum(sh * bq.to(tl.float32), axis=0)
         yv = tl.load(out_ptr + t * width + cols, mask=col_mask, other=0.0)  # the copy of y
         out = _round(yv.to(tl.float32) + delta, out_ptr.dtype.element_ty)
         tl.store(out_ptr + t * width + cols, out, mask=col_mask & (r > 0))
@@ -93,7 +93,7 @@ def lora(
         raise ValueError(f"the Triton lora kernel takes 1 to {MAX_SLICES} slices (got {n})")
     rank_cap = a.shape[1] // n
     assert sum(slices) == width and y.shape[0] == tokens, f"lora: slices {slices} against y {tuple(y.shape)}"
-    assert a.shape[2] == k and tuple(b.shape[1:]) == (width, rank_cap), f"lora: a {tuple(a.shape)}, b {tuple(b.shape)}"
+    assert a.shape[2] == k and tuple(b.shape[1:]) == (rank_cap, width), f"lora: a {tuple(a.shape)}, b {tuple(b.shape)}"
     assert x.dtype == y.dtype == a.dtype == b.dtype, "lora: x, y, a, b must share a dtype"
     assert ranks.dtype == slots.dtype == torch.int32, "lora: ranks and slots must be int32"
     x, a, b, ranks, slots = x.contiguous(), a.contiguous(), b.contiguous(), ranks.contiguous(), slots.contiguous()

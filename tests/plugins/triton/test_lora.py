@@ -25,7 +25,7 @@ def case(dtype, slots, n, seed=0):
     y = (torch.randn(len(slots), out, generator=g) * 4).to(dtype)
     y[:, ::3] = -0.0  # a zero added to -0.0 would make it +0.0
     a = (torch.randn(S, n * R, IN, generator=g) * 0.3).to(dtype)
-    b = (torch.randn(S, out, R, generator=g) * 0.3).to(dtype)
+    b = (torch.randn(S, R, out, generator=g) * 0.3).to(dtype)
     return x, y, a, b, torch.tensor(RANKS[n], dtype=torch.int32), torch.tensor(slots, dtype=torch.int32)
 
 
