@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llmbuild.errors import LoraError, RequestError
+from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.block_pool import BlockPool
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.request import FinishReason, Request
@@ -100,6 +101,32 @@ def test_tensor_parallel_ranks_each_run_their_shard_of_every_adapter(make_ckpt, 
     for (name, prompt), request in zip(cases, requests, strict=True):
         oracle = base_model if name is None else adapters[name][1]
         assert request.output_token_ids == greedy_tokens(oracle, prompt, NEW_TOKENS), f"adapter {name}"
+
+
+def test_speculative_decoding_verifies_each_proposal_with_its_requests_adapter(make_engine, tmp_path):
+    # the trained demo model continues its prompt, so prompt-lookup proposals get accepted; a proposal computed
+    # in the same step as its request's last token must run with the request's adapter too (slot per token)
+    demo = Path(__file__).parents[2] / "models" / "demo"
+    merged = make_peft_adapter(demo, tmp_path / "demo-ad", 7, r=8, lora_alpha=8, target_modules=ALL_LORA_MODULES)
+    engine = make_engine("demo-lora", demo, model={"dtype": "float32"}, lora={"max_loras": 1, "max_rank": 8})
+    spec = SpeculativeSection(num_speculative_tokens=3, max_batch_size=8, min_acceptance_rate=0.0, adaptive=False)
+    passages = (demo / "validation.txt").read_text().split("\n\n")
+    with LLMEngine.from_dir(engine, speculative=spec) as llm:
+        assert llm.loras is not None
+        llm.loras.register("ad", tmp_path / "demo-ad")
+        prompts = []
+        for n, passage in zip((14, 16, 24, 33), passages, strict=False):
+            ids = llm.tokenizer.encode(passage)[:n]
+            prompts.append(ids + llm.tokenizer.encode("\n\n") + ids[: n // 2])  # its continuation is in it
+        params = SamplingParams(max_tokens=40, **GREEDY)
+        requests = [llm.make_request(p, params, lora="ad") for p in prompts]
+        for r in requests:
+            llm.add_request(r)
+        while llm.has_unfinished():
+            llm.step()
+    assert sum(r.num_accepted_tokens for r in requests) >= 4, "the test must exercise accepted proposals"
+    for prompt, request in zip(prompts, requests, strict=True):
+        assert request.output_token_ids == greedy_tokens(merged, prompt, 40)
 
 
 def test_requests_without_an_adapter_compute_exactly_what_an_engine_without_slots_does(
