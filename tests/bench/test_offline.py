@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from llmbuild.cli import main
 from llmbuild.machine import cpu_flags
@@ -46,9 +47,18 @@ def test_bench_writes_json_and_markdown(llama_engine, tmp_path, capsys):
     assert "decode ceiling" in capsys.readouterr().out
 
 
-def test_bench_compares_speculation_on_and_off(demo_engine, tmp_path):
+def test_bench_compares_speculation_on_and_off(make_engine, tmp_path):
+    # not adaptive: the adaptive switch may stop proposals after the warm-up on a busy machine (it measures),
+    # and this test needs proposals in the measured runs; --num-speculative-tokens keeps the engine's settings
+    demo = Path(__file__).parents[2] / "models" / "demo"
+    engine = make_engine(
+        "demo-spec-not-adaptive",
+        demo,
+        model={"dtype": "float32"},
+        speculative={"adaptive": False, "min_acceptance_rate": 0},
+    )
     out = tmp_path / "spec"
-    args = ["bench", str(demo_engine), "--batch", "1", "--prompt-len", "16", "--new-tokens", "8", "--repeats", "2"]
+    args = ["bench", str(engine), "--batch", "1", "--prompt-len", "16", "--new-tokens", "8", "--repeats", "2"]
     main([*args, "--workload", "repeat", "--num-speculative-tokens", "3", "--compare-speculative", "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
     labels = {r["backend"] for r in report["summary"]}
