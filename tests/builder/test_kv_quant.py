@@ -50,7 +50,8 @@ def cached_codes(model: LlamaModel, windows: torch.Tensor) -> list[torch.Tensor]
     shape = (blocks, cfg.num_kv_heads, 16, cfg.head_dim)
     caches = [torch.zeros(shape, dtype=model.kv_cache_dtype()) for _ in range(2 * cfg.num_layers)]
     with torch.inference_mode():
-        model(windows.flatten(), positions, *meta, torch.zeros(1, dtype=torch.int64), caches)
+        no_adapters = torch.zeros(windows.numel(), dtype=torch.int32)
+        model(windows.flatten(), positions, *meta, torch.zeros(1, dtype=torch.int64), no_adapters, caches)
     return caches
 
 

@@ -46,6 +46,7 @@ def run_steps(program, device: str = "cpu") -> list[torch.Tensor]:
         torch.tensor([5, 3], dtype=torch.int32),
         torch.tensor([0, 5, 8], dtype=torch.int32),
         torch.tensor([4, 7]),
+        torch.zeros(8, dtype=torch.int32),  # no LoRA adapters
     )
     decode = (
         torch.randint(0, CFG.vocab_size, (2,), generator=g),
@@ -55,6 +56,7 @@ def run_steps(program, device: str = "cpu") -> list[torch.Tensor]:
         torch.tensor([6, 4], dtype=torch.int32),
         torch.tensor([0, 1, 2], dtype=torch.int32),
         torch.tensor([0, 1]),
+        torch.zeros(2, dtype=torch.int32),
     )
     module = program.module()
     with torch.no_grad():
