@@ -246,9 +246,10 @@ class CudaGraphsSection(_Section):
 class SpeculativeSection(_Section):
     """Speculative decoding: several tokens proposed cheaply, then checked in one pass of the engine."""
 
-    method: Literal["ngram"] = "ngram"
+    method: Literal["ngram", "draft"] = "ngram"
     """`ngram` (prompt lookup): the tokens that followed the latest earlier occurrence of the request's last
-    n tokens (in its prompt or output) are proposed; no second model."""
+    n tokens (in its prompt or output) are proposed; no second model. `draft`: a second, smaller engine with
+    the same tokenizer proposes its greedy tokens (given at run time: `--draft-engine`)."""
     num_speculative_tokens: int = Field(4, ge=1, le=16)
     """Most tokens proposed per sequence and step."""
     prompt_lookup_min: int = Field(1, ge=1)

@@ -111,6 +111,16 @@ def random_prompt(n: int, seed: int, vocab: int = 512) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=g).tolist()
 
 
+def grounded_prompts(tokenizer) -> list[list[int]]:
+    """Passages of the demo's held-out text, then their first words again, of lengths around block edges."""
+    passages = (DEMO / "validation.txt").read_text().split("\n\n")
+    prompts = []
+    for n, passage in zip((5, 14, 15, 16, 33), passages, strict=False):
+        ids = tokenizer.encode(passage)[:n]
+        prompts.append(ids + tokenizer.encode("\n\n") + ids[: n // 2])
+    return prompts
+
+
 def teacher_forced_logits(llm: LLMEngine, prompt: list[int], forced: list[int]) -> torch.Tensor:
     """Engine logits for every prompt position (one prefill step), then one decode step per forced token."""
     # row i predicts the token after position i of prompt + forced

@@ -165,17 +165,23 @@ def bench_offline(
     speculative: bool | SpeculativeSection = True,
     compare_speculative: bool = False,
     workload: str = "random",
+    draft_engine: Path | None = None,
 ) -> dict[str, Any]:
     """Measure an engine; returns a JSON-able report (see `format_markdown`). `cuda_graphs` overrides a
-    cuda engine's own setting; `speculative` is LLMEngine's. `compare_eager` also runs the exported program,
-    `compare_speculative` the engine without speculative decoding, in the same process, rounds interleaved."""
+    cuda engine's own setting; `speculative` and `draft_engine` are LLMEngine's. `compare_eager` also runs the
+    exported program, `compare_speculative` the engine without speculative decoding, in the same process, rounds
+    interleaved."""
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {', '.join(WORKLOADS)} (got {workload!r})")
     # no prefix caching: a repeated prompt must be prefilled again, or TTFT would measure the cache
     start = time.perf_counter()
     engines = {
         "engine": LLMEngine.from_dir(
-            engine_dir, enable_prefix_caching=False, cuda_graphs=cuda_graphs, speculative=speculative
+            engine_dir,
+            enable_prefix_caching=False,
+            cuda_graphs=cuda_graphs,
+            speculative=speculative,
+            draft_engine=draft_engine,
         )
     }
     load_s = time.perf_counter() - start
@@ -185,7 +191,12 @@ def bench_offline(
                 raise ValueError("comparisons need a single-rank engine: one process runs one tensor-parallel engine")
         if compare_eager:
             engines["eager"] = LLMEngine.from_dir(
-                engine_dir, backend="eager", verify=False, enable_prefix_caching=False, speculative=speculative
+                engine_dir,
+                backend="eager",
+                verify=False,
+                enable_prefix_caching=False,
+                speculative=speculative,
+                draft_engine=draft_engine,
             )
         if compare_speculative:
             engines["no-spec"] = LLMEngine.from_dir(

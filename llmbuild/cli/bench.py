@@ -71,6 +71,7 @@ def bench_offline(
     cuda_graphs: bool | None,
     speculative: bool | None,
     num_speculative_tokens: int | None,
+    draft_engine: Path | None,
     compare_speculative: bool,
     workload: str,
     threads: int | None,
@@ -84,7 +85,7 @@ def bench_offline(
 
     if threads:
         torch.set_num_threads(threads)
-    spec = engine_speculation(engine, speculative, num_speculative_tokens)
+    spec = engine_speculation(engine, speculative, num_speculative_tokens, draft_engine)
     report = measure(
         engine,
         tuple(batches),
@@ -96,6 +97,7 @@ def bench_offline(
         spec,
         compare_speculative,
         workload,
+        draft_engine,
     )
     text = format_markdown(report)
     click.echo(text)

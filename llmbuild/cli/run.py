@@ -69,6 +69,7 @@ def run_command(
     backend: str | None,
     speculative: bool | None,
     num_speculative_tokens: int | None,
+    draft_engine: Path | None,
     **sampling: Any,
 ) -> None:
     """Generate one completion with ENGINE in the terminal."""
@@ -82,8 +83,8 @@ def run_command(
     if model_name is not None and model_name not in dict(lora):
         raise click.UsageError(f"--model {model_name}: no --lora {model_name}=DIR names that adapter")
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
-    spec = engine_speculation(engine, speculative, num_speculative_tokens)
-    with LLMEngine.from_dir(engine, backend=backend, speculative=spec) as llm:
+    spec = engine_speculation(engine, speculative, num_speculative_tokens, draft_engine)
+    with LLMEngine.from_dir(engine, backend=backend, speculative=spec, draft_engine=draft_engine) as llm:
         register_adapters(llm.loras, llm.engine.path, lora, llm.engine.manifest.name)
         _generate(llm, prompt, ids, chat, output_format, sampling, model_name)
 

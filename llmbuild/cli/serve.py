@@ -105,6 +105,7 @@ def serve_command(
     backend: str | None,
     speculative: bool | None,
     num_speculative_tokens: int | None,
+    draft_engine: Path | None,
     lora: tuple[tuple[str, Path], ...],
     allow_adapter_loading: bool,
     log_level: str,
@@ -147,8 +148,10 @@ def serve_command(
             f"[bold yellow]warning:[/] serving on {config.host} without an API key: anyone who can reach this "
             "port can use the model; pass --api-key-file"
         )
-    spec = engine_speculation(engine, speculative, num_speculative_tokens)
-    run_server(engine, config, backend=backend, log_level=log_level, speculative=spec, loras=lora)
+    spec = engine_speculation(engine, speculative, num_speculative_tokens, draft_engine)
+    run_server(
+        engine, config, backend=backend, log_level=log_level, speculative=spec, loras=lora, draft_engine=draft_engine
+    )
 
 
 def _read_api_keys(path: Path) -> list[str]:

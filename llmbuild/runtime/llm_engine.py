@@ -23,6 +23,7 @@ from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, format_byte
 from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.block_pool import BlockPool
 from llmbuild.runtime.detokenizer import IncrementalDetokenizer
+from llmbuild.runtime.draft_proposer import DraftProposer
 from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.kv_cache import allocate_kv_cache
 from llmbuild.runtime.logprobs import TokenLogprobs, token_logprobs
@@ -33,7 +34,7 @@ from llmbuild.runtime.request import FinishReason, Request
 from llmbuild.runtime.sampler import Sampler
 from llmbuild.runtime.sampling_params import SamplingParams
 from llmbuild.runtime.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, StepBatch
-from llmbuild.runtime.speculative import Speculator
+from llmbuild.runtime.speculative import Speculator, speculation_override
 from llmbuild.runtime.structured_output import GrammarCompiler, StepMasks
 from llmbuild.tensor_parallel import rank_config
 
@@ -76,10 +77,12 @@ class LLMEngine:
         workers: RankWorkers | None = None,
         cuda_graphs: bool | None = None,
         speculative: bool | SpeculativeSection = True,
+        draft: Engine | None = None,
     ) -> None:
         """`cuda_graphs` overrides the engine's `cuda_graphs.enabled` (cuda engines; cpu ones have none).
         `speculative`: True = the manifest's speculative decoding (if any), False = none, or a section to
-        use instead."""
+        use instead. `draft`: an engine with the same tokenizer that proposes the tokens (method draft; with
+        speculative=True the manifest's other settings, or the defaults); it runs in this process (rank 0)."""
         manifest = engine.manifest
         if manifest.target.tensor_parallel > 1 and workers is None:
             raise EngineError(f"{engine.path}: a tensor-parallel engine runs all its ranks; use LLMEngine.from_dir")
@@ -103,8 +106,10 @@ class LLMEngine:
         if graphs:
             buckets = tuple(b for b in manifest.cuda_graphs.batch_sizes if b <= self.limits.max_batch_size)
             self.runner.capture_decode_graphs(buckets or (self.limits.max_batch_size,), self.memory.num_blocks)
+        if speculative is True and draft is not None:
+            speculative = speculation_override(manifest.speculative, None, None, draft=True)
         section = manifest.speculative if speculative is True else speculative or None
-        self.speculator = Speculator(section, self.limits.max_seq_len) if section is not None else None
+        self.speculator = self._speculator(section, draft) if section is not None else None
         self.loras = LoraManager(engine, workers) if manifest.lora is not None else None
         """The adapters this engine serves (None: built without LoRA slots)."""
         self.scheduler = Scheduler(
@@ -135,15 +140,18 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         cuda_graphs: bool | None = None,
         speculative: bool | SpeculativeSection = True,
+        draft_engine: str | Path | None = None,
     ) -> LLMEngine:
-        """Load an engine directory (starting worker processes for the other ranks of a tensor-parallel one)."""
+        """Load an engine directory (starting worker processes for the other ranks of a tensor-parallel one),
+        and `draft_engine`, the directory of a draft engine that proposes tokens (see __init__'s `draft`)."""
+        draft = Engine.load(draft_engine, verify=verify, backend=backend) if draft_engine is not None else None
         tp = Manifest.load(Path(path)).target.tensor_parallel
         if tp == 1:
             engine = Engine.load(path, verify=verify, backend=backend)
-            return cls(engine, enable_prefix_caching, cuda_graphs=cuda_graphs, speculative=speculative)
+            return cls(engine, enable_prefix_caching, cuda_graphs=cuda_graphs, speculative=speculative, draft=draft)
         workers, engine = RankWorkers.launch(Path(path), tp, verify=verify, backend=backend)
         try:
-            return cls(engine, enable_prefix_caching, workers, speculative=speculative)
+            return cls(engine, enable_prefix_caching, workers, speculative=speculative, draft=draft)
         except BaseException:
             workers.stop()
             raise
@@ -359,6 +367,16 @@ class LLMEngine:
             if last:
                 break
         return outputs
+
+    def _speculator(self, section: SpeculativeSection, draft: Engine | None) -> Speculator:
+        if (section.method == "draft") != (draft is not None):
+            given = f"draft engine {draft.path}" if draft is not None else "no draft engine"
+            raise EngineError(
+                f"speculative method {section.method} with {given}: method draft needs a draft engine "
+                "(--draft-engine PATH), and a draft engine needs method draft"
+            )
+        proposer = DraftProposer(draft, self.engine, self.tokenizer) if draft is not None else None
+        return Speculator(section, self.limits.max_seq_len, proposer)
 
     def _plan_memory(self, engine: Engine) -> MemoryPlan:
         manifest = engine.manifest

@@ -15,7 +15,8 @@ With LoRA adapters (runtime/lora_manager.py) the running batch holds at most max
 request whose adapter would be one too many waits, and later requests with adapters wait behind it.
 
 With speculative decoding (runtime/speculative.py) a decoding sequence also computes the tokens it
-proposes; update() keeps those the sampler accepted and shortens the sequence past the others.
+proposes (asked once per step for all decoding sequences: a draft engine proposes for them in one batch);
+update() keeps those the sampler accepted and shortens the sequence past the others.
 """
 
 from __future__ import annotations
@@ -126,14 +127,17 @@ class Scheduler:
         """Pick this step's tokens: running requests first, then new ones, within all limits."""
         budget = self.config.max_num_tokens
         seqs: list[ScheduledSeq] = []
-        num_decoding = sum(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
-        # proposals this step (runtime/speculative.py decides from measured speeds)
-        speculator = self.speculator if self.speculator is not None and self.speculator.allows(num_decoding) else None
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        # proposals this step, for all decoding sequences at once (runtime/speculative.py decides from measured
+        # speeds); each is trimmed to the budget left at its turn
+        proposals: dict[Request, tuple[int, ...]] = {}
+        if self.speculator is not None and self.speculator.allows(len(decoding)):
+            proposals = dict(zip(decoding, self.speculator.propose_all(decoding, budget), strict=True))
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            drafts = speculator.propose(request, budget) if speculator is not None and n == 1 else ()
+            drafts = proposals.get(request, ())[: budget - 1] if n == 1 else ()
             if drafts and not self._reserve(request, request.num_computed_tokens + n + len(drafts)):
                 drafts = ()  # no room for the proposals: decode one token
             if self._reserve(request, request.num_computed_tokens + n):
@@ -220,6 +224,8 @@ class Scheduler:
             self.waiting.remove(request)
         self.pool.free(request.block_ids)
         request.block_ids = []
+        if self.speculator is not None:
+            self.speculator.release(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
@@ -284,6 +290,8 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self._release(request)
+        if self.speculator is not None:
+            self.speculator.release(request)
         request.status = RequestStatus.WAITING
         bisect.insort(self.waiting, request, key=_sort_key)
         self.num_preemptions += 1

@@ -8,6 +8,8 @@ there (or after the last proposal) is the step's final token. With a proposal th
 al.'s rejection sampling: the guess is kept with probability p(guess), and on rejection the token comes
 from p with the guess removed, renormalised. So the output distribution is the target's, and a seeded
 request draws the same tokens as without speculation (one draw per emitted token, in the same order).
+Proposals come from prompt lookup (method ngram) or from a draft engine's greedy tokens (method draft,
+runtime/draft_proposer.py: one-hot too), computed for all of a step's decoding sequences in one call.
 
 Rejected positions are rolled back by shortening the sequence: their KV entries sit past
 num_computed_tokens and are overwritten later; nothing is copied.
@@ -26,11 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.request import Request
+
+if TYPE_CHECKING:
+    from llmbuild.runtime.draft_proposer import DraftProposer
 
 PAUSE_TOKENS = 32
 """Tokens a sequence decodes without proposals after its acceptance rate fell below the threshold."""
@@ -87,24 +93,31 @@ def propose_ngram(tokens: Sequence[int], min_n: int, max_n: int, k: int) -> list
 
 
 def speculation_override(
-    section: SpeculativeSection | None, enabled: bool | None, num_tokens: int | None
+    section: SpeculativeSection | None, enabled: bool | None, num_tokens: int | None, draft: bool = False
 ) -> SpeculativeSection | bool:
     """LLMEngine's `speculative` argument for an engine whose manifest holds `section`: off when `enabled` is
-    False; with `num_tokens`, prompt lookup proposing that many (the engine's other settings, or the defaults);
-    else the engine's own (True)."""
+    False; with `num_tokens` or `draft` (a draft engine is given), those settings over the engine's other ones
+    (or the defaults): prompt lookup, or method draft, proposing `num_tokens` (else the engine's number, 4 by
+    default); else the engine's own (True)."""
     if enabled is False:
         return False
-    if num_tokens is None:
+    if num_tokens is None and not draft:
         return True
     settings = section.model_dump() if section is not None else {}
-    return SpeculativeSection(**{**settings, "num_speculative_tokens": num_tokens})
+    if num_tokens is not None:
+        settings["num_speculative_tokens"] = num_tokens
+    if draft:
+        settings["method"] = "draft"
+    return SpeculativeSection(**settings)
 
 
 class Speculator:
     """Proposes tokens for decoding sequences and keeps the acceptance counts (engine-wide and per request)."""
 
-    def __init__(self, config: SpeculativeSection, max_seq_len: int) -> None:
+    def __init__(self, config: SpeculativeSection, max_seq_len: int, drafter: DraftProposer | None = None) -> None:
+        """`drafter` proposes for method draft (None: prompt lookup)."""
         self.config = config
+        self.drafter = drafter
         self.max_seq_len = max_seq_len
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -137,18 +150,25 @@ class Speculator:
 
     def propose(self, request: Request, budget: int) -> tuple[int, ...]:
         """The tokens `request` (a decoding sequence) checks this step, at most budget - 1 of them."""
+        return self.propose_all([request], budget)[0]
+
+    def propose_all(self, requests: Sequence[Request], budget: int) -> list[tuple[int, ...]]:
+        """The tokens each of `requests` (this step's decoding sequences) checks, each at most budget - 1 of
+        them; with a draft engine one batched call proposes for all. A proposal cut short keeps its prefix,
+        so the scheduler trims each to what is left of the step's budget at its turn."""
+        ks = [self._max_proposals(r, budget) if self._speculates(r) else 0 for r in requests]
+        if self.drafter is not None:
+            return self.drafter.propose(requests, ks)
         config = self.config
-        if not self._speculates(request):
-            return ()
-        # the step's final token counts against max_tokens and max_seq_len too
-        k = min(
-            config.num_speculative_tokens,
-            budget - 1,
-            request.max_tokens - len(request.output_token_ids) - 1,
-            self.max_seq_len - request.num_tokens - 1,
-        )
-        tokens = request.all_token_ids
-        return tuple(propose_ngram(tokens, config.prompt_lookup_min, config.prompt_lookup_max, k))
+        return [
+            tuple(propose_ngram(r.all_token_ids, config.prompt_lookup_min, config.prompt_lookup_max, k)) if k else ()
+            for r, k in zip(requests, ks, strict=True)
+        ]
+
+    def release(self, request: Request) -> None:
+        """A request left the running batch (finished or preempted): drop what was kept for it."""
+        if self.drafter is not None:
+            self.drafter.release(request)
 
     def record(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         """Count one verification of `num_drafts` proposals, `num_accepted` of them kept."""
@@ -163,6 +183,15 @@ class Speculator:
             # after the pause, one more verification that accepts nothing pauses it again
             rate = self.config.min_acceptance_rate
         request.acceptance_rate = rate
+
+    def _max_proposals(self, request: Request, budget: int) -> int:
+        # the step's final token counts against max_tokens and max_seq_len too
+        return min(
+            self.config.num_speculative_tokens,
+            budget - 1,
+            request.max_tokens - len(request.output_token_ids) - 1,
+            self.max_seq_len - request.num_tokens - 1,
+        )
 
     def _speculates(self, request: Request) -> bool:
         return request.params.speculate and len(request.output_token_ids) >= request.speculation_paused_until

@@ -47,13 +47,19 @@ def serve(
     log_level: str = "info",
     speculative: bool | SpeculativeSection = True,
     loras: Sequence[tuple[str, str | Path]] = (),
+    draft_engine: str | Path | None = None,
 ) -> None:
     """Load the engine at engine_dir and serve it until shut down (must run on the main thread).
     `speculative`: LLMEngine's (the engine's own speculative decoding, off, or other settings).
-    `loras`: (name, PEFT adapter directory) of each LoRA adapter served as a model of its own."""
+    `loras`: (name, PEFT adapter directory) of each LoRA adapter served as a model of its own.
+    `draft_engine`: a draft engine's directory (speculative method draft, see LLMEngine)."""
     configure_logging(config.log_format, log_level)
     llm = LLMEngine.from_dir(
-        engine_dir, backend=backend, enable_prefix_caching=config.enable_prefix_caching, speculative=speculative
+        engine_dir,
+        backend=backend,
+        enable_prefix_caching=config.enable_prefix_caching,
+        speculative=speculative,
+        draft_engine=draft_engine,
     )
     try:
         register_adapters(llm.loras, llm.engine.path, loras, config.model_name or llm.engine.manifest.name)

@@ -23,7 +23,7 @@ from llmbuild.runtime.sampling_params import SamplingParams
 from llmbuild.runtime.speculative import EXPLORE_EVERY, PAUSE_TOKENS, Speculator, propose_ngram
 from llmbuild.runtime.structured_output import Grammar
 from tests.conftest import edit_json
-from tests.helpers import GREEDY, PERSON
+from tests.helpers import GREEDY, PERSON, grounded_prompts
 
 DEMO = Path(__file__).parents[2] / "models" / "demo"
 KV_BYTES_PER_TOKEN = 4 * 2 * 4 * 32 * 4  # layers x (K, V) x kv heads x head dim x fp32
@@ -133,20 +133,10 @@ def engines(demo_engine):
     return LLMEngine.from_dir(demo_engine, speculative=False), LLMEngine.from_dir(demo_engine, speculative=SPEC)
 
 
-def _grounded_prompts(tokenizer) -> list[list[int]]:
-    """Passages of the demo's held-out text, then their first words again, of lengths around block edges."""
-    passages = (DEMO / "validation.txt").read_text().split("\n\n")
-    prompts = []
-    for n, passage in zip((5, 14, 15, 16, 33), passages, strict=False):
-        ids = tokenizer.encode(passage)[:n]
-        prompts.append(ids + tokenizer.encode("\n\n") + ids[: n // 2])
-    return prompts
-
-
 def test_greedy_tokens_equal_plain_decoding_and_transformers(engines):
     plain, spec = engines
     params = SamplingParams(max_tokens=40, **GREEDY)
-    prompts = _grounded_prompts(plain.tokenizer)
+    prompts = grounded_prompts(plain.tokenizer)
     together = spec.generate(prompts, params)
     assert [c.token_ids for c in together] == [c.token_ids for c in plain.generate(prompts, params)]
     alone = [spec.generate([p], params)[0].token_ids for p in prompts]
@@ -166,7 +156,7 @@ def test_greedy_tokens_equal_plain_decoding_and_transformers(engines):
 
 def test_seeded_sampling_equals_plain_decoding_token_for_token(engines):
     plain, spec = engines
-    prompts = _grounded_prompts(plain.tokenizer)
+    prompts = grounded_prompts(plain.tokenizer)
     for options in (
         dict(temperature=0.8, top_k=20, seed=3),
         dict(temperature=1.0, top_p=0.9, min_p=0.02, seed=5, repetition_penalty=1.1),
@@ -181,7 +171,7 @@ def test_seeded_sampling_equals_plain_decoding_token_for_token(engines):
 
 def test_stops_limits_and_logprobs_hold(engines):
     plain, spec = engines
-    prompt = _grounded_prompts(plain.tokenizer)[1]
+    prompt = grounded_prompts(plain.tokenizer)[1]
     full = plain.generate([prompt], SamplingParams(max_tokens=30, **GREEDY))[0]
     stop_token = full.token_ids[9]
     for params in (
@@ -217,7 +207,7 @@ def test_constrained_requests_speculate_and_keep_their_grammar(engines):
 def test_preemption_and_prefix_cache_keep_the_tokens(engines, demo_engine, tmp_path):
     """A KV cache too small for the batch preempts speculating sequences; shared prefixes come from the cache."""
     plain, _ = engines
-    prompts = [p[:24] for p in _grounded_prompts(plain.tokenizer)[2:]] * 2
+    prompts = [p[:24] for p in grounded_prompts(plain.tokenizer)[2:]] * 2
     params = SamplingParams(max_tokens=48, **GREEDY)
     shutil.copytree(demo_engine, tmp_path / "small")
     # 20 blocks of 16: one max_seq_len sequence fits, six of up to 72 tokens (30 blocks) do not at once

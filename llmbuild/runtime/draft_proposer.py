@@ -1,0 +1,185 @@
+"""DraftProposer: a second, smaller engine proposes the tokens that speculating sequences check (method draft).
+
+The draft runs on its own paged KV cache and block pool (no prefix cache). For each target request it keeps a
+shadow sequence: the tokens whose K/V the draft's cache holds, in the shadow's own blocks. One proposal call,
+batched over every sequence that speculates this step:
+  1. each shadow is rolled back to the longest common prefix of its tokens and its request's: proposals the
+     target accepted stay valid, rejected ones lie past the prefix and are overwritten later (no copies);
+  2. one packed draft step (more where the draft's max_num_tokens / max_batch_size say so) catches every
+     shadow up to its request's last known token; that token's logits give proposal 1;
+  3. k - 1 decode steps of all shadows together, each feeding the proposal before.
+
+    request:  t0 t1 t2 t3 t4 |            shadow before: t0 t1 t2 t3 p p   (prefix t0..t3 kept)
+    step 1 feeds t4 -> p1;  steps 2..k feed p1 .. p(k-1) -> p2 .. pk
+    shadow after: t0 .. t4 p1 .. p(k-1)   (pk was never fed: its K/V is not needed yet)
+
+Proposals are the draft's greedy tokens, a one-hot draft distribution, so the target's verification
+(runtime/sampler.py `verify`) keeps the output distribution exactly the target's, whatever the draft is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmbuild.errors import EngineError
+from llmbuild.memory_plan import available_memory_bytes, plan_memory
+from llmbuild.runtime.block_pool import BlockPool
+from llmbuild.runtime.engine import Engine
+from llmbuild.runtime.kv_cache import allocate_kv_cache
+from llmbuild.runtime.model_runner import ModelRunner
+from llmbuild.runtime.request import Request
+from llmbuild.runtime.step_inputs import StepInputs
+
+
+@dataclass
+class _Shadow:
+    """A request's sequence in the draft's cache."""
+
+    block_ids: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    """The tokens whose K/V the draft's cache holds, at positions 0 .. len - 1."""
+
+
+def draft_mismatch(draft: Engine, draft_tokenizer: Any, target: Engine, target_tokenizer: Any) -> str | None:
+    """Why `draft` cannot propose tokens for `target` (None: it can): its token ids must mean the same."""
+    d, t = draft.manifest, target.manifest
+    if d.target.tensor_parallel > 1:
+        return f"it has tensor_parallel {d.target.tensor_parallel}; a draft runs on rank 0 only: build it with 1"
+    if d.model.vocab_size != t.model.vocab_size:
+        return f"its vocab_size is {d.model.vocab_size}, the target's {t.model.vocab_size}"
+    if draft_tokenizer.get_vocab() != target_tokenizer.get_vocab():
+        return f"its tokenizer's vocabulary differs from the target's (both {d.model.vocab_size} ids)"
+    return None
+
+
+class DraftProposer:
+    """The draft engine, its KV cache, and one shadow sequence per target request that speculated."""
+
+    def __init__(self, draft: Engine, target: Engine, target_tokenizer: Any) -> None:
+        """Refuses (EngineError, one line) a draft whose vocabulary differs from the target's."""
+        reason = draft_mismatch(draft, draft.load_tokenizer(), target, target_tokenizer)
+        if reason:
+            raise EngineError(f"draft engine {draft.path} cannot propose for {target.path}: {reason}")
+        manifest = draft.manifest
+        self.limits = manifest.limits
+        self.block_size = manifest.kv_cache.block_size
+        plan = plan_memory(
+            weight_bytes=draft.weight_bytes,
+            kv_bytes_per_token=manifest.model.kv_bytes_per_token(draft.kv_cache_dtype),
+            limits=manifest.limits,
+            kv_cache=manifest.kv_cache,
+            available_bytes=available_memory_bytes(draft.device),
+        )
+        if plan.num_blocks < 1:
+            raise EngineError(f"draft engine {draft.path}: its KV cache holds no block; raise kv_cache.memory_bytes")
+        self.pool = BlockPool(plan.num_blocks, enable_prefix_caching=False)
+        caches = allocate_kv_cache(manifest.model, plan.num_blocks, self.block_size, draft.kv_cache_dtype, draft.device)
+        self.runner = ModelRunner(draft.graph, caches, self.block_size, self.limits.max_seq_len)
+        self._shadows: dict[Request, _Shadow] = {}
+
+    @property
+    def num_shadows(self) -> int:
+        """Requests whose sequence the draft's cache holds (they free it when they finish or are preempted)."""
+        return len(self._shadows)
+
+    def propose(self, requests: Sequence[Request], ks: Sequence[int]) -> list[tuple[int, ...]]:
+        """Up to ks[i] greedy draft tokens to follow requests[i]'s tokens, all sequences batched. A sequence
+        proposes nothing when its k is 0, the draft's max_seq_len is reached or the draft's pool is short."""
+        jobs: list[tuple[int, _Shadow, list[int], int]] = []  # (index, shadow, tokens to feed, k)
+        for i, (request, k) in enumerate(zip(requests, ks, strict=True)):
+            tokens = request.all_token_ids
+            k = min(k, self.limits.max_seq_len + 1 - len(tokens))
+            if k < 1:
+                continue
+            shadow = self._shadows.setdefault(request, _Shadow())
+            # keep at least the last token to compute: its logits give the first proposal
+            keep = _common_prefix(shadow.tokens, tokens, len(tokens) - 1)
+            del shadow.tokens[keep:]
+            if self._reserve(shadow, len(tokens) + k - 1):
+                jobs.append((i, shadow, tokens[keep:], k))
+        out: list[tuple[int, ...]] = [()] * len(requests)
+        if not jobs:
+            return out
+        drafts = [[t] for t in self._feed([(shadow, pending) for _, shadow, pending, _ in jobs])]
+        for step in range(1, max(k for *_, k in jobs)):
+            live = [j for j, job in enumerate(jobs) if job[3] > step]
+            nexts = self._feed([(jobs[j][1], drafts[j][-1:]) for j in live])
+            for j, token in zip(live, nexts, strict=True):
+                drafts[j].append(token)
+        for (i, *_), tokens in zip(jobs, drafts, strict=True):
+            out[i] = tuple(tokens)
+        return out
+
+    def release(self, request: Request) -> None:
+        """Free the shadow of a request that finished or was preempted (no-op if it has none)."""
+        shadow = self._shadows.pop(request, None)
+        if shadow is not None:
+            self.pool.free(shadow.block_ids)
+
+    def _reserve(self, shadow: _Shadow, num_tokens: int) -> bool:
+        missing = math.ceil(num_tokens / self.block_size) - len(shadow.block_ids)
+        if missing > self.pool.num_free:
+            return False
+        if missing > 0:
+            shadow.block_ids.extend(self.pool.allocate(missing))
+        return True
+
+    def _feed(self, items: list[tuple[_Shadow, list[int]]]) -> list[int]:
+        """Append each item's tokens to its shadow (computing their K/V), in as few draft steps as the
+        draft's limits allow; the draft's greedy next token after each item's last one."""
+        nexts: dict[int, int] = {}
+        step: list[tuple[int, _Shadow, list[int]]] = []
+        budget = self.limits.max_num_tokens
+        for j, (shadow, tokens) in enumerate(items):
+            while tokens:
+                # a sequence split over steps ends its step (budget 0), so it never appears twice in one
+                n = min(len(tokens), budget)
+                step.append((j, shadow, tokens[:n]))
+                tokens, budget = tokens[n:], budget - n
+                if budget == 0 or len(step) == self.limits.max_batch_size:
+                    nexts.update(self._step(step))
+                    step, budget = [], self.limits.max_num_tokens
+        if step:
+            nexts.update(self._step(step))
+        return [nexts[j] for j in range(len(items))]
+
+    def _step(self, step: list[tuple[int, _Shadow, list[int]]]) -> dict[int, int]:
+        """One packed draft step; {item: argmax of the logits of its chunk's last token}."""
+        bs, width = self.block_size, self.runner.max_blocks_per_seq
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        seq_lens: list[int] = []
+        cu_seqlens = [0]
+        for _, shadow, tokens in step:
+            start, end, blocks = len(shadow.tokens), len(shadow.tokens) + len(tokens), shadow.block_ids
+            ids.extend(tokens)
+            positions.extend(range(start, end))
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            tables.append(blocks + [0] * (width - len(blocks)))
+            seq_lens.append(end)
+            cu_seqlens.append(cu_seqlens[-1] + len(tokens))
+            shadow.tokens.extend(tokens)
+        inputs = StepInputs.from_lists(
+            pin_memory=self.runner.pin_memory,
+            input_ids=ids,
+            positions=positions,
+            slot_mapping=slots,
+            block_tables=tables,
+            seq_lens=seq_lens,
+            cu_seqlens_q=cu_seqlens,
+            logits_indices=[end - 1 for end in cu_seqlens[1:]],
+            lora_slots=[0] * len(ids),  # the draft runs its base weights
+        )
+        greedy = self.runner.run(inputs)[: len(step)].argmax(dim=-1).tolist()
+        return {j: token for (j, _, _), token in zip(step, greedy, strict=True)}
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the longest common prefix of a and b, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    return next((i for i in range(n) if a[i] != b[i]), n)
