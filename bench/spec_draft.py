@@ -3,7 +3,7 @@
 same target engine, in one process, rounds interleaved.
 
     python bench/spec_draft.py --target ENGINE --draft DRAFT_ENGINE [--rounds 3] [--new-tokens 48]
-        -> OUT.{json,md} (default /work/scratch/spec-draft)
+        -> OUT.{json,md} (default bench/results/spec-draft)
 
 Workload: input-grounded prompts (a passage of the demo's held-out text, then its first half again: the answer
 repeats what the prompt holds), one request at a time, greedy. Decode tok/s counts the tokens after the first
@@ -24,10 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+from llmbuild.machine import cpu_flags, cpu_model  # noqa: E402
 from llmbuild.recipe import SpeculativeSection  # noqa: E402
 from llmbuild.runtime.llm_engine import LLMEngine  # noqa: E402
 from llmbuild.runtime.sampling_params import SamplingParams  # noqa: E402
 
+ISA = {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"}
 DRAFT = SpeculativeSection(method="draft", num_speculative_tokens=4, min_acceptance_rate=0.0, adaptive=False)
 
 
@@ -64,7 +68,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--out", type=Path, default=Path("/work/scratch/spec-draft"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "spec-draft")
     args = parser.parse_args()
     engines = {
         "off": LLMEngine.from_dir(args.target, enable_prefix_caching=False, speculative=False),
@@ -97,7 +101,9 @@ def main() -> None:
         "acceptance_rate": accepted / max(drafted, 1),
         "mean_accepted_per_verification": accepted / max(verified, 1),
         "speedup_median": statistics.median(rates["draft k=4"]) / statistics.median(rates["off"]),
-        "machine": "2-core CPU shared with a CI run while measuring: absolute numbers are noisy",
+        "cpu": cpu_model(),
+        "cpu_flags": sorted(cpu_flags() & ISA),
+        "threads": torch.get_num_threads(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
@@ -105,7 +111,7 @@ def main() -> None:
         "# Draft-engine speculation, batch-1 decode",
         "",
         f"target {report['target']}, draft {report['draft']}; {report['workload']}; {args.rounds} rounds interleaved.",
-        f"Machine: {report['machine']}.",
+        f"CPU {report['cpu']} ({' '.join(report['cpu_flags'])}), {report['threads']} threads.",
         "",
         "| mode | best tok/s | median tok/s |",
         "|---|---|---|",

@@ -28,15 +28,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.request import Request
 
-if TYPE_CHECKING:
-    from llmbuild.runtime.draft_proposer import DraftProposer
+
+class Drafter(Protocol):
+    """What proposes for method draft (runtime/draft_proposer.DraftProposer; a Protocol so that this module,
+    which the scheduler imports, does not import the model runner the draft proposer uses)."""
+
+    def propose(self, requests: Sequence[Request], ks: Sequence[int]) -> list[tuple[int, ...]]: ...
+
+    def release(self, request: Request) -> None: ...
+
 
 PAUSE_TOKENS = 32
 """Tokens a sequence decodes without proposals after its acceptance rate fell below the threshold."""
@@ -114,7 +121,7 @@ def speculation_override(
 class Speculator:
     """Proposes tokens for decoding sequences and keeps the acceptance counts (engine-wide and per request)."""
 
-    def __init__(self, config: SpeculativeSection, max_seq_len: int, drafter: DraftProposer | None = None) -> None:
+    def __init__(self, config: SpeculativeSection, max_seq_len: int, drafter: Drafter | None = None) -> None:
         """`drafter` proposes for method draft (None: prompt lookup)."""
         self.config = config
         self.drafter = drafter
