@@ -19,6 +19,7 @@ Proposals are the draft's greedy tokens, a one-hot draft distribution, so the ta
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.kv_cache import allocate_kv_cache
 from llmbuild.runtime.model_runner import ModelRunner
 from llmbuild.runtime.request import Request
-from llmbuild.runtime.step_inputs import StepInputs
 
 
 @dataclass
@@ -148,33 +148,11 @@ class DraftProposer:
 
     def _step(self, step: list[tuple[int, _Shadow, list[int]]]) -> dict[int, int]:
         """One packed draft step; {item: argmax of the logits of its chunk's last token}."""
-        bs, width = self.block_size, self.runner.max_blocks_per_seq
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        tables: list[list[int]] = []
-        seq_lens: list[int] = []
-        cu_seqlens = [0]
+        chunks = [(tokens, len(shadow.tokens), shadow.block_ids, 0) for _, shadow, tokens in step]  # base weights
+        rows = list(itertools.accumulate(len(tokens) for _, _, tokens in step))
+        inputs = self.runner.pack(chunks, [end - 1 for end in rows])
         for _, shadow, tokens in step:
-            start, end, blocks = len(shadow.tokens), len(shadow.tokens) + len(tokens), shadow.block_ids
-            ids.extend(tokens)
-            positions.extend(range(start, end))
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            tables.append(blocks + [0] * (width - len(blocks)))
-            seq_lens.append(end)
-            cu_seqlens.append(cu_seqlens[-1] + len(tokens))
             shadow.tokens.extend(tokens)
-        inputs = StepInputs.from_lists(
-            pin_memory=self.runner.pin_memory,
-            input_ids=ids,
-            positions=positions,
-            slot_mapping=slots,
-            block_tables=tables,
-            seq_lens=seq_lens,
-            cu_seqlens_q=cu_seqlens,
-            logits_indices=[end - 1 for end in cu_seqlens[1:]],
-            lora_slots=[0] * len(ids),  # the draft runs its base weights
-        )
         greedy = self.runner.run(inputs)[: len(step)].argmax(dim=-1).tolist()
         return {j: token for (j, _, _), token in zip(step, greedy, strict=True)}
 

@@ -20,6 +20,9 @@ from llmbuild.runtime.step_inputs import StepInputs
 if TYPE_CHECKING:
     from llmbuild.runtime.rank_workers import RankWorkers
 
+Chunk = tuple[list[int], int, list[int], int]
+"""One sequence's share of a packed step: (its tokens, the position of the first, its KV blocks, its LoRA slot)."""
+
 
 class ModelRunner:
     """Rank 0's runner; with `workers` (a tensor-parallel engine) every step runs on all ranks."""
@@ -79,40 +82,45 @@ class ModelRunner:
 
     def prepare(self, batch: StepBatch) -> tuple[StepInputs, int]:
         """The step's packed graph inputs and its logit row count (see execute)."""
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        tables: list[list[int]] = []
-        seq_lens: list[int] = []
-        cu_seqlens = [0]
+        chunks: list[Chunk] = []
         rows: list[int] = []
-        adapters: list[int] = []
+        offset = 0  # where the sequence's tokens start in the packed step
         for seq in batch.seqs:
             request = seq.request
             start, end = request.num_computed_tokens, request.num_computed_tokens + seq.num_new_tokens
-            blocks = request.block_ids
-            ids.extend(request.token_at(p) for p in range(start, end - len(seq.draft_token_ids)))
-            ids.extend(seq.draft_token_ids)
-            positions.extend(range(start, end))
-            adapters.extend([request.lora_slot] * seq.num_new_tokens)
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            tables.append(blocks + [0] * (self.max_blocks_per_seq - len(blocks)))
-            seq_lens.append(end)
-            cu_seqlens.append(cu_seqlens[-1] + seq.num_new_tokens)
-            rows.extend(range(cu_seqlens[-1] - seq.num_rows, cu_seqlens[-1]))
-        for seq, seq_start in zip(batch.seqs, cu_seqlens, strict=False):
+            tokens = [request.token_at(p) for p in range(start, end - len(seq.draft_token_ids))]
+            chunks.append((tokens + list(seq.draft_token_ids), start, request.block_ids, request.lora_slot))
+            offset += seq.num_new_tokens
+            rows.extend(range(offset - seq.num_rows, offset))
+        offset = 0
+        for seq in batch.seqs:
             # the row of position p is p's offset in the packed step
-            rows.extend(seq_start - seq.request.num_computed_tokens + p for p in seq.scored_positions)
-        inputs = StepInputs.from_lists(
+            rows.extend(offset - seq.request.num_computed_tokens + p for p in seq.scored_positions)
+            offset += seq.num_new_tokens
+        return self.pack(chunks, rows or [0]), len(rows)  # the graph needs >= 1 row; dropped by execute
+
+    def pack(self, chunks: list[Chunk], rows: list[int]) -> StepInputs:
+        """Graph inputs of sequences packed back to back: each chunk's tokens from its start position, in its
+        blocks, with its LoRA slot; logits of the packed positions `rows`."""
+        bs = self.block_size
+        positions: list[int] = []
+        slots: list[int] = []
+        adapters: list[int] = []
+        cu_seqlens = [0]
+        for tokens, start, blocks, lora_slot in chunks:
+            end = start + len(tokens)
+            positions.extend(range(start, end))
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            adapters.extend([lora_slot] * len(tokens))
+            cu_seqlens.append(cu_seqlens[-1] + len(tokens))
+        return StepInputs.from_lists(
             pin_memory=self.pin_memory,
-            input_ids=ids,
+            input_ids=[t for tokens, _, _, _ in chunks for t in tokens],
             positions=positions,
             slot_mapping=slots,
-            block_tables=tables,
-            seq_lens=seq_lens,
+            block_tables=[blocks + [0] * (self.max_blocks_per_seq - len(blocks)) for _, _, blocks, _ in chunks],
+            seq_lens=[start + len(tokens) for tokens, start, _, _ in chunks],
             cu_seqlens_q=cu_seqlens,
-            logits_indices=rows or [0],  # the graph needs >= 1 row; dropped by execute
+            logits_indices=rows,
             lora_slots=adapters,
         )
-        return inputs, len(rows)
