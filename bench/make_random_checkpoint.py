@@ -4,6 +4,8 @@
 `tinyllama` (default): the TinyLlama-1.1B shape of DESIGN.md's CPU benchmarks: hidden 2048, 22 layers,
 32 heads / 4 kv heads, ffn 5632, vocab 32000. `llama3-8b`: the Llama-3-8B shape of the GPU benchmarks
 (issue 6): hidden 4096, 32 layers, 32 heads / 8 kv heads, ffn 14336, vocab 128256, RoPE theta 500000.
+`llama3-1b`: the Llama-3.2-1B shape (hidden 2048, 16 layers, 32 / 8 heads, ffn 8192, the same vocabulary; its
+embeddings untied here), the GPU shape that builds in a minute, measured before the 8B one.
 bf16, N(0, 0.02) matrices and unit norms from a seeded generator (the same recipe as
 ../shared/peers/make_checkpoint.py), plus the small local BPE tokenizer of llmbuild/testing/checkpoints.py
 (benchmarks feed token ids directly).
@@ -34,6 +36,17 @@ SHAPES = {
         vocab_size=32000,
         max_position_embeddings=2048,
         rope_theta=10000.0,
+        **COMMON,
+    ),
+    "llama3-1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
         **COMMON,
     ),
     "llama3-8b": dict(

@@ -245,7 +245,10 @@ def _export(build: _Build, model: LlamaModel | None) -> ExportedProgram:
         program = export_graph(model, build.plan.limits, recipe.kv_cache.block_size, kv_dtype)
         program = retarget(program, recipe.target.device)
         if recipe.target.device != "cpu":  # traced on the cpu (fake tensors), run on the GPU
-            program = move_to_device_pass(program, recipe.target.device)
+            # with its index: the graph's tensor-metadata asserts compare devices exactly, and the GPU's
+            # tensors are cuda:0, never bare "cuda" (AOTInductor's compile failed on exactly that)
+            device = torch.device(recipe.target.device, torch.cuda.current_device())
+            program = move_to_device_pass(program, device)
     return program
 
 

@@ -56,6 +56,8 @@ def hint(exc: Exception) -> str:
         return _OOM_HINT
     if isinstance(exc, OSError):
         return "check free disk space and permissions of the output and cache directories"
+    if "triton" in text or "autotuning code block" in text:
+        return "a Triton kernel failed to compile for this GPU; rerun with --debug for the kernel and line"
     if "compil" in text or "g++" in text or "c++" in text:
         return "the C++ compiler failed; check that g++ works, then rerun with --debug for its output"
     return "rerun with --debug for the traceback"

@@ -87,8 +87,11 @@ def test_quantized_graphs_run_the_triton_gemms(weights):
     assert plugin_namespaces(cuda) == {"llmbuild_triton"}
     for expected, out in zip(run_steps(cpu), run_steps(cuda, DEVICE), strict=True):
         # the CPU decode kernels quantize int8/int4 activations (VNNI), the Triton GEMMs do not; fp8 runs
-        # torch._scaled_mm here and the CPU kernel's fp32 emulation there
-        torch.testing.assert_close(out, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+        # torch._scaled_mm here and the CPU kernel's fp32 emulation there: Hopper's fp8 tensor cores
+        # accumulate in about 14 bits, and a difference upstream flips e4m3 activation codes downstream (up
+        # to 6.25% each): 5.1% of the largest logit on an H200
+        tol = 0.08 if weights == "fp8" else 0.05
+        torch.testing.assert_close(out, expected, atol=tol * expected.abs().max().item(), rtol=0)
 
 
 def test_ops_without_a_cuda_kernel_are_named(monkeypatch):

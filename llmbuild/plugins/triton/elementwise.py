@@ -30,6 +30,7 @@ def _round(x, dtype: tl.constexpr):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)  # AOTInductor passes Python floats as fp64, which would carry into the math
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n

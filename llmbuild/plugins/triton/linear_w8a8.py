@@ -16,7 +16,9 @@ from torch.library import wrap_triton
 
 from llmbuild.plugins.triton.elementwise import _round
 
-_ROUNDING = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds |x| < 2**22 to an integer, half to even
+# 1.5 * 2**23: adding and subtracting it rounds |x| < 2**22 to an integer, half to even. A constexpr: compiled
+# kernels may read no other kind of global (the interpreter does not check)
+_ROUNDING = tl.constexpr(12582912.0)
 
 
 @triton.jit

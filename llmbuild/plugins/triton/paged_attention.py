@@ -28,7 +28,9 @@ from llmbuild.plugins.triton.elementwise import _round
 # NOTE: the interpreter's tl.dot multiplies bf16 bit patterns (numpy has no bf16): interpreted,
 # the dots take fp32 inputs holding the same bf16 values; GPUs take bf16 into the tensor cores.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_ROUNDING = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds |x| < 2**22 to an integer, half to even
+# 1.5 * 2**23: adding and subtracting it rounds |x| < 2**22 to an integer, half to even. A constexpr: compiled
+# kernels may read no other kind of global (the interpreter does not check)
+_ROUNDING = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -106,6 +108,7 @@ def _attention_kernel(
     PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # AOTInductor passes Python floats as fp64, which would carry into the scores
     pid, g = tl.program_id(0), tl.program_id(1)
     # the sequence whose tiles this program falls among: largest b with cu[b] // BLOCK_Q + b <= pid
     lo, hi = 0, num_seqs

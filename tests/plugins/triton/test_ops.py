@@ -115,7 +115,9 @@ def test_linear_int8_matches_the_reference(k, dtype, tol, bias):
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+# fp32: Hopper's fp8 tensor cores accumulate with about 14 bits of mantissa, not fp32's 24 (DeepSeek-V3's
+# report, 3.3.2); measured on an H200: 8e-5 of the largest output
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-4), (torch.bfloat16, 1e-2)])
 def test_linear_fp8_matches_the_reference(granularity, dtype, tol):
     g = torch.Generator().manual_seed(3)
     w, scales = quantize_fp8(torch.randn(48, 64, generator=g) * torch.logspace(-2, 0, 48)[:, None], granularity)

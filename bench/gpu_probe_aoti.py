@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Which AOTInductor packaging of a cuda step graph loads on this GPU.
+
+On the first H200 run (issue 26; torch 2.11, triton 3.6) every compiled cuda engine built, then crashed the
+process (SIGSEGV) inside AOTIModelPackageLoader when loaded, while the same graphs ran eagerly and matched
+transformers. This builds the tests' tiny step graph for cuda and packages it four ways, each loaded in its own
+process (a crash ends only that one), so that one short device call tells which part of our packaging the
+loader trips on:
+
+- ours: weights out of the .so (package_constants_in_so=False) and the archive rewritten by compile._normalize;
+- no-normalize: the same, the archive as AOTInductor wrote it;
+- weights-in-so: AOTInductor's defaults (the zero weights compiled into the .so);
+- weights-on-disk: weights out of the .so, into the archive (package_constants_on_disk_format=binary_blob).
+
+    python bench/gpu_probe_aoti.py [--gdb]   every variant, then a table; --gdb: a crash's native backtrace
+                                            (cuda-gdb, which the GPU image has)
+    python bench/gpu_probe_aoti.py VARIANT   one variant (what the table runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "ours": ({"aot_inductor.package_constants_in_so": False}, True),
+    "no-normalize": ({"aot_inductor.package_constants_in_so": False}, False),
+    "weights-in-so": ({}, False),
+    "weights-on-disk": (
+        {"aot_inductor.package_constants_in_so": False, "aot_inductor.package_constants_on_disk_format": "binary_blob"},
+        False,
+    ),
+}
+
+
+def run_variant(name: str, device: str) -> None:
+    """Build, package, load and hand the weights to the tiny step graph; print what got done."""
+    import torch
+    from torch.export.passes import move_to_device_pass
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny model (tests/helpers.py)
+    from llmbuild.builder.compile import _normalize
+    from llmbuild.builder.export import export_graph
+    from llmbuild.builder.retarget import retarget
+    from llmbuild.plugins import load_plugins
+    from tests.helpers import LIMITS, tiny_model
+
+    configs, normalize = VARIANTS[name]
+    load_plugins()
+    model = tiny_model()
+    program = retarget(export_graph(model, LIMITS, 4, torch.float32), device)
+    if device != "cpu":
+        program = move_to_device_pass(program, torch.device(device, torch.cuda.current_device()))
+    workdir = Path(tempfile.mkdtemp(prefix=f"probe-{name}-"))
+    path = workdir / "model.pt2"
+    start = time.perf_counter()
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
+    if normalize:
+        _normalize(path)
+    print(f"{name}: packaged in {time.perf_counter() - start:.1f} s, {path.stat().st_size} bytes", flush=True)
+    package = torch._inductor.aoti_load_package(str(path))
+    print(f"{name}: loaded", flush=True)
+    weights = {k: v.to(device) for k, v in model.state_dict().items()}
+    names = package.get_constant_fqns()
+    package.load_constants({n: weights[n] for n in names}, check_full_update=True, user_managed=True)
+    print(f"{name}: {len(names)} weights handed over (user-managed)", flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variant", nargs="?", choices=sorted(VARIANTS))
+    ap.add_argument("--device", default="cuda", help="cuda (cpu: a dry run of this script without a GPU)")
+    ap.add_argument("--gdb", action="store_true", help="rerun a crashed variant under cuda-gdb for its backtrace")
+    args = ap.parse_args()
+    if args.variant:
+        run_variant(args.variant, args.device)
+        return
+    rows = []
+    for name in VARIANTS:
+        cmd = [sys.executable, __file__, name, "--device", args.device]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+        rows.append((name, proc.returncode, last))
+        print(f"--- {name}: exit {proc.returncode}\n{proc.stdout}{proc.stderr[-3000:]}", flush=True)
+        if proc.returncode < 0 and args.gdb and shutil.which("cuda-gdb"):
+            gdb = ["cuda-gdb", "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args", *cmd]
+            trace = subprocess.run(gdb, capture_output=True, text=True)
+            print(f"--- {name} under cuda-gdb\n{trace.stdout[-6000:]}{trace.stderr[-2000:]}", flush=True)
+    print("\n| variant | exit | last step |\n| --- | --- | --- |")
+    for name, code, last in rows:
+        print(f"| {name} | {code} | {last} |")
+
+
+if __name__ == "__main__":
+    main()
