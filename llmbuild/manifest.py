@@ -13,6 +13,9 @@
       report.json              build report (timings, sizes, build timestamp): not byte-reproducible
       signature.json           an ed25519 signature over manifest.json (signing.py), when unpacked from
                                a signed archive (artifact.py): not sealed
+      draft/                   speculative.draft: the draft engine built with this one, an engine
+                               directory of its own (no report.json: its report is under `draft` in
+                               this one's); its files are sealed by this manifest too
 
 The builder writes it (builder/package.py); the runtime reads it (runtime/engine.py). Nothing here
 depends on the machine: checking an engine against the machine is the runtime's job.
@@ -49,6 +52,7 @@ EXPORTED = "exported.pt2"
 WEIGHTS = "weights.safetensors"
 OP_LIBRARY = "ops/llmbuild_ops.so"
 PROVENANCE = "provenance.json"
+DRAFT_DIR = "draft"
 SIGNATURE = "signature.json"
 UNSEALED = frozenset({MANIFEST, REPORT, SIGNATURE})
 """Files the manifest does not hash: itself, the report with its build timestamps, and the signature

@@ -243,13 +243,25 @@ class CudaGraphsSection(_Section):
         return tuple(sorted(set(v)))
 
 
+class DraftSection(_Section):
+    """The draft engine `llmbuild compile` builds with this one (speculative.method draft): a smaller or more
+    quantized model with the target's tokenizer, built for the same target and limits."""
+
+    checkpoint: str | None = None
+    """The draft's Hugging Face checkpoint directory, relative to the recipe file. Unset: the target's own
+    (self-speculation: then `quantization` must make it cheaper)."""
+    quantization: QuantizationSection = QuantizationSection()
+    """The draft's quantization (the keys of the top-level `quantization`), e.g. `{weights: int4}`."""
+
+
 class SpeculativeSection(_Section):
     """Speculative decoding: several tokens proposed cheaply, then checked in one pass of the engine."""
 
     method: Literal["ngram", "draft"] = "ngram"
     """`ngram` (prompt lookup): the tokens that followed the latest earlier occurrence of the request's last
     n tokens (in its prompt or output) are proposed; no second model. `draft`: a second, smaller engine with
-    the same tokenizer proposes its greedy tokens (given at run time: `--draft-engine`)."""
+    the same tokenizer proposes its greedy tokens: the one `draft` builds into the engine, else the one given at
+    run time (`--draft-engine`)."""
     num_speculative_tokens: int = Field(4, ge=1, le=16)
     """Most tokens proposed per sequence and step."""
     prompt_lookup_min: int = Field(1, ge=1)
@@ -267,12 +279,20 @@ class SpeculativeSection(_Section):
     """A sequence whose running share of accepted proposals falls below this stops speculating for 32 tokens,
     then tries again (on a CPU a step of 1 + 4 tokens costs about 2x a decode step: bench/results/
     spec-verify-cost.md; it pays from about 30% accepted)."""
+    draft: DraftSection | None = None
+    """method draft: a draft engine built with this one, into its `draft/` directory (absent: the runtime
+    needs `--draft-engine PATH`)."""
 
     @model_validator(mode="after")
     def _lookup_range(self) -> SpeculativeSection:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(
                 f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+        if self.draft is not None and self.method != "draft":
+            raise ValueError(
+                f"draft (a draft engine built with this one) needs method draft (method is {self.method}): set "
+                "speculative.method: draft or remove speculative.draft"
             )
         return self
 
@@ -345,13 +365,21 @@ class Recipe(_Section):
             raise ValueError("cuda_graphs.enabled needs target.device=cuda (it is cpu)")
         if self.target.device == "cpu" and self.target.arch != "auto":
             raise ValueError(f"target.arch={self.target.arch} is a GPU architecture but target.device is cpu")
-        if self.quantization.weights == "fp8" and self.target.device == "cpu":
-            raise ValueError(
-                "quantization.weights=fp8 needs a GPU target (fp8 GEMM runs on sm_89/sm_90); use int8 or int4 on cpu"
-            )
-        if self.quantization.kv_cache == "fp8" and self.target.device == "cpu":
-            raise ValueError("quantization.kv_cache=fp8 needs a GPU target (target.device: cuda); use int8 on cpu")
+        for key, q in self._quantization_sections() if self.target.device == "cpu" else []:
+            if q.weights == "fp8":
+                raise ValueError(
+                    f"{key}.weights=fp8 needs a GPU target (fp8 GEMM runs on sm_89/sm_90); use int8 or int4 on cpu"
+                )
+            if q.kv_cache == "fp8":
+                raise ValueError(f"{key}.kv_cache=fp8 needs a GPU target (target.device: cuda); use int8 on cpu")
         return self
+
+    def _quantization_sections(self) -> list[tuple[str, QuantizationSection]]:
+        """The engine's quantization and its built-in draft's, by key path."""
+        sections = [("quantization", self.quantization)]
+        if self.speculative is not None and self.speculative.draft is not None:
+            sections.append(("speculative.draft.quantization", self.speculative.draft.quantization))
+        return sections
 
     def base_dir(self) -> Path:
         """The directory relative paths in the recipe are resolved against (the recipe file's)."""

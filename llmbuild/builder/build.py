@@ -24,6 +24,7 @@ import llmbuild
 from llmbuild.builder.cache import QUALITY, BuildCache, config_hash, weights_key
 from llmbuild.builder.calibration import calibration_path, calibration_windows, file_sha256
 from llmbuild.builder.compile import compile_graph
+from llmbuild.builder.draft import draft_recipe, draft_section
 from llmbuild.builder.export import export_graph, save_graph
 from llmbuild.builder.kv_quant import kv_absmax, quantize_kv_cache
 from llmbuild.builder.models.llama import LlamaModel
@@ -41,6 +42,7 @@ from llmbuild.builder.weights import load_weights
 from llmbuild.cpu_target import CpuTarget, resolve
 from llmbuild.machine import cpu_flags, gpu_arch
 from llmbuild.manifest import (
+    DRAFT_DIR,
     EXPORTED,
     GRAPH,
     GRAPH_INPUTS,
@@ -102,20 +104,41 @@ def build_engine(
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir.resolve())
-    build = _prepare(recipe, cache_dir or default_cache_dir(), use_cache, Stages(on_stage, on_progress))
-    with staging_dir(out_dir) as stage, use_isa(build.check_isa):
-        ranks = [stage / rank_dir(r) for r in range(recipe.target.tensor_parallel)]
+    cache = BuildCache(cache_dir or default_cache_dir(), read=use_cache)
+    build = _prepare(recipe, cache, Stages(on_stage, on_progress))
+    with staging_dir(out_dir) as stage:
+        manifest, report = _build_into(build, stage)
+        write_report(stage, report)
+    return BuildResult(out_dir, manifest, report)
+
+
+def _build_into(build: _Build, stage: Path) -> tuple[Manifest, dict[str, Any]]:
+    """Write the engine (and its built-in draft, in its draft/ directory) into the empty directory `stage`;
+    returns its manifest and report (not written: a draft's report is part of its target's)."""
+    with use_isa(build.check_isa):
+        ranks = [stage / rank_dir(r) for r in range(build.recipe.target.tensor_parallel)]
         for rank in ranks:
             rank.mkdir()
         model, quality = _weights(build, ranks)
         if quality is not None:
-            check_gate(recipe.quality, quality)  # before the slow stages: a failing build fails fast
+            check_gate(build.recipe.quality, quality)  # before the slow stages: a failing build fails fast
         _graph(build, ranks, model)
-        manifest, report = _package(build, stage, quality)
-    return BuildResult(out_dir, manifest, report)
+    # the draft is built before the target is sealed: the target's manifest seals the draft's files too
+    draft = _draft(build, stage / DRAFT_DIR) if draft_section(build.recipe) is not None else None
+    return _package(build, stage, quality, draft)
 
 
-def _prepare(recipe: Recipe, cache_root: Path, use_cache: bool, stages: Stages) -> _Build:
+def _draft(build: _Build, out: Path) -> dict[str, Any]:
+    """Build the recipe's draft engine into `out` through the same stages (named `draft: <stage>`) and build
+    cache as any engine; returns its report. `out` is inside the target's staging directory, so a failed
+    draft leaves no engine."""
+    out.mkdir()
+    with build.stages.nested("draft") as stages:
+        _, report = _build_into(_prepare(draft_recipe(build.recipe), build.cache, stages), out)
+    return report
+
+
+def _prepare(recipe: Recipe, cache: BuildCache, stages: Stages) -> _Build:
     """The stages before any engine file is written: plan, op library (loaded for the build's own
     runs), and the hashes of the inputs that key the cache."""
     with stages.run("plan"):
@@ -124,7 +147,7 @@ def _prepare(recipe: Recipe, cache_root: Path, use_cache: bool, stages: Stages) 
     with stages.run("op library"):
         cpu = resolve(recipe.target.cpu)
         # the op library is cached per machine (like Inductor's code), not per build cache
-        op_library = build_library(cpu, reuse=use_cache)
+        op_library = build_library(cpu, reuse=cache.read)
         check_isa = _load_for_checks(cpu, op_library)
     with stages.run("hash inputs"):
         calibration = _calibration_file(recipe)
@@ -141,7 +164,7 @@ def _prepare(recipe: Recipe, cache_root: Path, use_cache: bool, stages: Stages) 
         target=target,
         graph_key=config_hash(recipe, plan, target),
         weights_key=weights_key(recipe, plan, inputs),
-        cache=BuildCache(cache_root, read=use_cache),
+        cache=cache,
         stages=stages,
     )
 
@@ -268,8 +291,11 @@ def _layout_model(build: _Build) -> LlamaModel:
     return model
 
 
-def _package(build: _Build, stage: Path, quality: Quality | None) -> tuple[Manifest, dict[str, Any]]:
-    """The rest of the engine's files, its manifest sealing them, and report.json."""
+def _package(
+    build: _Build, stage: Path, quality: Quality | None, draft: dict[str, Any] | None
+) -> tuple[Manifest, dict[str, Any]]:
+    """The rest of the engine's files, its manifest sealing them (a built-in draft's included), and the report
+    (with the draft's report)."""
     with build.stages.run("package"):
         has_chat_template = add_runtime_files(stage, build.op_library, build.recipe, build.plan.checkpoint)
         sealed = seal(stage)
@@ -284,8 +310,8 @@ def _package(build: _Build, stage: Path, quality: Quality | None) -> tuple[Manif
         op_library=library_report(build.cpu, build.check_isa),
         quality=quality,
         inputs=build.inputs,
+        draft=draft,
     )
-    write_report(stage, report)
     return manifest, report
 
 

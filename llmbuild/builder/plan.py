@@ -12,10 +12,11 @@ import torch
 
 from llmbuild.builder.calibration import calibration_path
 from llmbuild.builder.checkpoint import Checkpoint
+from llmbuild.builder.draft import DRAFT_KEY, check_draft_checkpoint, draft_problem, draft_recipe, draft_section
 from llmbuild.builder.models.llama import linear_shapes
 from llmbuild.builder.quantize import check_group_fit, excluded, quantized_bytes
 from llmbuild.builder.support import check_supported, unsupported_features
-from llmbuild.errors import RecipeError
+from llmbuild.errors import CheckpointError, RecipeError
 from llmbuild.lora_layout import buffer_bytes
 from llmbuild.memory_plan import (
     GPU_OVERHEAD_BYTES,
@@ -51,6 +52,8 @@ class BuildPlan:
     """The memory the engine must fit: host RAM for a cpu recipe, one GPU's memory for a cuda one."""
     lora_bytes: int = 0
     """Of the weights, the LoRA slot buffers (every rank's; allocated at load, not in the weights files)."""
+    draft: BuildPlan | None = None
+    """The plan of the draft engine built with this one (speculative.draft), sized against the same memory."""
 
     @property
     def limits(self) -> EngineLimits:
@@ -59,27 +62,40 @@ class BuildPlan:
         assert isinstance(limits, EngineLimits), "make_plan resolves the limits"
         return limits
 
+    @property
+    def draft_bytes(self) -> int:
+        """The draft's weights and KV cache (0: no draft). It runs in the target's process between the target's
+        steps, so its activations and fixed overhead are counted once, as the target's."""
+        return self.draft.memory.total_bytes if self.draft is not None else 0
+
+    @property
+    def required_bytes(self) -> int:
+        """Memory the running engine needs: its own (MemoryPlan.required_bytes) and its draft's."""
+        return self.memory.required_bytes + self.draft_bytes
+
     def shortfall(self) -> str | None:
         """Why the engine does not fit available_bytes (one line with the breakdown and the fix), or None."""
-        m, lim = self.memory, self.limits
-        if m.required_bytes <= self.available_bytes:
+        if self.required_bytes <= self.available_bytes:
             return None
         where = "of GPU memory" if self.recipe.target.device == "cuda" else ""
         return (
-            f"engine {self.recipe.name} needs {format_bytes(m.required_bytes)} ({memory_breakdown(m, lim)}), "
+            f"engine {self.recipe.name} needs {format_bytes(self.required_bytes)} ({memory_breakdown(self)}), "
             f"{format_bytes(self.available_bytes)} {where + ' ' if where else ''}available: short by "
-            f"{format_bytes(m.required_bytes - self.available_bytes)}; lower limits.max_batch_size / max_seq_len "
+            f"{format_bytes(self.required_bytes - self.available_bytes)}; lower limits.max_batch_size / max_seq_len "
             "or quantize"
         )
 
 
-def memory_breakdown(m: MemoryPlan, limits: EngineLimits) -> str:
-    """'weights W + KV cache K for limits ... + activations A of the largest step (T tokens) + overhead O'."""
+def memory_breakdown(plan: BuildPlan) -> str:
+    """'weights W + KV cache K for limits ... + activations A of the largest step (T tokens) + overhead O'
+    (+ 'draft D (weights + KV cache)' with a built-in draft)."""
+    m, limits = plan.memory, plan.limits
+    draft = f" + draft {format_bytes(plan.draft_bytes)} (weights + KV cache)" if plan.draft is not None else ""
     return (
         f"weights {format_bytes(m.weight_bytes)} + KV cache {format_bytes(m.total_bytes - m.weight_bytes)} for "
         f"limits max_batch_size {limits.max_batch_size} x max_seq_len {limits.max_seq_len} + activations "
         f"{format_bytes(m.activation_bytes)} of the largest step ({largest_step_tokens(limits)} tokens) + "
-        f"overhead {format_bytes(m.overhead_bytes)}"
+        f"overhead {format_bytes(m.overhead_bytes)}{draft}"
     )
 
 
@@ -168,4 +184,21 @@ def make_plan(recipe: Recipe, available_bytes: int | None = None, build_machine:
         # a cpu engine runs one process per rank; a cuda one's host side is not in the GPU's budget
         overhead_bytes=GPU_OVERHEAD_BYTES if device == "cuda" else tp * HOST_OVERHEAD_BYTES,
     )
-    return BuildPlan(recipe, ckpt, dtype, kv_dtype, memory, available, lora_bytes)
+    draft = _draft_plan(recipe, ckpt, available, build_machine) if draft_section(recipe) is not None else None
+    return BuildPlan(recipe, ckpt, dtype, kv_dtype, memory, available, lora_bytes, draft)
+
+
+def _draft_plan(recipe: Recipe, ckpt: Checkpoint, available: int, build_machine: bool) -> BuildPlan:
+    """The plan of the recipe's built-in draft (its limits resolved: the target's), checked to serve the target.
+
+    Sized against the same memory, as the runtime sizes the draft's KV cache (runtime/draft_proposer.py)."""
+    draft = draft_recipe(recipe)
+    check_draft_checkpoint(draft)
+    try:
+        plan = make_plan(draft, available, build_machine)
+    except (RecipeError, CheckpointError) as exc:
+        raise type(exc)(f"{DRAFT_KEY}: {exc}") from None
+    problem = draft_problem(recipe, ckpt, plan.recipe, plan.checkpoint)
+    if problem:
+        raise RecipeError(problem)
+    return plan

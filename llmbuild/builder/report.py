@@ -1,5 +1,6 @@
 """report.json: what a build did and found (stage timings, sizes, memory plan, how the op library was
-checked, quality metrics, calibration text, the llmbuild source and whether its checkout was dirty).
+checked, quality metrics, calibration text, the llmbuild source and whether its checkout was dirty; a
+built-in draft's report under `draft`).
 Not sealed by the manifest: it records a timestamp and facts of one run (see builder/provenance.py)."""
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ def build_report(
     op_library: dict[str, Any],
     quality: Quality | None,
     inputs: Inputs,
+    draft: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report of the engine staged in engine_dir (every other file written)."""
+    """The report of the engine staged in engine_dir (every other file written); `draft`: the report of its
+    built-in draft (speculative.draft), which has no report.json of its own."""
     report: dict[str, Any] = {
         "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "llmbuild_version": llmbuild.__version__,
@@ -46,6 +49,8 @@ def build_report(
     }
     if quality is not None:
         report["quality"] = {**asdict(quality), "held_out": "built-in (Python documentation prose)"}
+    if draft is not None:
+        report["draft"] = draft
     if inputs.calibration_sha256 is not None:
         report["calibration"] = {
             **plan.recipe.quantization.calibration_or_default().model_dump(mode="json"),

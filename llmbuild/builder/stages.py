@@ -26,27 +26,40 @@ _OOM_HINT = "out of memory: free memory, or build a smaller model / a shorter li
 class Stages:
     """Runs the named stages of one build and keeps their timings (report.json's stages_seconds, in run order)."""
 
-    def __init__(self, on_stage: StageCallback | None = None, on_progress: ProgressCallback | None = None) -> None:
+    def __init__(
+        self, on_stage: StageCallback | None = None, on_progress: ProgressCallback | None = None, prefix: str = ""
+    ) -> None:
         self.timings: dict[str, float] = {}
         self._on_stage: StageCallback = on_stage or _ignore
         self._on_progress = on_progress
+        self._prefix = prefix
+        """What the callbacks and errors put before a stage's name (a nested build's: `draft: `)."""
 
     @contextmanager
     def run(self, name: str) -> Iterator[Progress]:
         """Time the body as stage `name`; an unexpected exception becomes a BuildError naming the stage.
         Yields the stage's Progress, for the body's long loops to report through."""
-        self._on_stage(name, None)
+        label = self._prefix + name
+        self._on_stage(label, None)
         start = time.perf_counter()
         on_progress = self._on_progress
         try:
-            yield no_progress if on_progress is None else partial(on_progress, name)
+            yield no_progress if on_progress is None else partial(on_progress, label)
         except LLMBuildError:
             raise
         except Exception as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise BuildError(f"stage '{name}' failed: {type(exc).__name__}: {detail} ({hint(exc)})") from exc
+            raise BuildError(f"stage '{label}' failed: {type(exc).__name__}: {detail} ({hint(exc)})") from exc
         self.timings[name] = round(time.perf_counter() - start, 3)
-        self._on_stage(name, self.timings[name])
+        self._on_stage(label, self.timings[name])
+
+    @contextmanager
+    def nested(self, prefix: str) -> Iterator[Stages]:
+        """The stages of a build inside this one (a built-in draft's): announced and named in errors as
+        `<prefix>: <stage>`, and added to this build's timings under those names when the nested build completes."""
+        child = Stages(self._on_stage, self._on_progress, f"{self._prefix}{prefix}: ")
+        yield child
+        self.timings.update({f"{prefix}: {name}": seconds for name, seconds in child.timings.items()})
 
 
 def hint(exc: Exception) -> str:

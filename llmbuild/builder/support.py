@@ -13,11 +13,6 @@ def unsupported_features(recipe: Recipe) -> list[str]:
     out = []
     if recipe.target.device == "cuda" and recipe.target.tensor_parallel > 1:
         out.append("target.tensor_parallel > 1 with target.device=cuda (tensor-parallel engines are cpu only)")
-    if recipe.speculative is not None and recipe.speculative.method == "draft":
-        out.append(
-            "speculative.method=draft (not supported in a recipe yet: build the draft as its own engine and "
-            "pass --draft-engine)"
-        )
     q = recipe.quantization
     if not q.quantized and (recipe.quality.max_kl is not None or recipe.quality.min_top1 is not None):
         out.append(

@@ -13,6 +13,7 @@ from llmbuild.cli.console import console
 
 if TYPE_CHECKING:
     from llmbuild.builder.provenance import Statement
+    from llmbuild.manifest import Manifest
 
 
 @click.command("inspect")
@@ -71,6 +72,8 @@ def inspect_command(engine: Path, as_json: bool) -> None:
             f"{spec.prompt_lookup_min}-{spec.prompt_lookup_max}, at most {spec.max_batch_size} decoding sequences"
             + (", adaptive" if spec.adaptive else "")
         )
+    if spec is not None and spec.draft is not None:
+        out.print(_draft_line(engine, manifest), markup=False)
     if manifest.lora is not None:
         lora = manifest.lora
         out.print(
@@ -86,6 +89,25 @@ def inspect_command(engine: Path, as_json: bool) -> None:
         path = engine / rel
         size = path.stat().st_size if path.is_file() else -1
         out.print(f"  {size:>12,}  {digest[:16]}  {rel}", markup=False)
+
+
+def _draft_line(engine: Path, manifest: Manifest) -> str:
+    """The built-in draft engine (speculative.draft): its name, model, quantization and size on disk."""
+    from llmbuild.errors import EngineError
+    from llmbuild.manifest import DRAFT_DIR, Manifest
+
+    files = [rel for rel in manifest.files if rel.startswith(DRAFT_DIR + "/")]
+    size = sum((engine / rel).stat().st_size for rel in files if (engine / rel).is_file())
+    try:
+        draft = Manifest.load(engine / DRAFT_DIR)
+    except EngineError as exc:
+        return f"draft    unreadable ({exc})"
+    q = draft.quantization
+    weights = f"{q.weights} weights" if q.weights != "none" else f"{draft.dtype} weights"
+    return (
+        f"draft    {draft.name} in {DRAFT_DIR}/: {draft.model.num_params / 1e6:.1f}M params, {weights} "
+        f"(KV cache {draft.kv_cache_dtype}), {size / 2**20:.1f} MiB in {len(files)} files"
+    )
 
 
 def _provenance_lines(statement: Statement | None) -> list[str]:

@@ -80,7 +80,8 @@ def _sequences_in_budget(r: Recipe, p: BuildPlan) -> int:
     """Max-length sequences whose KV cache fits in the budget next to the weights."""
     m = p.memory
     per_seq = m.kv_bytes_per_token * p.limits.max_seq_len
-    return max(p.available_bytes - m.weight_bytes - m.activation_bytes - m.overhead_bytes, 0) // per_seq
+    rest = p.available_bytes - m.weight_bytes - m.activation_bytes - m.overhead_bytes - p.draft_bytes
+    return max(rest, 0) // per_seq
 
 
 def _summary(recipe: Path, r: Recipe, p: BuildPlan) -> dict[str, Any]:
@@ -103,10 +104,31 @@ def _summary(recipe: Path, r: Recipe, p: BuildPlan) -> dict[str, Any]:
         "largest_step_tokens": largest_step_tokens(p.limits),
         "activation_bytes": m.activation_bytes,
         "overhead_bytes": m.overhead_bytes,
-        "required_bytes": m.required_bytes,
+        "draft": _draft_summary(p.draft) if p.draft is not None else None,
+        "required_bytes": p.required_bytes,
         "memory_budget_bytes": p.available_bytes,
         "fits": p.shortfall() is None,
         "sequences_in_budget": _sequences_in_budget(r, p),
+    }
+
+
+def _draft_summary(d: BuildPlan) -> dict[str, Any]:
+    """`plan --json`'s `draft`: the built-in draft's checkpoint, weights and KV cache (what required_bytes
+    counts of it: draft_bytes)."""
+    m = d.memory
+    return {
+        "name": d.recipe.name,
+        "checkpoint": str(d.checkpoint.path),
+        "params": d.checkpoint.config.num_params,
+        "dtype": d.dtype,
+        "kv_cache_dtype": d.kv_cache_dtype,
+        "quantization": d.recipe.quantization.model_dump(mode="json"),
+        "weight_bytes": m.weight_bytes,
+        "kv_bytes_per_token": m.kv_bytes_per_token,
+        "kv_cache_bytes": m.kv_budget_bytes,
+        "kv_blocks": m.num_blocks,
+        "kv_cache_sequences": m.max_full_sequences,
+        "draft_bytes": m.total_bytes,
     }
 
 
@@ -152,7 +174,8 @@ def _print_plan(recipe: Path, r: Recipe, p: BuildPlan, budget_given: bool) -> No
             "every logit row scored)",
         ),
         ("overhead", f"{format_bytes(m.overhead_bytes)}  ({_OVERHEAD[r.target.device]})"),
-        ("engine needs", f"{format_bytes(m.required_bytes)} = {memory_breakdown(m, p.limits)}"),
+        *([("draft engine", _draft_row(p.draft))] if p.draft is not None else []),
+        ("engine needs", f"{format_bytes(p.required_bytes)} = {memory_breakdown(p)}"),
         (
             "memory budget",
             format_bytes(p.available_bytes) + ("" if budget_given else f" (available now; {_OPTION[r.target.device]})"),
@@ -167,6 +190,17 @@ def _print_plan(recipe: Path, r: Recipe, p: BuildPlan, budget_given: bool) -> No
             f"[yellow]note:[/] the KV cache holds fewer max-length sequences ({m.max_full_sequences}) than "
             f"max_batch_size ({p.limits.max_batch_size}); long requests will be preempted"
         )
+
+
+def _draft_row(d: BuildPlan) -> str:
+    """The built-in draft's line: weights and KV cache, and what it is."""
+    m, q = d.memory, d.recipe.quantization
+    quantized = f"{q.weights} weights" if q.weights != "none" else f"{d.dtype} weights"
+    return (
+        f"{format_bytes(m.total_bytes)} = weights {format_bytes(m.weight_bytes)} + KV cache "
+        f"{format_bytes(m.total_bytes - m.weight_bytes)} ({m.num_blocks} blocks)  ({d.recipe.name}: "
+        f"{d.checkpoint.config.num_params / 1e6:.1f}M params, {quantized}, KV cache {d.kv_cache_dtype})"
+    )
 
 
 _OVERHEAD = {"cpu": "Python, torch, op library, AOTInductor runtime per rank", "cuda": "CUDA context, workspaces"}

@@ -13,8 +13,11 @@ batched over every sequence that speculates this step:
     step 1 feeds t4 -> p1;  steps 2..k feed p1 .. p(k-1) -> p2 .. pk
     shadow after: t0 .. t4 p1 .. p(k-1)   (pk was never fed: its K/V is not needed yet)
 
-Proposals are the draft's greedy tokens, a one-hot draft distribution, so the target's verification
-(runtime/sampler.py `verify`) keeps the output distribution exactly the target's, whatever the draft is.
+Greedy requests get the draft's greedy tokens. Sampled requests get tokens drawn from the draft's distribution
+under the request's own temperature / top-k / top-p / min-p (its penalties and biases apply to the target
+only), and that distribution is kept (`probabilities`) for the target's verification, Leviathan et al.'s
+rejection sampling (runtime/sampler.py `verify`): the output distribution is exactly the target's whatever the
+draft is, and a draft close to the target gets most of its proposals kept at any temperature.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from llmbuild.errors import EngineError
 from llmbuild.memory_plan import available_memory_bytes, plan_memory
 from llmbuild.runtime.block_pool import BlockPool
@@ -32,12 +37,14 @@ from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.kv_cache import allocate_kv_cache
 from llmbuild.runtime.model_runner import ModelRunner
 from llmbuild.runtime.request import Request
+from llmbuild.runtime.sampler import filtered_probs
 
 
 @dataclass
 class _Shadow:
     """A request's sequence in the draft's cache."""
 
+    request: Request
     block_ids: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     """The tokens whose K/V the draft's cache holds, at positions 0 .. len - 1."""
@@ -79,6 +86,7 @@ class DraftProposer:
         caches = allocate_kv_cache(manifest.model, plan.num_blocks, self.block_size, draft.kv_cache_dtype, draft.device)
         self.runner = ModelRunner(draft.graph, caches, self.block_size, self.limits.max_seq_len)
         self._shadows: dict[Request, _Shadow] = {}
+        self._probs: dict[Request, torch.Tensor] = {}
 
     @property
     def num_shadows(self) -> int:
@@ -86,15 +94,19 @@ class DraftProposer:
         return len(self._shadows)
 
     def propose(self, requests: Sequence[Request], ks: Sequence[int]) -> list[tuple[int, ...]]:
-        """Up to ks[i] greedy draft tokens to follow requests[i]'s tokens, all sequences batched. A sequence
-        proposes nothing when its k is 0, the draft's max_seq_len is reached or the draft's pool is short."""
+        """Up to ks[i] draft tokens to follow requests[i]'s tokens (greedy, or sampled: see the module's
+        docstring), all sequences batched. A sequence proposes nothing when its k is 0, the draft's
+        max_seq_len is reached or the draft's pool is short."""
+        self._probs.clear()
         jobs: list[tuple[int, _Shadow, list[int], int]] = []  # (index, shadow, tokens to feed, k)
         for i, (request, k) in enumerate(zip(requests, ks, strict=True)):
             tokens = request.all_token_ids
             k = min(k, self.limits.max_seq_len + 1 - len(tokens))
             if k < 1:
                 continue
-            shadow = self._shadows.setdefault(request, _Shadow())
+            shadow = self._shadows.get(request)
+            if shadow is None:
+                shadow = self._shadows[request] = _Shadow(request)
             # keep at least the last token to compute: its logits give the first proposal
             keep = _common_prefix(shadow.tokens, tokens, len(tokens) - 1)
             del shadow.tokens[keep:]
@@ -106,15 +118,22 @@ class DraftProposer:
         drafts = [[t] for t in self._feed([(shadow, pending) for _, shadow, pending, _ in jobs])]
         for step in range(1, max(k for *_, k in jobs)):
             live = [j for j, job in enumerate(jobs) if job[3] > step]
-            nexts = self._feed([(jobs[j][1], drafts[j][-1:]) for j in live])
+            nexts = self._feed([(jobs[j][1], [drafts[j][-1][0]]) for j in live])
             for j, token in zip(live, nexts, strict=True):
                 drafts[j].append(token)
-        for (i, *_), tokens in zip(jobs, drafts, strict=True):
-            out[i] = tuple(tokens)
+        for (i, shadow, *_), proposal in zip(jobs, drafts, strict=True):
+            out[i] = tuple(token for token, _ in proposal)
+            if not shadow.request.params.greedy:
+                self._probs[shadow.request] = torch.stack([q for _, q in proposal if q is not None])
         return out
+
+    def probabilities(self, request: Request) -> torch.Tensor | None:
+        """The distributions [k, vocab] the latest proposal for `request` was drawn from (None: greedy)."""
+        return self._probs.get(request)
 
     def release(self, request: Request) -> None:
         """Free the shadow of a request that finished or was preempted (no-op if it has none)."""
+        self._probs.pop(request, None)
         shadow = self._shadows.pop(request, None)
         if shadow is not None:
             self.pool.free(shadow.block_ids)
@@ -127,10 +146,11 @@ class DraftProposer:
             shadow.block_ids.extend(self.pool.allocate(missing))
         return True
 
-    def _feed(self, items: list[tuple[_Shadow, list[int]]]) -> list[int]:
+    def _feed(self, items: list[tuple[_Shadow, list[int]]]) -> list[tuple[int, torch.Tensor | None]]:
         """Append each item's tokens to its shadow (computing their K/V), in as few draft steps as the
-        draft's limits allow; the draft's greedy next token after each item's last one."""
-        nexts: dict[int, int] = {}
+        draft's limits allow; the draft's next token after each item's last one (with the distribution it
+        was drawn from, None for greedy)."""
+        nexts: dict[int, tuple[int, torch.Tensor | None]] = {}
         step: list[tuple[int, _Shadow, list[int]]] = []
         budget = self.limits.max_num_tokens
         for j, (shadow, tokens) in enumerate(items):
@@ -146,15 +166,24 @@ class DraftProposer:
             nexts.update(self._step(step))
         return [nexts[j] for j in range(len(items))]
 
-    def _step(self, step: list[tuple[int, _Shadow, list[int]]]) -> dict[int, int]:
-        """One packed draft step; {item: argmax of the logits of its chunk's last token}."""
+    def _step(self, step: list[tuple[int, _Shadow, list[int]]]) -> dict[int, tuple[int, torch.Tensor | None]]:
+        """One packed draft step; {item: the next token after its chunk's last one, and its distribution}."""
         chunks = [(tokens, len(shadow.tokens), shadow.block_ids, 0) for _, shadow, tokens in step]  # base weights
         rows = list(itertools.accumulate(len(tokens) for _, _, tokens in step))
         inputs = self.runner.pack(chunks, [end - 1 for end in rows])
         for _, shadow, tokens in step:
             shadow.tokens.extend(tokens)
-        greedy = self.runner.run(inputs)[: len(step)].argmax(dim=-1).tolist()
-        return {j: token for (j, _, _), token in zip(step, greedy, strict=True)}
+        logits = self.runner.run(inputs)[: len(step)]
+        greedy = logits.argmax(dim=-1).tolist()
+        out: dict[int, tuple[int, torch.Tensor | None]] = {}
+        for (j, shadow, _), row, best in zip(step, logits, greedy, strict=True):
+            params = shadow.request.params
+            if params.greedy:
+                out[j] = (best, None)
+                continue
+            q = filtered_probs(row.float().cpu() / params.temperature, params)
+            out[j] = (int(torch.multinomial(q, 1, generator=shadow.request.generator)), q)
+        return out
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

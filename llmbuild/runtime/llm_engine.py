@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llmbuild.errors import EngineError, RequestError
-from llmbuild.manifest import Manifest
+from llmbuild.manifest import DRAFT_DIR, Manifest, verify_files
 from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, format_bytes, plan_memory
 from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.block_pool import BlockPool
@@ -143,9 +143,13 @@ class LLMEngine:
         draft_engine: str | Path | None = None,
     ) -> LLMEngine:
         """Load an engine directory (starting worker processes for the other ranks of a tensor-parallel one),
-        and `draft_engine`, the directory of a draft engine that proposes tokens (see __init__'s `draft`)."""
+        and `draft_engine`, the directory of a draft engine that proposes tokens (see __init__'s `draft`).
+        Without one, an engine built with its draft (speculative.draft) speculates with that draft."""
+        manifest = Manifest.load(Path(path))
+        if draft_engine is None:
+            draft_engine = built_in_draft(Path(path), manifest, speculative, verify)
         draft = Engine.load(draft_engine, verify=verify, backend=backend) if draft_engine is not None else None
-        tp = Manifest.load(Path(path)).target.tensor_parallel
+        tp = manifest.target.tensor_parallel
         if tp == 1:
             engine = Engine.load(path, verify=verify, backend=backend)
             return cls(engine, enable_prefix_caching, cuda_graphs=cuda_graphs, speculative=speculative, draft=draft)
@@ -265,7 +269,9 @@ class LLMEngine:
         logits = self.runner.execute(batch)
         logits, prompt_logits = logits[: first_rows[-1]], logits[first_rows[-1] :]
         drafts = [s.draft_token_ids for s in seqs]
-        tokens, kept = self.sampler.verify(masks.apply(logits) if masks else logits, sampling, drafts)
+        spec = self.speculator
+        draft_probs = [spec.draft_probabilities(s.request, len(s.draft_token_ids)) for s in seqs] if spec else None
+        tokens, kept = self.sampler.verify(masks.apply(logits) if masks else logits, sampling, drafts, draft_probs)
         logprobs = self._logprobs(logits, seqs, first_rows, tokens, kept)
         if prompt_logits.shape[0]:
             score_prompts(batch, prompt_logits)
@@ -395,6 +401,19 @@ class LLMEngine:
                 "memory_fraction or lower limits.max_seq_len"
             )
         return plan
+
+
+def built_in_draft(path: Path, manifest: Manifest, speculative: bool | SpeculativeSection, verify: bool) -> Path | None:
+    """The draft directory of an engine built with its draft (speculative.draft) when this run speculates with
+    method draft, else None. With `verify`, the draft's files are checked against the target's manifest
+    (Engine.load checks them against the draft's own, which the target's seals)."""
+    section = manifest.speculative if speculative is True else speculative or None
+    built = manifest.speculative is not None and manifest.speculative.draft is not None
+    if not built or section is None or section.method != "draft":
+        return None
+    if verify:
+        verify_files(path, manifest, only=(DRAFT_DIR,))
+    return path / DRAFT_DIR
 
 
 def score_prompts(batch: StepBatch, logits: torch.Tensor) -> None:

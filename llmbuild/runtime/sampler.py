@@ -26,33 +26,72 @@ class Sampler:
         return self.verify(logits, requests, [()] * len(requests))[0]
 
     def verify(
-        self, logits: torch.Tensor, requests: list[Request], drafts: Sequence[Sequence[int]]
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        drafts: Sequence[Sequence[int]],
+        draft_probs: Sequence[torch.Tensor | None] | None = None,
     ) -> tuple[list[int], list[int]]:
         """Check each request's proposed tokens; returns (final token, proposals kept) per request.
 
-        `logits` holds 1 + len(drafts[i]) rows for request i, in order. Row j is sampled as plain decoding
-        would sample it after the first j proposals (runtime/speculative.py: that makes the check lossless);
-        proposals are kept while they equal those draws, and the first draw that differs, or the one after
-        the last proposal, is the final token.
+        `logits` holds 1 + len(drafts[i]) rows for request i, in order. Proposals given as guesses (no
+        draft_probs[i]: prompt lookup, greedy drafts) are checked by drawing row j as plain decoding would
+        after the first j proposals and keeping them while they equal those draws; the first draw that
+        differs, or the one after the last proposal, is the final token (runtime/speculative.py: lossless).
+        Proposals sampled by a draft from draft_probs[i] (row j: the distribution proposal j was drawn from)
+        go through Leviathan et al.'s rejection sampling instead (`_accept_sampled`): the same guarantee with
+        more proposals kept when the draft's distribution is close to the target's.
         """
         fast = all(r.params.greedy and not self._adjusts_logits(r.params, r.output_token_ids) for r in requests)
         best = logits.argmax(dim=-1).tolist() if fast else None
         if not fast:
             logits = logits.cpu()  # the requests' generators are CPU generators
+        probs = draft_probs or [None] * len(requests)
         tokens, kept = [], []
         row = 0
-        for request, proposal in zip(requests, drafts, strict=True):
-            # the output as the row after j kept proposals sees it (penalties, min_tokens); unused by argmax
-            output = list(request.output_token_ids) if best is None else []
-            for j in range(len(proposal) + 1):
-                token = best[row + j] if best is not None else self._draw(logits[row + j], request, output)
-                if j == len(proposal) or token != proposal[j]:
-                    break
-                output.append(token)
+        for request, proposal, q in zip(requests, drafts, probs, strict=True):
+            rows = logits[row : row + len(proposal) + 1]
+            if q is not None and not request.params.greedy:
+                token, j = self._accept_sampled(rows, request, proposal, q.cpu())
+            else:
+                token, j = self._accept_guesses(rows, request, proposal, best[row:] if best is not None else None)
             tokens.append(token)
             kept.append(j)
             row += len(proposal) + 1
         return tokens, kept
+
+    def _accept_guesses(
+        self, rows: torch.Tensor, request: Request, proposal: Sequence[int], best: list[int] | None
+    ) -> tuple[int, int]:
+        # the output as the row after j kept proposals sees it (penalties, min_tokens); unused by argmax
+        output = list(request.output_token_ids) if best is None else []
+        for j in range(len(proposal) + 1):
+            token = best[j] if best is not None else self._draw(rows[j], request, output)
+            if j == len(proposal) or token != proposal[j]:
+                break
+            output.append(token)
+        return token, j
+
+    def _accept_sampled(
+        self, rows: torch.Tensor, request: Request, proposal: Sequence[int], q: torch.Tensor
+    ) -> tuple[int, int]:
+        """Leviathan et al.: keep proposal j (drawn from q[j]) with probability min(1, p(x) / q(x)), p the
+        target's distribution at row j as plain decoding samples it; at the first rejection draw from
+        max(p - q[j], 0) renormalised, after the last proposal from p. Each emitted token is distributed as
+        p, whatever q is."""
+        output = list(request.output_token_ids)
+        generator = request.generator
+        for j, x in enumerate(proposal):
+            p = self._target_probs(rows[j], request, output)
+            if float(torch.rand((), generator=generator)) * float(q[j, x]) < float(p[x]):
+                output.append(x)
+                continue
+            residual = (p - q[j]).clamp(min=0)
+            total = float(residual.sum())
+            # p == q (up to rounding) never rejects; should it, p itself is the distribution to draw from
+            return int(torch.multinomial(residual / total if total > 0 else p, 1, generator=generator)), j
+        p = self._target_probs(rows[len(proposal)], request, output)
+        return int(torch.multinomial(p, 1, generator=generator)), len(proposal)
 
     def logprobs(self, logits: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[TokenLogprobs | None]:
         """For each request that asked for logprobs: its sampled token's and its top alternatives'
@@ -66,12 +105,19 @@ class Sampler:
     def _draw(self, row: torch.Tensor, request: Request, output: list[int]) -> int:
         """One token from `row` for `request` whose output so far is `output`."""
         params = request.params
-        if self._adjusts_logits(params, output):
-            row = self._adjust(row.clone(), params, request.prompt_token_ids, output)
         if params.greedy:
-            return int(row.argmax())
-        probs = filtered_probs(row / params.temperature, params)
-        return int(torch.multinomial(probs, 1, generator=request.generator))
+            return int(self._adjusted(row, request, output).argmax())
+        return int(torch.multinomial(self._target_probs(row, request, output), 1, generator=request.generator))
+
+    def _target_probs(self, row: torch.Tensor, request: Request, output: list[int]) -> torch.Tensor:
+        """The distribution a sampled request draws its next token from, given logits `row` and its output."""
+        return filtered_probs(self._adjusted(row, request, output) / request.params.temperature, request.params)
+
+    def _adjusted(self, row: torch.Tensor, request: Request, output: list[int]) -> torch.Tensor:
+        params = request.params
+        if self._adjusts_logits(params, output):
+            return self._adjust(row.clone(), params, request.prompt_token_ids, output)
+        return row
 
     @staticmethod
     def _adjusts_logits(params: SamplingParams, output: Sequence[int]) -> bool:

@@ -8,8 +8,11 @@ there (or after the last proposal) is the step's final token. With a proposal th
 al.'s rejection sampling: the guess is kept with probability p(guess), and on rejection the token comes
 from p with the guess removed, renormalised. So the output distribution is the target's, and a seeded
 request draws the same tokens as without speculation (one draw per emitted token, in the same order).
-Proposals come from prompt lookup (method ngram) or from a draft engine's greedy tokens (method draft,
-runtime/draft_proposer.py: one-hot too), computed for all of a step's decoding sequences in one call.
+Proposals come from prompt lookup (method ngram) or from a draft engine (method draft,
+runtime/draft_proposer.py), computed for all of a step's decoding sequences in one call: its greedy tokens for
+greedy requests, and for sampled ones tokens drawn from its own distribution, which the sampler's rejection
+sampling then takes into account (a draft's sampled tokens are not guesses: seeded requests stay
+reproducible run to run, but draw other tokens than without speculation; the distribution is the same).
 
 Rejected positions are rolled back by shortening the sequence: their KV entries sit past
 num_computed_tokens and are overwritten later; nothing is copied.
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.request import Request
@@ -43,6 +47,8 @@ class Drafter(Protocol):
     def propose(self, requests: Sequence[Request], ks: Sequence[int]) -> list[tuple[int, ...]]: ...
 
     def release(self, request: Request) -> None: ...
+
+    def probabilities(self, request: Request) -> torch.Tensor | None: ...
 
 
 PAUSE_TOKENS = 32
@@ -171,6 +177,12 @@ class Speculator:
             tuple(propose_ngram(r.all_token_ids, config.prompt_lookup_min, config.prompt_lookup_max, k)) if k else ()
             for r, k in zip(requests, ks, strict=True)
         ]
+
+    def draft_probabilities(self, request: Request, num_drafts: int) -> torch.Tensor | None:
+        """The distributions the first `num_drafts` proposals of `request` this step were drawn from, for
+        rejection sampling (None: the proposals are guesses, checked by exact match: prompt lookup, greedy)."""
+        probs = self.drafter.probabilities(request) if self.drafter is not None and num_drafts else None
+        return probs[:num_drafts] if probs is not None else None
 
     def release(self, request: Request) -> None:
         """A request left the running batch (finished or preempted): drop what was kept for it."""

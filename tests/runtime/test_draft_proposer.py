@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from llmbuild.builder.support import check_supported
-from llmbuild.errors import EngineError, RecipeError
+from llmbuild.errors import EngineError
 from llmbuild.recipe import SpeculativeSection, load_recipe
 from llmbuild.runtime.draft_proposer import draft_mismatch
 from llmbuild.runtime.llm_engine import LLMEngine
@@ -69,16 +69,19 @@ def test_greedy_tokens_equal_plain_decoding_in_a_batch_and_alone(engines):
     _assert_all_freed(spec)
 
 
-def test_seeded_sampling_equals_plain_decoding_token_for_token(engines):
-    plain, spec = engines
-    prompts = _prompts(plain.tokenizer)
-    for options in (dict(temperature=0.8, seed=3), dict(temperature=0.8, top_p=0.9, seed=7)):
+def test_sampled_requests_keep_most_drafted_tokens_and_a_seed_repeats(engines):
+    # lossless sampling is the sampler's rejection sampling (tests/runtime/test_sampler.py, statistically);
+    # here: the draft samples under the request's parameters, so the int8 draft's tokens are mostly kept
+    # (one-hot greedy guesses would be kept only as often as the target samples the draft's argmax)
+    _, spec = engines
+    prompts = _prompts(spec.tokenizer)
+    for options in (dict(temperature=0.8, seed=3), dict(temperature=1.0, top_p=0.9, seed=7)):
         params = SamplingParams(max_tokens=32, ignore_eos=True, **options)
-        before = spec.speculator.num_accepted_tokens
-        assert [c.token_ids for c in spec.generate(prompts, params)] == [
-            c.token_ids for c in plain.generate(prompts, params)
-        ], options
-        assert spec.speculator.num_accepted_tokens > before
+        drafts, accepted = spec.speculator.num_draft_tokens, spec.speculator.num_accepted_tokens
+        first = [c.token_ids for c in spec.generate(prompts, params)]
+        rate = (spec.speculator.num_accepted_tokens - accepted) / (spec.speculator.num_draft_tokens - drafts)
+        assert rate > 0.6, (options, rate)
+        assert [c.token_ids for c in spec.generate(prompts, params)] == first, options
     _assert_all_freed(spec)
 
 
@@ -186,13 +189,12 @@ def test_draft_mismatch_names_what_differs():
     assert "tensor_parallel 2" in draft_mismatch(engine(8, tp=2), same, engine(8), same)
 
 
-def test_method_draft_needs_a_draft_engine_and_a_recipe_cannot_build_one(engines, tmp_path):
+def test_method_draft_needs_a_draft_engine_and_a_recipe_without_one_builds(engines, tmp_path):
     plain, _ = engines
     with pytest.raises(EngineError, match="method draft needs a draft engine"):
         LLMEngine.from_dir(plain.engine.path, speculative=SPEC)
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", DEMO, speculative={"method": "draft"}))
-    with pytest.raises(RecipeError, match="not supported in a recipe yet: build the draft as its own engine"):
-        check_supported(recipe)
+    # no speculative.draft: the engine is built without one and takes --draft-engine at run time
+    check_supported(load_recipe(write_recipe(tmp_path / "r.yaml", DEMO, speculative={"method": "draft"})))
 
 
 def test_cli_draft_engine_speculates(capsys, demo_engine, int8_draft):

@@ -136,3 +136,39 @@ def test_logprobs_are_of_the_raw_distribution_with_top_alternatives():
 def test_negative_logprobs_is_refused():
     with pytest.raises(RequestError, match="logprobs"):
         SamplingParams(logprobs=-1)
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = counts.sum() * probs
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_rejection_sampling_of_drafted_tokens_keeps_the_target_distribution():
+    """Proposals drawn from a draft's q (here far from the target's p) are kept with probability min(1, p/q);
+    each emitted token is distributed as p (chi-square bounds), and the first is kept as often as
+    sum(min(p, q)) says (Leviathan et al., theorem 3.5)."""
+    p = torch.tensor([[0.05, 0.1, 0.4, 0.25, 0.15, 0.05], [0.3, 0.3, 0.1, 0.1, 0.1, 0.1], [1 / 6] * 6])
+    q = torch.tensor([[0.3, 0.3, 0.1, 0.1, 0.1, 0.1], [0.05, 0.1, 0.4, 0.25, 0.15, 0.05]])
+    sampler, draws = Sampler(6, frozenset()), torch.Generator().manual_seed(1)
+    request = req(temperature=1.0, seed=5)
+    first, second, kept_first, n = torch.zeros(6), torch.zeros(6), 0, 20000
+    for _ in range(n):
+        proposal = [int(torch.multinomial(q[j], 1, generator=draws)) for j in range(2)]
+        (token,), (kept,) = sampler.verify(p.log(), [request], [proposal], [q])
+        emitted = [*proposal[:kept], token]
+        first[emitted[0]] += 1
+        if kept >= 1:
+            kept_first += 1
+            second[emitted[1]] += 1
+    assert _chi2(first, p[0]) < 20.5 and _chi2(second, p[1]) < 20.5  # 5 degrees of freedom: p = 0.001
+    accept = float(torch.minimum(p[0], q[0]).sum())  # 0.6
+    assert abs(kept_first / n - accept) < 4 * (accept * (1 - accept) / n) ** 0.5
+
+
+def test_a_draft_equal_to_the_target_is_always_kept():
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0, 0.0]] * 4)
+    request, draws = req(temperature=1.0, seed=2), torch.Generator().manual_seed(3)
+    for _ in range(200):
+        proposal = [int(torch.multinomial(p[j], 1, generator=draws)) for j in range(3)]
+        (token,), (kept,) = Sampler(6, frozenset()).verify(p.log(), [request], [proposal], [p[:3]])
+        assert kept == 3 and token < 4
