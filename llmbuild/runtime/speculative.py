@@ -18,17 +18,19 @@ Rejected positions are rolled back by shortening the sequence: their KV entries 
 num_computed_tokens and are overwritten later; nothing is copied.
 
 When it pays: a verification step of 1 + k tokens costs little more than a decode step where a step is
-memory-bound, but on a CPU with few cores it is close to compute-bound and an extra token costs ~0.3-0.6 of
-a step (bench/results/spec-verify-cost.md). So the engine measures instead of assuming: for each number of
-decoding sequences it keeps the tokens per second of model time of steps with proposals and of steps
-without, lets sequences propose only while that has been the faster kind, and takes the other kind one
-step in EXPLORE_EVERY so the estimate follows the workload. On top: no proposals in steps with more than
-`max_batch_size` decoding sequences, and a sequence whose running acceptance falls below
+memory-bound, but on a CPU with few cores it is close to compute-bound and an extra token costs ~0.3-0.6 of a
+step (bench/results/spec-verify-cost.md). So the engine measures instead of assuming: for each number of
+decoding sequences it keeps the tokens per second of model time of steps with proposals (the time spent
+proposing included: a draft engine's steps) and of steps without, lets sequences propose only while that has
+been the faster kind, and takes the other kind one step in EXPLORE_EVERY (fewer while that keeps confirming
+the choice, down to one in MAX_EXPLORE_EVERY) so the estimate follows the workload. On top: no proposals in
+steps with more than `max_batch_size` decoding sequences, and a sequence whose running acceptance falls below
 `min_acceptance_rate` pauses for PAUSE_TOKENS tokens, then tries again.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,7 +59,10 @@ RATE_WEIGHT = 0.3
 """Weight of the latest verification in a sequence's running acceptance rate (exponential average)."""
 EXPLORE_EVERY = 64
 """One step in this many (per number of decoding sequences) takes the kind, with or without proposals,
-that has been slower, so that a change of workload is noticed."""
+that has been slower, so that a change of workload is noticed; each exploration that finds that kind still
+slower doubles the interval, up to MAX_EXPLORE_EVERY (a draft engine's exploring step is dear: it first
+catches the draft up on every token since its last one)."""
+MAX_EXPLORE_EVERY = 1024
 SPEED_WEIGHT = 0.1
 """Weight of the latest step in the tokens and seconds averages behind a speed (exponential averages)."""
 
@@ -87,6 +92,14 @@ class _Speeds:
     with_proposals: _Speed | None = None
     without: _Speed | None = None
     steps: int = 0
+    explore_every: int = EXPLORE_EVERY
+    next_explore: int = EXPLORE_EVERY
+    exploring: bool = False
+    """Whether the latest step allowed took the slower kind."""
+
+    def proposals_faster(self) -> bool:
+        assert self.with_proposals is not None and self.without is not None
+        return self.with_proposals.tokens_per_second >= self.without.tokens_per_second
 
 
 def propose_ngram(tokens: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
@@ -136,9 +149,11 @@ class Speculator:
         self.num_accepted_tokens = 0
         self.num_verifications = 0
         self._speeds: dict[int, _Speeds] = {}
+        self._proposal_seconds = 0.0  # this step's: a draft engine's steps cost time outside the target's step
 
     def allows(self, num_decoding: int) -> bool:
         """Whether a step with `num_decoding` decoding sequences lets them propose (call once per step)."""
+        self._proposal_seconds = 0.0
         if num_decoding > self.config.max_batch_size:
             return False
         if not self.config.adaptive:
@@ -147,19 +162,39 @@ class Speculator:
         speeds.steps += 1
         if speeds.with_proposals is None or speeds.without is None:
             return speeds.with_proposals is None  # measure a step with proposals, then one without
-        faster = speeds.with_proposals.tokens_per_second >= speeds.without.tokens_per_second
-        return faster != (speeds.steps % EXPLORE_EVERY == 0)
+        speeds.exploring = speeds.steps >= speeds.next_explore
+        if speeds.exploring:
+            speeds.next_explore = speeds.steps + speeds.explore_every
+        return speeds.proposals_faster() != speeds.exploring
 
     def observe(self, num_decoding: int, proposed: bool, num_tokens: int, seconds: float) -> None:
-        """A pure decode step's outcome: `num_tokens` emitted in `seconds` of model time, with proposals or not."""
+        """A pure decode step's outcome: `num_tokens` emitted in `seconds` of model time, with proposals or not;
+        the time its proposals took (a draft engine's steps) is added, so a draft that costs more than it
+        saves is measured as such."""
+        seconds += self._proposal_seconds
+        self._proposal_seconds = 0.0
         speeds = self._speeds.setdefault(num_decoding, _Speeds())
         speed = speeds.with_proposals if proposed else speeds.without
-        if speed is not None:
-            speed.add(num_tokens, seconds)
-        elif proposed:
-            speeds.with_proposals = _Speed(num_tokens, seconds)
+        if speed is None:
+            if proposed:
+                speeds.with_proposals = _Speed(num_tokens, seconds)
+            else:
+                speeds.without = _Speed(num_tokens, seconds)
+            return
+        before = speeds.proposals_faster() if speeds.with_proposals and speeds.without else None
+        speed.add(num_tokens, seconds)
+        if before is None:
+            return
+        after = speeds.proposals_faster()
+        if speeds.exploring:  # the slower kind, tried: still slower, look less often; else as often as first
+            still = after != proposed
+            speeds.explore_every = min(2 * speeds.explore_every, MAX_EXPLORE_EVERY) if still else EXPLORE_EVERY
+        elif after != before:  # the chosen kind slowed down past the other: the workload changed
+            speeds.explore_every = EXPLORE_EVERY
         else:
-            speeds.without = _Speed(num_tokens, seconds)
+            return
+        speeds.next_explore = speeds.steps + speeds.explore_every
+        speeds.exploring = False
 
     def propose(self, request: Request, budget: int) -> tuple[int, ...]:
         """The tokens `request` (a decoding sequence) checks this step, at most budget - 1 of them."""
@@ -169,14 +204,17 @@ class Speculator:
         """The tokens each of `requests` (this step's decoding sequences) checks, each at most budget - 1 of
         them; with a draft engine one batched call proposes for all. A proposal cut short keeps its prefix,
         so the scheduler trims each to what is left of the step's budget at its turn."""
+        start = time.perf_counter()
         ks = [self._max_proposals(r, budget) if self._speculates(r) else 0 for r in requests]
         if self.drafter is not None:
-            return self.drafter.propose(requests, ks)
-        config = self.config
-        return [
-            tuple(propose_ngram(r.all_token_ids, config.prompt_lookup_min, config.prompt_lookup_max, k)) if k else ()
-            for r, k in zip(requests, ks, strict=True)
-        ]
+            proposals = self.drafter.propose(requests, ks)
+        else:
+            lo, hi = self.config.prompt_lookup_min, self.config.prompt_lookup_max
+            proposals = [
+                tuple(propose_ngram(r.all_token_ids, lo, hi, k)) if k else () for r, k in zip(requests, ks, strict=True)
+            ]
+        self._proposal_seconds += time.perf_counter() - start
+        return proposals
 
     def draft_probabilities(self, request: Request, num_drafts: int) -> torch.Tensor | None:
         """The distributions the first `num_drafts` proposals of `request` this step were drawn from, for

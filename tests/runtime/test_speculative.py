@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,59 @@ def test_proposals_go_where_measured_steps_say_they_pay():
     assert decisions.count(True) == 64 // EXPLORE_EVERY  # only the exploring steps
     assert spec.allows(2)  # another batch size is measured on its own
     assert Speculator(SPEC, max_seq_len=512).allows(1)  # not adaptive: always
+
+
+def test_explorations_that_confirm_the_choice_come_less_often():
+    spec = Speculator(SpeculativeSection(max_batch_size=8), max_seq_len=512)
+    assert spec.allows(1)
+    spec.observe(1, True, 1, 0.050)  # proposals: 20 tok/s
+    assert not spec.allows(1)
+    spec.observe(1, False, 1, 0.010)  # without: 100 tok/s
+    gaps, last = [], spec._speeds[1].steps
+    for _ in range(4000):
+        if spec.allows(1):  # an exploring step with proposals: still slower
+            gaps.append(spec._speeds[1].steps - last)
+            last = spec._speeds[1].steps
+            spec.observe(1, True, 1, 0.050)
+        else:
+            spec.observe(1, False, 1, 0.010)
+    assert gaps[:6] == [EXPLORE_EVERY - 2, 128, 256, 512, 1024, 1024]
+    for _ in range(40):  # the workload changed: steps without proposals slow down past those with
+        assert not spec.allows(1)
+        spec.observe(1, False, 1, 0.100)
+        if spec._speeds[1].explore_every == EXPLORE_EVERY:
+            break
+    assert spec.allows(1) and spec._speeds[1].explore_every == EXPLORE_EVERY
+
+
+class _SlowDrafter:
+    """Proposes k copies of token 1, taking `seconds` to do so (a draft engine's steps)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def propose(self, requests, ks):
+        time.sleep(self.seconds)
+        return [(1,) * k for k in ks]
+
+    def release(self, request):
+        pass
+
+    def probabilities(self, request):
+        return None
+
+
+def test_the_time_a_draft_takes_to_propose_counts_against_proposals():
+    # a verification emits 3 tokens in the decode step's 10 ms: 3x faster, unless proposing took 50 ms
+    for draft_seconds, proposals_win in ((0.0, True), (0.05, False)):
+        spec = Speculator(SpeculativeSection(method="draft"), max_seq_len=512, drafter=_SlowDrafter(draft_seconds))
+        request = _request([1, 2, 3])
+        assert spec.allows(1)
+        spec.propose_all([request], budget=8)
+        spec.observe(1, True, 3, 0.010)
+        assert not spec.allows(1)
+        spec.observe(1, False, 1, 0.010)
+        assert spec.allows(1) is proposals_win, draft_seconds
 
 
 def test_greedy_verification_keeps_the_matching_prefix():
