@@ -3,11 +3,12 @@
 
 On the first H200 run (issue 26; torch 2.11, triton 3.6) every compiled cuda engine built, then crashed the
 process (SIGSEGV) inside AOTIModelPackageLoader when loaded, while the same graphs ran eagerly and matched
-transformers. This builds the tests' tiny step graph for cuda and packages it four ways, each loaded in its own
-process (a crash ends only that one), so that one short device call tells which part of our packaging the
-loader trips on:
+transformers. This builds the tests' tiny step graph for cuda and packages it five ways, each loaded (then run
+for one prefill step, against the exported program) in its own process (a crash ends only that one), so that
+one short device call tells which part of our packaging the loader trips on:
 
-- ours: weights out of the .so (package_constants_in_so=False) and the archive rewritten by compile._normalize;
+- ours: the builder's own compile_graph (weights out of the .so, Inductor's fixed working directory, the archive
+  rewritten by compile._normalize); ours-by-hand: the same configs and rewrite, called directly;
 - no-normalize: the same, the archive as AOTInductor wrote it;
 - weights-in-so: AOTInductor's defaults (the zero weights compiled into the .so);
 - weights-on-disk: weights out of the .so, into the archive (package_constants_on_disk_format=binary_blob).
@@ -28,7 +29,8 @@ import time
 from pathlib import Path
 
 VARIANTS = {
-    "ours": ({"aot_inductor.package_constants_in_so": False}, True),
+    "ours": None,  # builder/compile.compile_graph itself: its configs, fixed working directory and _normalize
+    "ours-by-hand": ({"aot_inductor.package_constants_in_so": False}, True),
     "no-normalize": ({"aot_inductor.package_constants_in_so": False}, False),
     "weights-in-so": ({}, False),
     "weights-on-disk": (
@@ -44,13 +46,14 @@ def run_variant(name: str, device: str) -> None:
     from torch.export.passes import move_to_device_pass
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny model (tests/helpers.py)
-    from llmbuild.builder.compile import _normalize
+    from llmbuild.builder.compile import _normalize, compile_graph
     from llmbuild.builder.export import export_graph
     from llmbuild.builder.retarget import retarget
+    from llmbuild.cpu_target import resolve
     from llmbuild.plugins import load_plugins
+    from llmbuild.runtime.graph import dense_inputs
     from tests.helpers import LIMITS, tiny_model
 
-    configs, normalize = VARIANTS[name]
     load_plugins()
     model = tiny_model()
     program = retarget(export_graph(model, LIMITS, 4, torch.float32), device)
@@ -59,10 +62,15 @@ def run_variant(name: str, device: str) -> None:
     workdir = Path(tempfile.mkdtemp(prefix=f"probe-{name}-"))
     path = workdir / "model.pt2"
     start = time.perf_counter()
-    with torch.no_grad():
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
-    if normalize:
-        _normalize(path)
+    variant = VARIANTS[name]
+    if variant is None:
+        compile_graph(program, path, resolve("native"))
+    else:
+        configs, normalize = variant
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
+        if normalize:
+            _normalize(path)
     print(f"{name}: packaged in {time.perf_counter() - start:.1f} s, {path.stat().st_size} bytes", flush=True)
     package = torch._inductor.aoti_load_package(str(path))
     print(f"{name}: loaded", flush=True)
@@ -70,7 +78,38 @@ def run_variant(name: str, device: str) -> None:
     names = package.get_constant_fqns()
     package.load_constants({n: weights[n] for n in names}, check_full_update=True, user_managed=True)
     print(f"{name}: {len(names)} weights handed over (user-managed)", flush=True)
+    step, caches = prefill_step(device)
+    out = package.loader.boxed_run(dense_inputs(step, caches))[0]
+    eager_caches = [torch.zeros_like(c) for c in caches]
+    with torch.no_grad():
+        module = program.module()
+        module.load_state_dict(weights, strict=True, assign=True)
+        expected = module(*step, eager_caches)
+    diff = (out.float() - expected.float()).abs().max().item()
+    print(f"{name}: ran a prefill step, max |logit difference| against the exported program {diff:.2e}", flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def prefill_step(device: str) -> tuple[tuple, list]:
+    """Two prompts (5 and 3 tokens) of the tiny model, in blocks 0-1 and 2-3 of a zeroed cache (block size 4)."""
+    import torch
+
+    from tests.helpers import CFG, LIMITS
+
+    tables = torch.zeros(2, LIMITS.max_seq_len // 4, dtype=torch.int32)
+    tables[:, :2] = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    step = (
+        torch.randint(0, CFG.vocab_size, (8,), generator=torch.Generator().manual_seed(1)),
+        torch.tensor([0, 1, 2, 3, 4, 0, 1, 2]),
+        torch.tensor([0, 1, 2, 3, 4, 8, 9, 10]),
+        tables,
+        torch.tensor([5, 3], dtype=torch.int32),
+        torch.tensor([0, 5, 8], dtype=torch.int32),
+        torch.tensor([4, 7]),
+        torch.zeros(8, dtype=torch.int32),  # no LoRA adapter
+    )
+    caches = [torch.zeros(8, CFG.num_kv_heads, 4, CFG.head_dim, device=device) for _ in range(2 * CFG.num_layers)]
+    return tuple(t.to(device) for t in step), caches
 
 
 def main() -> None:
