@@ -67,10 +67,10 @@ def inspect_command(engine: Path, as_json: bool) -> None:
     )
     spec = manifest.speculative
     if spec is not None:
+        lookup = f", lookup {spec.prompt_lookup_min}-{spec.prompt_lookup_max}" if spec.method == "ngram" else ""
         out.print(
-            f"speculative {spec.method}: up to {spec.num_speculative_tokens} tokens, lookup "
-            f"{spec.prompt_lookup_min}-{spec.prompt_lookup_max}, at most {spec.max_batch_size} decoding sequences"
-            + (", adaptive" if spec.adaptive else "")
+            f"speculative {spec.method}: up to {spec.num_speculative_tokens} tokens{lookup}, at most "
+            f"{spec.max_batch_size} decoding sequences" + (", adaptive" if spec.adaptive else "")
         )
     if spec is not None and spec.draft is not None:
         out.print(_draft_line(engine, manifest), markup=False)

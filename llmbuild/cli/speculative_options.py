@@ -23,7 +23,8 @@ def speculative_options(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option(
         "--num-speculative-tokens",
         type=click.IntRange(1, 16),
-        help="Prompt-lookup speculative decoding proposing up to N tokens per step (also for an engine built without).",
+        help="Speculative decoding proposing up to N tokens per step: the engine's method, or prompt lookup for an "
+        "engine built without a speculative section.",
     )(command)
     return click.option(
         "--speculative/--no-speculative",
