@@ -10,7 +10,8 @@
 #                                          SHAPE llama3-1b (builds in a minute) or llama3-8b, FORMAT bf16 or fp8
 #   bench/gpu_check.sh bench SHAPE         decode tok/s at batch 1 (against the HBM ceiling) and batch 64, CUDA graphs
 #                                          on vs off, fp8 vs bf16 (the engines of the two build stages); the targets'
-#                                          summary by bench/gpu_summary.py
+#                                          summary by bench/gpu_summary.py; GPU_BACKEND=eager measures the exported
+#                                          programs instead (where a compiled package does not load)
 #   bench/gpu_check.sh session SECONDS     a call on a fresh machine, inside SECONDS: preflight, then the engine and
 #                                          kernel tests beside the llama3-1b builds, then its bench
 #
@@ -66,7 +67,7 @@ run_stage() {
         for graphs in cuda-graphs no-cuda-graphs; do
           [ -d engines/"$shape"-cuda-$format ] || continue
           llmbuild --debug bench offline engines/"$shape"-cuda-$format --batch 1 --batch 64 --repeats 3 --threads 8 \
-            --"$graphs" --out bench/results/gpu/runs/"$shape"-$format-"$graphs"-"$gpu"
+            --"$graphs" ${GPU_BACKEND:+--backend $GPU_BACKEND} --out bench/results/gpu/runs/"$shape"-$format-"$graphs"-"$gpu"
         done
       done
       python3 bench/gpu_summary.py bench/results/gpu/runs --shape "$shape"

@@ -166,11 +166,12 @@ def bench_offline(
     compare_speculative: bool = False,
     workload: str = "random",
     draft_engine: Path | None = None,
+    backend: str | None = None,
 ) -> dict[str, Any]:
     """Measure an engine; returns a JSON-able report (see `format_markdown`). `cuda_graphs` overrides a
-    cuda engine's own setting; `speculative` and `draft_engine` are LLMEngine's. `compare_eager` also runs the
-    exported program, `compare_speculative` the engine without speculative decoding, in the same process, rounds
-    interleaved."""
+    cuda engine's own setting; `speculative`, `draft_engine` and `backend` (None: the engine's) are
+    LLMEngine's. `compare_eager` also runs the exported program, `compare_speculative` the engine without
+    speculative decoding, in the same process, rounds interleaved."""
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {', '.join(WORKLOADS)} (got {workload!r})")
     # no prefix caching: a repeated prompt must be prefilled again, or TTFT would measure the cache
@@ -178,6 +179,7 @@ def bench_offline(
     engines = {
         "engine": LLMEngine.from_dir(
             engine_dir,
+            backend=backend,
             enable_prefix_caching=False,
             cuda_graphs=cuda_graphs,
             speculative=speculative,
@@ -234,7 +236,7 @@ def bench_offline(
         "kernel_isa": compiled_isas()[0],
         "load_s": round(load_s, 2),
         "name": manifest.name,
-        "backend": manifest.target.backend,
+        "backend": engine.backend,
         "dtype": manifest.dtype,
         "params": manifest.model.num_params,
         "prompt_len": prompt_len,

@@ -44,6 +44,11 @@ def bench_group() -> None:
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--compare-eager", is_flag=True, help="Also run the engine's exported program, interleaved.")
 @click.option(
+    "--backend",
+    type=click.Choice(["eager", "compiled"]),
+    help="Measure the engine's exported program (eager) or its compiled graph (default: its target.backend).",
+)
+@click.option(
     "--cuda-graphs/--no-cuda-graphs",
     default=None,
     help="Replay decode steps as CUDA graphs or not (cuda engines; default: the engine's cuda_graphs.enabled).",
@@ -68,6 +73,7 @@ def bench_offline(
     new_tokens: int,
     repeats: int,
     compare_eager: bool,
+    backend: str | None,
     cuda_graphs: bool | None,
     speculative: bool | None,
     num_speculative_tokens: int | None,
@@ -98,6 +104,7 @@ def bench_offline(
         compare_speculative,
         workload,
         draft_engine,
+        backend,
     )
     text = format_markdown(report)
     click.echo(text)

@@ -68,3 +68,11 @@ def test_bench_compares_speculation_on_and_off(make_engine, tmp_path):
     assert 0 <= spec["acceptance_rate"] <= 1 and spec["mean_accepted_len"] >= 0
     assert "acceptance_rate" not in next(r for r in report["summary"] if "off" in r["backend"])
     assert "| accepted (rate, mean length) |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_measures_the_backend_asked_for(llama_engine, tmp_path):
+    out = tmp_path / "eager"
+    args = ["bench", str(llama_engine), "--batch", "1", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1"]
+    main([*args, "--backend", "eager", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["backend"] == "eager" and {r["backend"] for r in report["summary"]} == {"eager"}
