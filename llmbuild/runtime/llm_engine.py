@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llmbuild.errors import EngineError, RequestError
-from llmbuild.manifest import DRAFT_DIR, Manifest, verify_files
+from llmbuild.manifest import DRAFT_DIR, MANIFEST, Manifest, verify_files
 from llmbuild.memory_plan import MemoryPlan, available_memory_bytes, format_bytes, plan_memory
 from llmbuild.recipe import SpeculativeSection
 from llmbuild.runtime.block_pool import BlockPool
@@ -269,8 +269,10 @@ class LLMEngine:
         logits = self.runner.execute(batch)
         logits, prompt_logits = logits[: first_rows[-1]], logits[first_rows[-1] :]
         drafts = [s.draft_token_ids for s in seqs]
-        spec = self.speculator
-        draft_probs = [spec.draft_probabilities(s.request, len(s.draft_token_ids)) for s in seqs] if spec else None
+        spec = self.speculator  # a draft engine's distributions, for rejection sampling (prompt lookup has none)
+        draft_probs = None
+        if spec is not None and spec.drafter is not None:
+            draft_probs = [spec.draft_probabilities(s.request, len(s.draft_token_ids)) for s in seqs]
         tokens, kept = self.sampler.verify(masks.apply(logits) if masks else logits, sampling, drafts, draft_probs)
         logprobs = self._logprobs(logits, seqs, first_rows, tokens, kept)
         if prompt_logits.shape[0]:
@@ -405,14 +407,14 @@ class LLMEngine:
 
 def built_in_draft(path: Path, manifest: Manifest, speculative: bool | SpeculativeSection, verify: bool) -> Path | None:
     """The draft directory of an engine built with its draft (speculative.draft) when this run speculates with
-    method draft, else None. With `verify`, the draft's files are checked against the target's manifest
-    (Engine.load checks them against the draft's own, which the target's seals)."""
+    method draft, else None. With `verify`, the draft's manifest is checked against the target's, which seals
+    it; Engine.load then checks the draft's files against that manifest (each file hashed once)."""
     section = manifest.speculative if speculative is True else speculative or None
     built = manifest.speculative is not None and manifest.speculative.draft is not None
     if not built or section is None or section.method != "draft":
         return None
     if verify:
-        verify_files(path, manifest, only=(DRAFT_DIR,))
+        verify_files(path, manifest, only=(f"{DRAFT_DIR}/{MANIFEST}",))
     return path / DRAFT_DIR
 
 

@@ -50,14 +50,16 @@ class Sampler:
         tokens, kept = [], []
         row = 0
         for request, proposal, q in zip(requests, drafts, probs, strict=True):
-            rows = logits[row : row + len(proposal) + 1]
+            end = row + len(proposal) + 1
             if q is not None and not request.params.greedy:
-                token, j = self._accept_sampled(rows, request, proposal, q.cpu())
+                token, j = self._accept_sampled(logits[row:end], request, proposal, q.cpu())
             else:
-                token, j = self._accept_guesses(rows, request, proposal, best[row:] if best is not None else None)
+                token, j = self._accept_guesses(
+                    logits[row:end], request, proposal, best[row:end] if best is not None else None
+                )
             tokens.append(token)
             kept.append(j)
-            row += len(proposal) + 1
+            row = end
         return tokens, kept
 
     def _accept_guesses(

@@ -79,14 +79,16 @@ def test_a_changed_byte_of_a_draft_file_fails_verify_naming_the_file(engine, tmp
     weights.write_bytes(bytes(data))
     with pytest.raises(EngineError, match="file draft/rank0/weights.safetensors does not match"):
         verify_files(copy, Manifest.load(copy))
-    with pytest.raises(EngineError, match="file draft/rank0/weights.safetensors does not match"):
-        LLMEngine.from_dir(copy)
+    with pytest.raises(EngineError, match="draft: file rank0/weights.safetensors does not match"):
+        LLMEngine.from_dir(copy)  # checked against the draft's manifest, which the target's seals
     code, _, err = run_cli(capsys, "verify", str(copy), "--no-smoke")
     assert code == 1 and "draft/rank0/weights.safetensors" in err
     # the draft's own manifest, rewritten to match, is sealed by the target's
     (copy / "draft" / "manifest.json").write_text((copy / "draft" / "manifest.json").read_text() + " ")
     with pytest.raises(EngineError, match="file draft/manifest.json does not match"):
         verify_files(copy, Manifest.load(copy), only=("draft",))
+    with pytest.raises(EngineError, match="file draft/manifest.json does not match"):
+        LLMEngine.from_dir(copy)
     # an explicit draft engine wins: the built-in one is neither loaded nor checked
     shutil.copytree(engine / "draft", tmp_path / "explicit")
     assert LLMEngine.from_dir(copy, draft_engine=tmp_path / "explicit").speculator.drafter is not None
