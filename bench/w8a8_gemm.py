@@ -4,10 +4,11 @@
     python bench/w8a8_gemm.py --threads 2 --rounds 7
 
 One process, TinyLlama-1.1B's projection shapes (fused qkv, o, fused gate_up, down), random weights,
-M = 1, 16 and 128 rows of x. Each round times every (shape, M, op) once, so a noisy machine slows
+M = 1, 5, 16, 64 and 128 rows of x. Each round times every (shape, M, op) once, so a noisy machine slows
 all alike; min and median over the rounds. Ops: bf16 F.linear (oneDNN's bf16 GEMM), llmbuild::linear_int8
-(weight-only) and llmbuild::linear_w8a8 at each kernel tier the native op library holds (avx512: oneDNN's
-int8 matmul, avx2: ours; csrc/linear_w8a8.cpp). Prints a markdown table; writes nothing.
+(weight-only) and llmbuild::linear_w8a8 at each kernel tier the native op library holds (avx512: our VNNI
+kernel up to 64 rows, oneDNN's int8 matmul above; avx2: ours; csrc/linear_w8a8.cpp), and oneDNN's int8 matmul
+alone (torch._int_mm) where the CPU has AVX512-VNNI. Prints a markdown table; writes nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from llmbuild.plugins.library import compiled_isas, use_isa
 from llmbuild.plugins.linear_int8 import quantize_int8
 
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632)}  # (N, K)
-ROWS = (1, 16, 128)
+ROWS = (1, 5, 16, 64, 128)
 
 
 def ops(tiers: tuple[str, ...]) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]]:
@@ -45,6 +46,10 @@ def ops(tiers: tuple[str, ...]) -> dict[str, Callable[[torch.Tensor, torch.Tenso
         "linear_int8": lambda x, w, q, s: torch.ops.llmbuild.linear_int8(x, q, s, None),
     }
     table.update({f"linear_w8a8 {t}": w8a8(t) for t in tiers if t != "portable"})
+    if "avx512" in tiers:
+        # what the avx512 tier ran at every size before its own VNNI kernel: oneDNN's int8 matmul, without
+        # the op's quantization and epilogue (so it flatters oneDNN slightly)
+        table["torch._int_mm (oneDNN)"] = lambda x, w, q, s: torch._int_mm(x.to(torch.int8), q.t())
     return table
 
 

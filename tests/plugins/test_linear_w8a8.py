@@ -52,7 +52,7 @@ def test_kernel_computes_exactly_its_reference(kernel_isa, m, k, dtype, bias):
         assert torch.equal(out[1], b if bias else torch.zeros(37, dtype=dtype))
 
 
-@pytest.mark.parametrize("m", [1, 5, 128])
+@pytest.mark.parametrize("m", [1, 5, 64, 65, 128])  # the decode path, both VNNI kernels and their border
 def test_large_k_sums_stay_exact(kernel_isa, m):
     # every product at +-127 * 127: sums near 2^27, where an int16 or fp32 accumulator would lose them
     k, n = 5632, 48

@@ -42,4 +42,12 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+#if defined(__AVX512VNNI__)
+// acc += vpdpbusd(u, s): u8 x s8 products summed in groups of four into int32 lanes. Through inline asm
+// because GCC 12 allocates the intrinsic's tied accumulator badly inside unrolled register tiles (a register
+// copy per product, and spills): W8A8 tiles built on the intrinsic ran at 0.5-0.6x the int8 ops per second
+// of the same tiles on this (standalone test, 2 AMD EPYC cores: 1.0 against 1.6-1.9 TOPS).
+inline void dpbusd(__m512i& acc, __m512i u, __m512i s) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s)); }
+#endif
+
 }  // namespace llmbuild

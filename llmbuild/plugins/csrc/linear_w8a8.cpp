@@ -5,10 +5,12 @@
 // the reference (the sums are exact; the scaling is fp32 mul, mul, add in the reference's order):
 //   1. quantize: per row of x, amax -> codes round(x * (127 / amax)), scale amax / 127.
 //   2. acc [M, N] int32 = codes @ w.T:
-//      avx512 (VNNI) oneDNN's int8 matmul through at::_int_mm: exact there (vpdpbusd sums into int32) and
-//                    fast: 1.6-1.7 int8 TOPS at M=128 on 2 AMD EPYC cores, against 0.75-0.8 for bf16's GEMM;
-//                    the whole op at M=128 takes 0.51x bf16 F.linear's time (bench/w8a8_gemm.py). Plain
-//                    layout: oneDNN reads w [N, K] as its transposed B, nothing packed or cached by us.
+//      avx512 (VNNI) up to kVnniMaxRows rows, our own: tiles of 4 x rows by 4 weight rows in vpdpbusd, x's
+//                    codes shifted to u8 and the shift taken back with each weight row's sum. Above,
+//                    oneDNN's int8 matmul through at::_int_mm (exact too: vpdpbusd sums into int32), which
+//                    reorders w [N, K] on every call: a fixed cost of about a pass over the weights that
+//                    made it 2.5-2.9 ms for one TinyLlama layer at M = 5..16 against 0.9-1.6 ms here, and
+//                    that it earns back by M = 128 (1.4 int8 TOPS against 1.25; bench/w8a8_gemm.py).
 //      avx2          our own: vpmaddubsw of |w| and x * sign(w), vpmaddwd to int32 (|w|, |x| <= 127: pair
 //                    sums stay in int16). oneDNN is no option below VNNI: its AVX2 int8 matmul shifts x to
 //                    u8 and saturates vpmaddubsw's int16 pair sums (wrong sums, measured), at 450 GOPS.
@@ -110,6 +112,10 @@ void quantize(const T* x, int64_t M, int64_t K, int8_t* q, float* scale, Isa isa
 
 // ---- 2. int32 sums acc [M, N] = q [M, K] @ w [N, K].T
 
+// Rows of x up to which the avx512 tier runs its own VNNI kernel rather than oneDNN's int8 matmul (TinyLlama
+// layer, 2 AMD EPYC cores: ours 1.25 TOPS at M = 64, oneDNN's 1.16 at M = 65 and 1.42 at 128).
+constexpr int64_t kVnniMaxRows = 64;
+
 struct Gemm {
   const int8_t* q;
   const int8_t* w;
@@ -181,13 +187,119 @@ void gemm_avx2(const Gemm& g, int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
 }
 #endif
 
+#if defined(LLMBUILD_W8A8_ONEDNN)
+namespace vnni {
+
+// The lane sums of a, b, c and d, in that order.
+inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3), then (a, b, c, d) partial sums; then the four lanes
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
+}
+
+// vpdpbusd multiplies unsigned by signed bytes: x's codes go in as u = q + 128 (a flipped sign bit), and
+// sum(u * w) - 128 * sum(w) is the exact sum. MT rows of x against ROWS weight rows: MT + ROWS * MT + 1 of
+// the 32 zmm registers.
+template <int MT, int ROWS>
+void rows(const Gemm& g, const uint8_t* xu, const int32_t* wsum, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t K = g.K, K64 = K / 64 * 64;
+  const __mmask64 tail = K == K64 ? 0 : ~__mmask64{0} >> (64 - (K - K64));
+  int64_t n = n0;
+  for (; n + ROWS <= n1; n += ROWS) {
+    // unrolled before GCC looks for registers, so that the tile lives in them
+    __m512i acc[ROWS][MT];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_si512();
+    auto step = [&](int64_t k, __mmask64 mask) __attribute__((always_inline)) {
+      __m512i xv[MT];
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m) xv[m] = _mm512_maskz_loadu_epi8(mask, xu + (m0 + m) * K + k);
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512i wv = _mm512_maskz_loadu_epi8(mask, g.w + (n + r) * K + k);
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; ++m) dpbusd(acc[r][m], xv[m], wv);
+      }
+    };
+    for (int64_t k = 0; k < K64; k += 64) step(k, ~__mmask64{0});
+    if (tail) step(K64, tail);
+    if constexpr (ROWS == 4) {
+      // the four rows' sums of each x row at once: one 128-bit store per x row
+      const __m128i bias = _mm_mullo_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wsum + (n - n0))),
+                                           _mm_set1_epi32(128));
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m) {
+        const __m128i sums = reduce4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(g.acc + (m0 + m) * g.N + n), _mm_sub_epi32(sums, bias));
+      }
+    } else {
+      for (int r = 0; r < ROWS; ++r)
+        for (int m = 0; m < MT; ++m)
+          g.acc[(m0 + m) * g.N + n + r] = _mm512_reduce_add_epi32(acc[r][m]) - 128 * wsum[n - n0 + r];
+    }
+  }
+  if (n < n1) rows<MT, 1>(g, xu, wsum + (n - n0), m0, n, n1);
+}
+
+// sum(w[n, :]) for rows [n0, n1): vpdpbusd of ones against each row.
+void row_sums(const Gemm& g, int64_t n0, int64_t n1, int32_t* out) {
+  const int64_t K = g.K, K64 = K / 64 * 64;
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K64; k += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(g.w + n * K + k));
+    int32_t s = _mm512_reduce_add_epi32(acc);
+    for (int64_t k = K64; k < K; ++k) s += g.w[n * K + k];
+    out[n - n0] = s;
+  }
+}
+
+void gemm(const Gemm& g) {
+  std::vector<uint8_t> xu(g.M * g.K);
+  for (int64_t i = 0; i < g.M * g.K; ++i) xu[i] = static_cast<uint8_t>(g.q[i]) ^ 0x80;
+  constexpr int64_t kPanel = 16;
+  at::parallel_for(0, (g.N + kPanel - 1) / kPanel, 4, [&](int64_t p0, int64_t p1) {
+    int32_t wsum[kPanel];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel, n1 = std::min(n0 + kPanel, g.N);
+      row_sums(g, n0, n1, wsum);
+      for (int64_t n = n0; n < n1; n += 4) {
+        const int64_t ne = std::min(n + 4, n1);
+        const int32_t* ws = wsum + (n - n0);
+        int64_t m = 0;
+        for (; m + 4 <= g.M; m += 4) rows<4, 4>(g, xu.data(), ws, m, n, ne);
+        switch (g.M - m) {
+          case 1: rows<1, 4>(g, xu.data(), ws, m, n, ne); break;
+          case 2: rows<2, 4>(g, xu.data(), ws, m, n, ne); break;
+          case 3: rows<3, 4>(g, xu.data(), ws, m, n, ne); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace vnni
+#endif
+
 at::Tensor int_gemm(const at::Tensor& q, const at::Tensor& w, Isa isa) {
 #if defined(LLMBUILD_W8A8_ONEDNN)
-  if (isa == Isa::kAvx512) return at::_int_mm(q, w.t());
+  if (isa == Isa::kAvx512 && q.size(0) > kVnniMaxRows) return at::_int_mm(q, w.t());
 #endif
   const int64_t M = q.size(0), N = w.size(0);
   auto acc = at::empty({M, N}, q.options().dtype(at::kInt));
   const Gemm g{q.data_ptr<int8_t>(), w.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), M, N, q.size(1)};
+#if defined(LLMBUILD_W8A8_ONEDNN)
+  if (isa == Isa::kAvx512) {
+    vnni::gemm(g);
+    return acc;
+  }
+#endif
   for_each_tile(M, N, [&](int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
 #if defined(LLMBUILD_AVX2)
     if (isa >= Isa::kAvx2) return gemm_avx2(g, m0, mt, n0, n1);
