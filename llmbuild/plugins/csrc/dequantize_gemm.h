@@ -51,15 +51,19 @@ at::Tensor dequantize_gemm(const at::Tensor& x2d, int64_t N, const c10::optional
   // 4 MB panels: cache-resident, and large enough GEMMs (512 rows of K=2048 fp32 measured best)
   const int64_t panel = std::max<int64_t>(64, (int64_t{4} << 20) / (K * bytes) / 64 * 64);
   auto buffer = at::empty({std::min(panel, N), K}, x.options());
-  auto y = at::empty({x.size(0), N}, x.options());
+  // each panel's product lands in y in x2d's dtype at once (bias added first, in the GEMM's dtype): no
+  // second pass over an fp32 y (a 16-prompt bf16 prefill at AVX2 spent 6% of its time in such copies)
+  auto y = at::empty({x.size(0), N}, x2d.options());
+  const at::Tensor b = bias ? bias->to(compute) : at::Tensor();
   for (int64_t n0 = 0; n0 < N; n0 += panel) {
     const int64_t n1 = std::min(n0 + panel, N);
     auto dense = buffer.narrow(0, 0, n1 - n0);
     convert_rows(n0, n1, dense);
-    y.narrow(1, n0, n1 - n0).copy_(panel_gemm(x, dense));
+    auto part = panel_gemm(x, dense);
+    if (bias) part.add_(b.narrow(0, n0, n1 - n0));
+    y.narrow(1, n0, n1 - n0).copy_(part);
   }
-  if (bias) y.add_(bias->to(compute));
-  return y.to(x2d.scalar_type());
+  return y;
 }
 
 }  // namespace llmbuild
