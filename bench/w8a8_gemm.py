@@ -6,9 +6,9 @@
 One process, TinyLlama-1.1B's projection shapes (fused qkv, o, fused gate_up, down), random weights,
 M = 1, 5, 16, 64 and 128 rows of x. Each round times every (shape, M, op) once, so a noisy machine slows
 all alike; min and median over the rounds. Ops: bf16 F.linear (oneDNN's bf16 GEMM), llmbuild::linear_int8
-(weight-only) and llmbuild::linear_w8a8 at each kernel tier the native op library holds (avx512: our VNNI
-kernel up to 64 rows, oneDNN's int8 matmul above; avx2: ours; csrc/linear_w8a8.cpp), and oneDNN's int8 matmul
-alone (torch._int_mm) where the CPU has AVX512-VNNI. Prints a markdown table; writes nothing.
+(weight-only) and llmbuild::linear_w8a8 at each kernel tier the native op library holds (avx512 and
+avx2: ours, csrc/linear_w8a8.cpp), and oneDNN's int8 matmul alone (torch._int_mm, what the avx512 tier ran
+before) where the CPU has AVX512-VNNI. Prints a markdown table; writes nothing.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def ops(tiers: tuple[str, ...]) -> dict[str, Callable[[torch.Tensor, torch.Tenso
     }
     table.update({f"linear_w8a8 {t}": w8a8(t) for t in tiers if t != "portable"})
     if "avx512" in tiers:
-        # what the avx512 tier ran at every size before its own VNNI kernel: oneDNN's int8 matmul, without
-        # the op's quantization and epilogue (so it flatters oneDNN slightly)
+        # what the avx512 tier ran before its own VNNI kernels: oneDNN's int8 matmul, without the op's
+        # quantization and epilogue (so it flatters oneDNN slightly)
         table["torch._int_mm (oneDNN)"] = lambda x, w, q, s: torch._int_mm(x.to(torch.int8), q.t())
     return table
 

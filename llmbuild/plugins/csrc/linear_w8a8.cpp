@@ -5,12 +5,13 @@
 // the reference (the sums are exact; the scaling is fp32 mul, mul, add in the reference's order):
 //   1. quantize: per row of x, amax -> codes round(x * (127 / amax)), scale amax / 127.
 //   2. acc [M, N] int32 = codes @ w.T:
-//      avx512 (VNNI) up to kVnniMaxRows rows, our own: tiles of 4 x rows by 4 weight rows in vpdpbusd, x's
-//                    codes shifted to u8 and the shift taken back with each weight row's sum. Above,
-//                    oneDNN's int8 matmul through at::_int_mm (exact too: vpdpbusd sums into int32), which
-//                    reorders w [N, K] on every call: a fixed cost of about a pass over the weights that
-//                    made it 2.5-2.9 ms for one TinyLlama layer at M = 5..16 against 0.9-1.6 ms here, and
-//                    that it earns back by M = 128 (1.4 int8 TOPS against 1.25; bench/w8a8_gemm.py).
+//      avx512 (VNNI) our own, vpdpbusd (u8 x s8 sums into int32 lanes, exact): below kPackedMinRows rows
+//                    dot-product tiles over the plain weight rows (4 x rows by 4 weight rows, x shifted to u8
+//                    and the shift taken back with each weight row's sum); from there, panels of 64 weight
+//                    rows packed per call into vpdpbusd's layout in cache, so each weight vector meets 4
+//                    broadcast x groups with no horizontal sums. oneDNN's int8 matmul (at::_int_mm), which
+//                    this tier ran before, reorders all of w into memory on every call: at M = 16 it took
+//                    1.4-1.7x our time, at M = 128 1.1-1.2x, at 2048 1.3x (bench/results/w8a8-gemm.md).
 //      avx2          our own: vpmaddubsw of |w| and x * sign(w), vpmaddwd to int32 (|w|, |x| <= 127: pair
 //                    sums stay in int16). oneDNN is no option below VNNI: its AVX2 int8 matmul shifts x to
 //                    u8 and saturates vpmaddubsw's int16 pair sums (wrong sums, measured), at 450 GOPS.
@@ -23,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "int8_activations.h"
@@ -30,7 +32,7 @@
 #include "ops.h"
 
 #if defined(LLMBUILD_AVX512) && defined(__AVX512VNNI__)
-#define LLMBUILD_W8A8_ONEDNN 1
+#define LLMBUILD_W8A8_VNNI 1
 #endif
 
 namespace llmbuild {
@@ -57,6 +59,34 @@ inline void store8(c10::BFloat16* p, __m256 v) {
 }
 inline void store8(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
+// The reference rounds the scaled product before adding the bias; GCC would contract the two into an fma
+// (it does in ISO C++ mode too). An empty asm on the product keeps them apart.
+template <class V>
+inline V rounded(V v) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  asm("" : "+x"(v));
+  return v;
+#else
+  volatile V kept = v;
+  return kept;
+#endif
+}
+
+#if defined(LLMBUILD_AVX512)
+// 16 lanes of fp32 values stored in T under a mask, rounded as store8 rounds.
+inline void store16(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 k) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
+}
+inline void store16(c10::Half* p, __m512 v, __mmask16 k) {
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 #endif
 
@@ -112,9 +142,11 @@ void quantize(const T* x, int64_t M, int64_t K, int8_t* q, float* scale, Isa isa
 
 // ---- 2. int32 sums acc [M, N] = q [M, K] @ w [N, K].T
 
-// Rows of x up to which the avx512 tier runs its own VNNI kernel rather than oneDNN's int8 matmul (TinyLlama
-// layer, 2 AMD EPYC cores: ours 1.25 TOPS at M = 64, oneDNN's 1.16 at M = 65 and 1.42 at 128).
-constexpr int64_t kVnniMaxRows = 64;
+// Rows of x from which the avx512 tier packs weight panels (vnni::packed_gemm) rather than running dot-product
+// tiles over the plain rows (vnni::gemm): packing costs a pass over the weights per call, which pays once
+// each packed panel meets enough rows (one TinyLlama layer, 2 AMD EPYC cores, the whole op: packed 1.68 / 1.98
+// / 2.33 ms at M = 16 / 24 / 32, tiles 1.49-1.57 / 2.0-2.2 / 2.5-2.6 ms).
+constexpr int64_t kPackedMinRows = 24;
 
 struct Gemm {
   const int8_t* q;
@@ -187,7 +219,7 @@ void gemm_avx2(const Gemm& g, int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
 }
 #endif
 
-#if defined(LLMBUILD_W8A8_ONEDNN)
+#if defined(LLMBUILD_W8A8_VNNI)
 namespace vnni {
 
 // The lane sums of a, b, c and d, in that order.
@@ -238,7 +270,9 @@ void rows(const Gemm& g, const uint8_t* xu, const int32_t* wsum, int64_t m0, int
         _mm_storeu_si128(reinterpret_cast<__m128i*>(g.acc + (m0 + m) * g.N + n), _mm_sub_epi32(sums, bias));
       }
     } else {
+#pragma GCC unroll 16
       for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 16
         for (int m = 0; m < MT; ++m)
           g.acc[(m0 + m) * g.N + n + r] = _mm512_reduce_add_epi32(acc[r][m]) - 128 * wsum[n - n0 + r];
     }
@@ -284,17 +318,141 @@ void gemm(const Gemm& g) {
   });
 }
 
+// ---- From kPackedMinRows rows: panels of the weight packed into vpdpbusd's layout in cache, x broadcast.
+// Each zmm holds 4 consecutive columns of 16 weight rows, so one vpdpbusd against x's 4-byte group (broadcast)
+// adds to 16 outputs at once: no horizontal sums, and each loaded weight vector meets 4 x rows. Here the
+// weight is the u8 operand (w + 128) and x the signed one, so the shift comes back as 128 * sum(x row).
+
+constexpr int64_t kBlock = 16;   // weight rows per block (one zmm of int32 sums)
+constexpr int64_t kBlocks = 4;   // blocks per panel
+
+// r[i] (16 dwords of row i) -> r[j] (dword j of the 16 rows)
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    const int a = (i / 4) * 8 + i % 4;
+    t[a] = _mm512_shuffle_i32x4(r[a], r[a + 4], 0x88);
+    t[a + 4] = _mm512_shuffle_i32x4(r[a], r[a + 4], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// Weight rows [n0, n0 + 16) (rows past N as zeros) -> dst [K / 4][16][4] bytes, w + 128. K % 64 == 0.
+void pack_block(const Gemm& g, int64_t n0, uint8_t* dst) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t k = 0; k < g.K; k += 64) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = n0 + i < g.N ? _mm512_loadu_si512(g.w + (n0 + i) * g.K + k) : _mm512_setzero_si512();
+    transpose16(r);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (k / 4 + j) * 64, _mm512_xor_si512(r[j], flip));
+  }
+}
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// What the packed path writes instead of int32 sums: y = (float(sum) * xs[m]) * ws[n] (+ bias[n]) in T, the
+// epilogue's arithmetic in its order, straight from the registers (no [M, N] int32 buffer: at M = 2048 its
+// fresh pages alone cost more than the epilogue).
+template <class T>
+struct Output {
+  const float* xs;
+  const float* ws;
+  const float* bias;
+  T* y;
+};
+
+// x rows [m0, m0 + MT) against the packed panel of weight rows [n0, n0 + 64).
+template <int MT, class T>
+void packed_tile(const Gemm& g, const uint8_t* panel, const int32_t* xsum, const Output<T>& out, int64_t m0,
+                 int64_t n0) {
+  const int64_t K = g.K;
+  __m512i acc[MT][kBlocks];
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 16
+    for (int j = 0; j < kBlocks; ++j) acc[m][j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 4) {
+    __m512i wv[kBlocks];
+#pragma GCC unroll 16
+    for (int j = 0; j < kBlocks; ++j) wv[j] = _mm512_loadu_si512(panel + j * kBlock * K + k * kBlock);
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      const __m512i xb = _mm512_set1_epi32(load_i32(g.q + (m0 + m) * K + k));
+#pragma GCC unroll 16
+      for (int j = 0; j < kBlocks; ++j) dpbusd(acc[m][j], wv[j], xb);
+    }
+  }
+  // (every loop over the tile unrolled: an index GCC cannot resolve keeps the whole tile in memory)
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m) {
+    const __m512i shift = _mm512_set1_epi32(128 * xsum[m0 + m]);
+    const __m512 xscale = _mm512_set1_ps(out.xs[m0 + m]);
+#pragma GCC unroll 16
+    for (int j = 0; j < kBlocks; ++j) {
+      const int64_t n = n0 + j * kBlock, left = std::clamp<int64_t>(g.N - n, 0, kBlock);
+      const __mmask16 valid = static_cast<__mmask16>((1u << left) - 1);
+      const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][j], shift));
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(sum, xscale), _mm512_maskz_loadu_ps(valid, out.ws + n));
+      if (out.bias) v = _mm512_add_ps(rounded(v), _mm512_maskz_loadu_ps(valid, out.bias + n));
+      store16(out.y + (m0 + m) * g.N + n, v, valid);
+    }
+  }
+}
+
+template <class T>
+void packed_gemm(const Gemm& g, const Output<T>& out) {
+  std::vector<int32_t> xsum(g.M);
+  at::parallel_for(0, g.M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < g.K; ++k) s += g.q[m * g.K + k];
+      xsum[m] = s;
+    }
+  });
+  constexpr int64_t kPanelRows = kBlock * kBlocks;
+  at::parallel_for(0, (g.N + kPanelRows - 1) / kPanelRows, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<uint8_t> panel(kPanelRows * g.K);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanelRows;
+      for (int64_t j = 0; j < kBlocks; ++j) pack_block(g, n0 + j * kBlock, panel.data() + j * kBlock * g.K);
+      int64_t m = 0;
+      for (; m + 4 <= g.M; m += 4) packed_tile<4>(g, panel.data(), xsum.data(), out, m, n0);
+      switch (g.M - m) {
+        case 1: packed_tile<1>(g, panel.data(), xsum.data(), out, m, n0); break;
+        case 2: packed_tile<2>(g, panel.data(), xsum.data(), out, m, n0); break;
+        case 3: packed_tile<3>(g, panel.data(), xsum.data(), out, m, n0); break;
+        default: break;
+      }
+    }
+  });
+}
+
 }  // namespace vnni
 #endif
 
 at::Tensor int_gemm(const at::Tensor& q, const at::Tensor& w, Isa isa) {
-#if defined(LLMBUILD_W8A8_ONEDNN)
-  if (isa == Isa::kAvx512 && q.size(0) > kVnniMaxRows) return at::_int_mm(q, w.t());
-#endif
   const int64_t M = q.size(0), N = w.size(0);
   auto acc = at::empty({M, N}, q.options().dtype(at::kInt));
   const Gemm g{q.data_ptr<int8_t>(), w.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), M, N, q.size(1)};
-#if defined(LLMBUILD_W8A8_ONEDNN)
+#if defined(LLMBUILD_W8A8_VNNI)
   if (isa == Isa::kAvx512) {
     vnni::gemm(g);
     return acc;
@@ -307,19 +465,6 @@ at::Tensor int_gemm(const at::Tensor& q, const at::Tensor& w, Isa isa) {
     gemm_portable(g, m0, mt, n0, n1);
   });
   return acc;
-}
-
-// The reference rounds the scaled product before adding the bias; GCC would contract the two into an fma
-// (it does in ISO C++ mode too). An empty asm on the product keeps them apart.
-template <class V>
-inline V rounded(V v) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  asm("" : "+x"(v));
-  return v;
-#else
-  volatile V kept = v;
-  return kept;
-#endif
 }
 
 // ---- 3. epilogue: y [M, N] = (float(acc) * x_scale[m]) * w_scale[n] (+ bias[n]), w_scale and bias in fp32
@@ -368,10 +513,18 @@ at::Tensor run(const at::Tensor& x2d, const at::Tensor& w, const at::Tensor& sca
   auto q = at::empty({M, K}, x2d.options().dtype(at::kChar));
   std::vector<float> xs(M);
   quantize(x2d.data_ptr<T>(), M, K, q.data_ptr<int8_t>(), xs.data(), isa);
-  const at::Tensor acc = int_gemm(q, w, isa);
   const at::Tensor ws = scales.to(at::kFloat).contiguous();
   const at::Tensor bf = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   auto y = at::empty({M, w.size(0)}, x2d.options());
+#if defined(LLMBUILD_W8A8_VNNI)
+  if (isa == Isa::kAvx512 && M >= kPackedMinRows && K % 64 == 0) {
+    const Gemm g{q.data_ptr<int8_t>(), w.data_ptr<int8_t>(), nullptr, M, w.size(0), K};
+    vnni::packed_gemm(g, vnni::Output<T>{xs.data(), ws.data_ptr<float>(), bias ? bf.data_ptr<float>() : nullptr,
+                                         y.data_ptr<T>()});
+    return y;
+  }
+#endif
+  const at::Tensor acc = int_gemm(q, w, isa);
   epilogue(acc, xs.data(), ws.data_ptr<float>(), bias ? bf.data_ptr<float>() : nullptr, y.data_ptr<T>(), isa);
   return y;
 }
