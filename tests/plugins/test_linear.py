@@ -8,7 +8,7 @@ import torch
 from llmbuild.plugins.linear import linear_ref
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16])  # 1-4 register tiles, 5-8 panels, 9+ aten
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17])  # 1-4 streaming tiles, 5-16 panels, 17+ aten
 @pytest.mark.parametrize("k", [64, 100, 2048])  # 100: a tail shorter than one vector
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_matches_fp32_math_within_rounding(kernel_isa, m, k, bias):

@@ -28,10 +28,10 @@ namespace llmbuild {
 namespace {
 
 // Rows of x up to which the decode kernel runs. AVX512-BF16 (2-core machine, TinyLlama shapes, one layer +
-// lm_head): 1.37x aten at M=4, 1.23x at M=8, even at M=12..24, where both are compute-bound near 170
-// GFLOP/s. AVX2: at M=16 the panels beat widening to fp32 for a GEMM (197 vs 182 GFLOP/s at M=17, 2 cores
+// lm_head): 1.37x aten at M=4; with its tile in registers (dpbf16 below) 1.06-1.12x aten at M = 9..16
+// (7.4 / 7.9 / 9.2 ms against 8.1 / 8.9 / 9.8 ms at M = 9 / 12 / 16). AVX2: at M=16 the panels beat widening to fp32 for a GEMM (197 vs 182 GFLOP/s at M=17, 2 cores
 // of an AMD EPYC kept to AVX2; bench/results/kernel-tiers-bf16-avx2.md).
-constexpr int64_t kSmallMAvx512 = 8;
+constexpr int64_t kSmallMAvx512 = 16;
 constexpr int64_t kSmallMAvx2 = 16;
 
 // Weight rows per panel when x has more than 4 rows (a few tens of KB, cache-resident).
@@ -208,6 +208,10 @@ namespace avx512 {
 
 // x: [M, K] rows, w: [N, K] row-major, y: [M, N]. Rows [n0, n1) of w, x rows [m0, m0 + M). A lone
 // weight row (M x ROWS = 1) alternates two accumulators, so that the dot products' latency does not bind.
+// acc += vdpbf16ps(a, b), through inline asm for the reason isa.h gives for vpdpbusd (GCC keeps a tile of
+// intrinsic accumulators on the stack).
+inline void dpbf16(__m512& acc, __m512i a, __m512i b) { asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b)); }
+
 template <int M, int ROWS>
 void rows(const Args& p, const c10::BFloat16* x, int64_t m0, int64_t n0, int64_t n1) {
   constexpr int U = M * ROWS == 1 ? 2 : 1;
@@ -216,36 +220,36 @@ void rows(const Args& p, const c10::BFloat16* x, int64_t m0, int64_t n0, int64_t
   const c10::BFloat16* xr = x + m0 * K;
   int64_t n = n0;
   for (; n + ROWS <= n1; n += ROWS) {
+    // (every loop over the tile unrolled, so that it lives in registers)
     __m512 acc[ROWS][M], extra = _mm512_setzero_ps();
+#pragma GCC unroll 16
     for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 16
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
     const c10::BFloat16* wr = p.w + n * K;
-    // 32 columns of every row into acc (or, for the second of a pair with U = 2, into extra)
-    auto dot32 = [&](int64_t k, bool second) {
-      __m512bh xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xr + m * K + k);
+    // 32 columns of every row (masked to `mask`) into acc (or, for the second of a pair with U = 2, into extra)
+    auto dot32 = [&](int64_t k, bool second, __mmask32 mask) __attribute__((always_inline)) {
+      __m512i xv[M];
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, xr + m * K + k);
+#pragma GCC unroll 16
       for (int r = 0; r < ROWS; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(wr + r * K + k) + kPrefetch, _MM_HINT_T0);
-        const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + r * K + k);
-        for (int m = 0; m < M; ++m) {
-          __m512& a = U == 2 && second ? extra : acc[r][m];
-          a = _mm512_dpbf16_ps(a, wv, xv[m]);
-        }
+        const __m512i wv = _mm512_maskz_loadu_epi16(mask, wr + r * K + k);
+#pragma GCC unroll 16
+        for (int m = 0; m < M; ++m) dpbf16(U == 2 && second ? extra : acc[r][m], wv, xv[m]);
       }
     };
+    constexpr __mmask32 all = ~__mmask32{0};
     for (int64_t k = 0; k < k_pairs; k += 32 * U)
-      for (int u = 0; u < U; ++u) dot32(k + 32 * u, u == 1);
-    for (int64_t k = k_pairs; k < k_main; k += 32) dot32(k, false);
+#pragma GCC unroll 2
+      for (int u = 0; u < U; ++u) dot32(k + 32 * u, u == 1, all);
+    for (int64_t k = k_pairs; k < k_main; k += 32) dot32(k, false, all);
     acc[0][0] = _mm512_add_ps(acc[0][0], extra);
-    if (tail) {
-      __m512bh xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(tail, xr + m * K + k_main);
-      for (int r = 0; r < ROWS; ++r) {
-        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + r * K + k_main);
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
-      }
-    }
+    if (tail) dot32(k_main, false, tail);
+#pragma GCC unroll 16
     for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 16
       for (int m = 0; m < M; ++m) finish(p, m0 + m, n + r, _mm512_reduce_add_ps(acc[r][m]));
   }
   if (n < n1) rows<M, 1>(p, x, m0, n, n1);
