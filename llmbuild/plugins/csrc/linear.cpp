@@ -4,14 +4,12 @@
 // stream over the weights: aten's bf16 path reaches about half the memory bandwidth there. For
 // bf16 with at most kSmallM* rows this runs a kernel that reads every weight row once from memory and
 // keeps fp32 accumulators in registers; with more than 4 rows, a panel of weight rows stays in cache
-// while each tile of x rows passes over it. bf16 products are exact in fp32, so the tiers differ only in
+// while each 4-row tile of x passes over it. bf16 products are exact in fp32, so the tiers differ only in
 // summation order:
 //   avx512 (BF16)  vdpbf16ps, 32 products per instruction.
 //   avx2           bf16 -> fp32 by shifts: a 32-bit lane holding elements (2j, 2j+1) gives element 2j+1
 //                  by masking its low half and element 2j by shifting left 16; x is split into its even
 //                  and odd elements once per call, so each weight vector costs two ALU ops and two FMAs.
-//                  Up to 4 rows the weights stream once past all of x; above, pairs of x rows meet
-//                  panels of weight rows.
 // Anything else (fp32, prefill-sized batches, the portable tier) goes to aten, i.e. oneDNN, which is
 // faster once the GEMM is compute-bound; bf16 prefill below AVX512-BF16 widens panels of the weight to fp32
 // first (dequantize_gemm.h: aten's bf16 GEMM is an emulation there).
@@ -131,70 +129,16 @@ void rows(const Args& p, const c10::BFloat16* x, const float* xs, int64_t m0, in
   if (n < n1) rows<M, 1>(p, x, xs, m0, n, n1);
 }
 
-// From two x rows on, compute binds: a tile of M x rows by ROWS weight rows with one accumulator per pair,
-// which takes both the even and the odd products (registers: M * ROWS accumulators, the two widened
-// weight vectors and the mask; x comes from L1 as the FMAs' memory operands). 2 x 6 measured 1.8x the
-// split-accumulator tile above at M = 16 (TinyLlama shapes, 2 cores kept to AVX2).
-template <int M, int ROWS>
-void tile(const Args& p, const c10::BFloat16* x, const float* xs, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t K = p.K, k_vec = K / 16 * 16, half = k_vec / 2;
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  int64_t n = n0;
-  for (; n + ROWS <= n1; n += ROWS) {
-    __m256 acc[ROWS][M];
-#pragma GCC unroll 16
-    for (int r = 0; r < ROWS; ++r)
-#pragma GCC unroll 16
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < k_vec; k += 16) {
-#pragma GCC unroll 16
-      for (int r = 0; r < ROWS; ++r) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w + (n + r) * K + k));
-        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
-#pragma GCC unroll 16
-        for (int m = 0; m < M; ++m) {
-          const float* xm = xs + 2 * (m0 + m) * half + k / 2;
-          acc[r][m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xm), acc[r][m]);
-          acc[r][m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xm + half), acc[r][m]);
-        }
-      }
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 16
-      for (int m = 0; m < M; ++m) {
-        float dot = hsum(acc[r][m]);
-        for (int64_t k = k_vec; k < K; ++k)
-          dot += static_cast<float>(x[(m0 + m) * K + k]) * static_cast<float>(p.w[(n + r) * K + k]);
-        finish(p, m0 + m, n + r, dot);
-      }
-    }
-  }
-  if (n < n1) tile<M, 1>(p, x, xs, m0, n, n1);
-}
-
 void gemv(const Args& p, const c10::BFloat16* x, int64_t M) {
   const std::vector<float> xs = split_even_odd(x, M, p.K);
-  if (M <= 4) {
-    // the weights stream once through x's rows (at batch 1 one weight row at a time: a single sequential
-    // stream through memory); at 3 and 4 rows this measured faster than pairs of rows over panels
-    at::parallel_for(0, p.N, 8, [&](int64_t n0, int64_t n1) {
-      if (M == 1) rows<1, 1>(p, x, xs.data(), 0, n0, n1);
-      else if (M == 2) rows<2, 1>(p, x, xs.data(), 0, n0, n1);
-      else if (M == 3) rows<3, 1>(p, x, xs.data(), 0, n0, n1);
-      else rows<4, 1>(p, x, xs.data(), 0, n0, n1);
-    });
-    return;
-  }
-  // panels of 24 weight rows (96 KB at K = 2048, in L2) meet every pair of x rows
-  constexpr int64_t kRows = 6, kPanelRows = 4 * kRows;
-  at::parallel_for(0, (p.N + kPanelRows - 1) / kPanelRows, 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t n0 = q * kPanelRows, n1 = std::min(n0 + kPanelRows, p.N);
-      int64_t m = 0;
-      for (; m + 2 <= M; m += 2) tile<2, kRows>(p, x, xs.data(), m, n0, n1);
-      if (m < M) tile<1, kRows>(p, x, xs.data(), m, n0, n1);
+  for_each_block(M, p.N, 8, [&](int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
+    switch (mt) {
+      // one weight row at a time at batch 1: a single sequential stream through memory
+      case 1: rows<1, 1>(p, x, xs.data(), m0, n0, n1); break;
+      // (2 x 2 measured 1.75x slower at M = 2 in an x86-64-v3 build: 16 ymm registers)
+      case 2: rows<2, 1>(p, x, xs.data(), m0, n0, n1); break;
+      case 3: rows<3, 1>(p, x, xs.data(), m0, n0, n1); break;
+      default: rows<4, 1>(p, x, xs.data(), m0, n0, n1); break;
     }
   });
 }
