@@ -3,7 +3,7 @@
 
 On the first H200 run (issue 26; torch 2.11, triton 3.6) every compiled cuda engine built, then crashed the
 process (SIGSEGV) inside AOTIModelPackageLoader when loaded, while the same graphs ran eagerly and matched
-transformers. This builds the tests' tiny step graph for cuda and packages it five ways, each loaded (then run
+transformers. This builds the tests' tiny step graph for cuda and packages it in several ways, each loaded (then run
 for one prefill step, against the exported program) in its own process (a crash ends only that one), so that
 one short device call tells which part of our packaging the loader trips on:
 
@@ -11,7 +11,13 @@ one short device call tells which part of our packaging the loader trips on:
   rewritten by compile._normalize); ours-by-hand: the same configs and rewrite, called directly;
 - no-normalize: the same, the archive as AOTInductor wrote it;
 - weights-in-so: AOTInductor's defaults (the zero weights compiled into the .so);
-- weights-on-disk: weights out of the .so, into the archive (package_constants_on_disk_format=binary_blob).
+- weights-on-disk: weights out of the .so, into the archive (package_constants_on_disk_format=binary_blob);
+- keep-constants: weights out of the .so with always_keep_tensor_constants, the pair upstream's own tests of
+  user-managed weights always set (without it Inductor inlines small tensors, which then leave the constant list);
+- single-threaded: ours, loaded with run_single_threaded=True (what upstream advises next to CUDA graphs);
+- control-linear / control-linear-no-weights: one nn.Linear, no llmbuild op, Triton kernel or rewrite, packaged
+  with AOTInductor's defaults / with its weight out of the .so: if these crash too, the environment (toolchain,
+  torch 2.11's loader) does, not our graphs.
 
     python bench/gpu_probe_aoti.py [--gdb]   every variant, then a table; --gdb: a crash's native backtrace
                                             (cuda-gdb, which the GPU image has)
@@ -29,6 +35,9 @@ import time
 from pathlib import Path
 
 VARIANTS = {
+    # first the controls: if even these crash, the environment does (the rest would not tell more)
+    "control-linear": ({}, False),
+    "control-linear-no-weights": ({"aot_inductor.package_constants_in_so": False}, False),
     "ours": None,  # builder/compile.compile_graph itself: its configs, fixed working directory and _normalize
     "ours-by-hand": ({"aot_inductor.package_constants_in_so": False}, True),
     "no-normalize": ({"aot_inductor.package_constants_in_so": False}, False),
@@ -37,11 +46,41 @@ VARIANTS = {
         {"aot_inductor.package_constants_in_so": False, "aot_inductor.package_constants_on_disk_format": "binary_blob"},
         False,
     ),
+    "keep-constants": ({"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}, False),
+    "single-threaded": None,  # ours, loaded with run_single_threaded=True
 }
+
+
+def run_control(name: str, device: str) -> None:
+    """One nn.Linear through AOTInductor alone: packaged, loaded, (weights handed over,) run, compared."""
+    import torch
+
+    linear = torch.nn.Linear(64, 32).to(device)
+    x = torch.randn(4, 64, device=device)
+    program = torch.export.export(linear, (x,))
+    workdir = Path(tempfile.mkdtemp(prefix=f"probe-{name}-"))
+    path = workdir / "model.pt2"
+    configs, _ = VARIANTS[name]
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
+    print(f"{name}: packaged, {path.stat().st_size} bytes", flush=True)
+    package = torch._inductor.aoti_load_package(str(path))
+    print(f"{name}: loaded", flush=True)
+    if configs:
+        weights = dict(linear.state_dict())
+        names = package.get_constant_fqns()
+        package.load_constants({n: weights[n] for n in names}, check_full_update=True, user_managed=True)
+    with torch.no_grad():
+        diff = (package(x) - linear(x)).abs().max().item()
+    print(f"{name}: ran, max |difference| against eager {diff:.2e}", flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_variant(name: str, device: str) -> None:
     """Build, package, load and hand the weights to the tiny step graph; print what got done."""
+    if name.startswith("control-"):
+        run_control(name, device)
+        return
     import torch
     from torch.export.passes import move_to_device_pass
 
@@ -63,7 +102,7 @@ def run_variant(name: str, device: str) -> None:
     path = workdir / "model.pt2"
     start = time.perf_counter()
     variant = VARIANTS[name]
-    if variant is None:
+    if variant is None:  # ours, single-threaded
         compile_graph(program, path, resolve("native"))
     else:
         configs, normalize = variant
@@ -72,7 +111,7 @@ def run_variant(name: str, device: str) -> None:
         if normalize:
             _normalize(path)
     print(f"{name}: packaged in {time.perf_counter() - start:.1f} s, {path.stat().st_size} bytes", flush=True)
-    package = torch._inductor.aoti_load_package(str(path))
+    package = torch._inductor.aoti_load_package(str(path), run_single_threaded=name == "single-threaded")
     print(f"{name}: loaded", flush=True)
     weights = {k: v.to(device) for k, v in model.state_dict().items()}
     names = package.get_constant_fqns()
