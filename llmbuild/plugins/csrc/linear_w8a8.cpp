@@ -10,8 +10,9 @@
 //                    and the shift taken back with each weight row's sum); from there, panels of 64 weight
 //                    rows packed per call into vpdpbusd's layout in cache, so each weight vector meets 4
 //                    broadcast x groups with no horizontal sums. oneDNN's int8 matmul (at::_int_mm), which
-//                    this tier ran before, reorders all of w into memory on every call: at M = 16 it took
-//                    1.4-1.7x our time, at M = 128 1.1-1.2x, at 2048 1.3x (bench/results/w8a8-gemm.md).
+//                    this tier ran before, reorders all of w into memory on every call: on one TinyLlama
+//                    layer its bare GEMM took 1.3x our whole op's time at M = 16, 1.08x at 128 and at 2048
+//                    (bench/results/w8a8-gemm.md).
 //      avx2          our own: vpmaddubsw of |w| and x * sign(w), vpmaddwd to int32 (|w|, |x| <= 127: pair
 //                    sums stay in int16). oneDNN is no option below VNNI: its AVX2 int8 matmul shifts x to
 //                    u8 and saturates vpmaddubsw's int16 pair sums (wrong sums, measured), at 450 GOPS.
