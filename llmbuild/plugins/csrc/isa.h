@@ -42,12 +42,17 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+// Accumulating dot products through inline asm: these instructions have a single form, whose accumulator is
+// also a source, and GCC 12 allocates the intrinsics' tied accumulators badly inside unrolled register tiles (a
+// register copy per product, and spills to the stack): W8A8 tiles built on the intrinsic ran at 0.5-0.6x the
+// int8 ops per second of the same tiles on these (standalone test, 2 AMD EPYC cores: 1.0 against 1.6-1.9 TOPS).
 #if defined(__AVX512VNNI__)
-// acc += vpdpbusd(u, s): u8 x s8 products summed in groups of four into int32 lanes. Through inline asm
-// because GCC 12 allocates the intrinsic's tied accumulator badly inside unrolled register tiles (a register
-// copy per product, and spills): W8A8 tiles built on the intrinsic ran at 0.5-0.6x the int8 ops per second
-// of the same tiles on this (standalone test, 2 AMD EPYC cores: 1.0 against 1.6-1.9 TOPS).
+// acc += vpdpbusd(u, s): u8 x s8 products summed in groups of four into int32 lanes.
 inline void dpbusd(__m512i& acc, __m512i u, __m512i s) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s)); }
+#endif
+#if defined(__AVX512BF16__)
+// acc += vdpbf16ps(a, b): bf16 pairs multiplied and summed into fp32 lanes.
+inline void dpbf16(__m512& acc, __m512i a, __m512i b) { asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b)); }
 #endif
 
 }  // namespace llmbuild

@@ -26,7 +26,7 @@ namespace llmbuild {
 namespace {
 
 // Rows of x up to which the decode kernel runs. AVX512-BF16 (2-core machine, TinyLlama shapes, one layer +
-// lm_head): 1.37x aten at M=4; with its tile in registers (dpbf16 below) 1.06-1.12x aten at M = 9..16
+// lm_head): 1.37x aten at M=4; with its tile in registers (isa.h dpbf16) 1.06-1.12x aten at M = 9..16
 // (7.4 / 7.9 / 9.2 ms against 8.1 / 8.9 / 9.8 ms at M = 9 / 12 / 16). AVX2: at M=16 the panels beat widening to fp32 for a GEMM (197 vs 182 GFLOP/s at M=17, 2 cores
 // of an AMD EPYC kept to AVX2; bench/results/kernel-tiers-bf16-avx2.md).
 constexpr int64_t kSmallMAvx512 = 16;
@@ -152,10 +152,6 @@ namespace avx512 {
 
 // x: [M, K] rows, w: [N, K] row-major, y: [M, N]. Rows [n0, n1) of w, x rows [m0, m0 + M). A lone
 // weight row (M x ROWS = 1) alternates two accumulators, so that the dot products' latency does not bind.
-// acc += vdpbf16ps(a, b), through inline asm for the reason isa.h gives for vpdpbusd (GCC keeps a tile of
-// intrinsic accumulators on the stack).
-inline void dpbf16(__m512& acc, __m512i a, __m512i b) { asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b)); }
-
 template <int M, int ROWS>
 void rows(const Args& p, const c10::BFloat16* x, int64_t m0, int64_t n0, int64_t n1) {
   constexpr int U = M * ROWS == 1 ? 2 : 1;
