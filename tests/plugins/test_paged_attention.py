@@ -56,6 +56,51 @@ def test_decode_batch_matches_dense_attention(kernel_isa, head_dim, dtype, tol):
         torch.testing.assert_close(out[b : b + 1].float(), dense_attention(q, k, v, scale), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("head_dim", [64, 20])  # 20: the portable loop
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_a_few_new_tokens_on_a_cached_context_match_dense_attention(kernel_isa, head_dim, dtype, tol):
+    # a speculative step: the last token and its proposals (2 .. 16 new tokens: the decode kernel) and a
+    # 17-token chunk (SDPA), each over a cached context crossing block borders
+    new = (2, 5, 9, 16, 17)
+    ctx = (3, 21, 40, 33, 50)
+    args, full_k, full_v, q_parts = make_case(
+        dtype, ctx_lens=ctx, new_tokens=new, heads=(8, 2), num_blocks=64, head_dim=head_dim
+    )
+    scale = head_dim**-0.5
+    out = torch.ops.llmbuild.paged_attention(*args, scale)
+    cu = args[8].tolist()
+    for b, (k, v, q) in enumerate(zip(full_k, full_v, q_parts, strict=True)):
+        expected = dense_attention(q, k, v, scale)
+        torch.testing.assert_close(out[cu[b] : cu[b + 1]].float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("head_dim", [64, 20])
+def test_each_of_a_few_new_tokens_is_computed_as_a_decode_token_at_its_position(kernel_isa, head_dim):
+    # speculation is lossless only if checking a proposal computes what decoding that token would: token j of a
+    # 5-token step must equal, bit for bit, a decode step of that token over the context up to it
+    n, length = 5, 37
+    args, *_ = make_case(
+        torch.bfloat16, ctx_lens=(length,), new_tokens=(n,), heads=(8, 2), num_blocks=16, head_dim=head_dim
+    )
+    q, k, v, k_cache, v_cache, slots, tables, _, _ = args
+    scale = head_dim**-0.5
+    together = torch.ops.llmbuild.paged_attention(*[a.clone() for a in args], scale)
+    for j in range(n):
+        one = torch.ops.llmbuild.paged_attention(
+            q[j : j + 1],
+            k[j : j + 1],
+            v[j : j + 1],
+            k_cache,  # the earlier new tokens were written by the previous iterations
+            v_cache,
+            slots[j : j + 1],
+            tables,
+            torch.tensor([length - n + 1 + j], dtype=torch.int32),
+            torch.tensor([0, 1], dtype=torch.int32),
+            scale,
+        )
+        assert torch.equal(one[0], together[j]), f"new token {j}"
+
+
 def test_bad_shapes_fail_with_a_message():
     args, *_ = make_case(torch.float32)
     bad = list(args)
@@ -88,11 +133,12 @@ def test_quantized_op_matches_its_reference(kernel_isa, dtype, codes):
     assert torch.equal(args[3].view(torch.int8), ref_args[3].view(torch.int8))
     assert torch.equal(args[4].view(torch.int8), ref_args[4].view(torch.int8))
     cu = args[8].tolist()
-    prefill = [r for b in (0, 2) for r in range(cu[b], cu[b + 1])]  # SDPA on identical dequantized inputs
-    torch.testing.assert_close(out[prefill], expected[prefill], atol=0, rtol=0)
-    # the decode kernel scales in fp32 without rounding the dequantized cache to the activation dtype
+    # the fresh prompt: SDPA on identical dequantized inputs
+    torch.testing.assert_close(out[: cu[1]], expected[: cu[1]], atol=0, rtol=0)
+    # the decode token and the 3-token chunk: the decode kernel scales in fp32 without rounding the dequantized
+    # cache to the activation dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out[cu[1] : cu[2]].float(), expected[cu[1] : cu[2]].float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(out[cu[1] :].float(), expected[cu[1] :].float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("codes", CODES)

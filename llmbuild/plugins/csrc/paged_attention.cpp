@@ -3,8 +3,11 @@
 // Layout and metadata: see llmbuild/plugins/paged_attention.py.
 //
 // Decode tokens (one new token per sequence) run a block-walking kernel parallel over
-// (sequence, kv head); prompt chunks gather their context and use aten's SDPA, in the same
-// forms transformers uses (is_causal for a fresh prompt), so bf16 prefill matches it bit for bit.
+// (sequence, kv head); so do a few new tokens continuing a cached context (up to kMaxQueryTokens: a
+// speculative step's last token and its proposals), each query row over its own causal prefix with the very
+// arithmetic of a decode token at that position, and each K/V row loaded once for all of them. Longer
+// prompt chunks gather their context and use aten's SDPA, in the same forms transformers uses (is_causal for
+// a fresh prompt), so bf16 prefill matches it bit for bit.
 // The decode kernel's vector tiers (16 lanes with AVX-512, 8 with AVX2: one template over Vec16 / Vec8)
 // load and convert each K/V row once for the query heads of its group and take exp in vectors; a
 // portable loop serves other head sizes and the portable tier.
@@ -94,6 +97,21 @@ struct DecodeScratch {
 
 // Head sizes up to which a K/V row is held in registers by the vectorized decode kernel.
 constexpr int64_t kMaxVecD = 256;
+
+// New tokens of a sequence with a cached context up to which the decode kernel serves them (above: SDPA over
+// the gathered context). Verifying k proposals is 1 + k tokens; through SDPA each costs a gather of the whole
+// context and a mask (~15x a decode token's attention on a small model).
+constexpr int64_t kMaxQueryTokens = 16;
+
+// Query rows of one (sequence, kv head) item: `rows` = new tokens x group, row r belonging to new token
+// r / group, which sees the first first_len + r / group context positions (first_len = ctx_len for a decode
+// token). Row r's scores sit at scores[r * ctx_len ...].
+struct QueryRows {
+  int64_t rows, group, first_len, ctx_len;
+  int64_t len(int64_t r) const { return first_len + r / group; }
+  // the first row that sees position p
+  int64_t first_row(int64_t p) const { return p < first_len ? 0 : (p - first_len + 1) * group; }
+};
 
 #if defined(LLMBUILD_AVX512)
 // 16 fp32 lanes.
@@ -218,31 +236,30 @@ void softmax_row(float* s, int64_t n) {
   for (int64_t p = main; p < n; ++p) s[p] *= 1.f / total;
 }
 
-// The vectorized decode kernel: qf [group, d] (scaled queries), scores [group, ctx_len] scratch,
-// acc [group, d] zeroed; each K and V row is loaded and converted once for the whole query group.
+// The vectorized decode kernel: qf [rows, d] (scaled queries), scores [rows, ctx_len] scratch, acc
+// [rows, d] zeroed; each K and V row is loaded and converted once for all the query rows that see it.
 // d is a multiple of the vector width and at most kMaxVecD.
 template <class Vec, typename cache_t>
 void decode_group_vec(const float* qf, const cache_t* k_cache, const cache_t* v_cache, const int32_t* table,
-                      int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs, int64_t d, float* scores,
-                      float* acc) {
+                      const QueryRows& q, int64_t g, int64_t hkv, int64_t bs, int64_t d, float* scores, float* acc) {
   using V = typename Vec::V;
   constexpr int64_t W = Vec::kWidth;
-  const int64_t nv = d / W;
+  const int64_t nv = d / W, ctx_len = q.ctx_len;
   V row[kMaxVecD / W];
   for (int64_t p = 0; p < ctx_len; ++p) {
     const cache_t* krow = k_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
     for (int64_t i = 0; i < nv; ++i) row[i] = Vec::load(krow + W * i);
-    for (int64_t j = 0; j < group; ++j) {
+    for (int64_t j = q.first_row(p); j < q.rows; ++j) {
       V dot = Vec::mul(Vec::load(qf + j * d), row[0]);
       for (int64_t i = 1; i < nv; ++i) dot = Vec::fmadd(Vec::load(qf + j * d + W * i), row[i], dot);
       scores[j * ctx_len + p] = Vec::sum(dot);
     }
   }
-  for (int64_t j = 0; j < group; ++j) softmax_row<Vec>(scores + j * ctx_len, ctx_len);
+  for (int64_t j = 0; j < q.rows; ++j) softmax_row<Vec>(scores + j * ctx_len, q.len(j));
   for (int64_t p = 0; p < ctx_len; ++p) {
     const cache_t* vrow = v_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
     for (int64_t i = 0; i < nv; ++i) row[i] = Vec::load(vrow + W * i);
-    for (int64_t j = 0; j < group; ++j) {
+    for (int64_t j = q.first_row(p); j < q.rows; ++j) {
       const V w = Vec::set1(scores[j * ctx_len + p]);
       float* a = acc + j * d;
       for (int64_t i = 0; i < nv; ++i) Vec::store(a + W * i, Vec::fmadd(w, row[i], Vec::load(a + W * i)));
@@ -253,53 +270,59 @@ void decode_group_vec(const float* qf, const cache_t* k_cache, const cache_t* v_
 // The portable decode kernel, same arguments as decode_group_vec.
 template <typename cache_t>
 void decode_group_scalar(const float* qf, const cache_t* k_cache, const cache_t* v_cache, const int32_t* table,
-                         int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs, int64_t d, float* scores,
+                         const QueryRows& q, int64_t g, int64_t hkv, int64_t bs, int64_t d, float* scores,
                          float* acc) {
+  const int64_t ctx_len = q.ctx_len;
   for (int64_t p = 0; p < ctx_len; ++p) {
     const cache_t* krow = k_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
-    for (int64_t j = 0; j < group; ++j) {
+    for (int64_t j = q.first_row(p); j < q.rows; ++j) {
       const float* qj = qf + j * d;
       float dot = 0.f;
       for (int64_t e = 0; e < d; ++e) dot += qj[e] * static_cast<float>(krow[e]);
       scores[j * ctx_len + p] = dot;
     }
   }
-  for (int64_t j = 0; j < group; ++j) {
+  for (int64_t j = 0; j < q.rows; ++j) {
     float* sj = scores + j * ctx_len;
+    const int64_t n = q.len(j);
     float mx = -INFINITY;
-    for (int64_t p = 0; p < ctx_len; ++p) mx = std::max(mx, sj[p]);
+    for (int64_t p = 0; p < n; ++p) mx = std::max(mx, sj[p]);
     float sum = 0.f;
-    for (int64_t p = 0; p < ctx_len; ++p) {
+    for (int64_t p = 0; p < n; ++p) {
       sj[p] = std::exp(sj[p] - mx);
       sum += sj[p];
     }
     const float inv = 1.f / sum;
-    for (int64_t p = 0; p < ctx_len; ++p) sj[p] *= inv;
+    for (int64_t p = 0; p < n; ++p) sj[p] *= inv;
   }
   for (int64_t p = 0; p < ctx_len; ++p) {
     const cache_t* vrow = v_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
-    for (int64_t j = 0; j < group; ++j) {
+    for (int64_t j = q.first_row(p); j < q.rows; ++j) {
       const float w = scores[j * ctx_len + p];
       for (int64_t e = 0; e < d; ++e) acc[j * d + e] += w * static_cast<float>(vrow[e]);
     }
   }
 }
 
-// One decode token of one sequence, for the `group` query heads that share kv head `g`.
-// k_scale / v_scale: the head's dequantization scales (1 for a plain cache).
+// The new tokens [row0, row0 + n) of one sequence (context ctx_len, theirs included), for the `group` query
+// heads that share kv head `g`. k_scale / v_scale: the head's dequantization scales (1 for a plain cache).
 template <typename scalar_t, typename cache_t>
-void decode_group(const scalar_t* q, int64_t q_head_stride, const cache_t* k_cache, const cache_t* v_cache,
+void decode_group(const at::Tensor& q_all, int64_t row0, int64_t n, const cache_t* k_cache, const cache_t* v_cache,
                   const int32_t* table, int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs,
                   int64_t d, float scale, float k_scale, float v_scale, scalar_t* out, DecodeScratch& scratch) {
-  scratch.scores.resize(group * ctx_len);
-  scratch.q.resize(group * d);
-  scratch.acc.assign(group * d, 0.f);
+  const QueryRows rows{n * group, group, ctx_len - n + 1, ctx_len};
+  scratch.scores.resize(rows.rows * ctx_len);
+  scratch.q.resize(rows.rows * d);
+  scratch.acc.assign(rows.rows * d, 0.f);
   float* qf = scratch.q.data();
   float* acc = scratch.acc.data();
+  const scalar_t* q = q_all.data_ptr<scalar_t>();
+  const int64_t heads = q_all.size(1);
   // the K scale and the softmax scale folded into the query
-  for (int64_t j = 0; j < group; ++j) {
-    for (int64_t e = 0; e < d; ++e) {
-      qf[j * d + e] = static_cast<float>(q[(g * group + j) * q_head_stride + e]) * scale * k_scale;
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t j = 0; j < group; ++j) {
+      const scalar_t* qj = q + (row0 + t) * q_all.stride(0) + (g * group + j) * q_all.stride(1);
+      for (int64_t e = 0; e < d; ++e) qf[(t * group + j) * d + e] = static_cast<float>(qj[e]) * scale * k_scale;
     }
   }
   bool done = false;
@@ -308,20 +331,23 @@ void decode_group(const scalar_t* q, int64_t q_head_stride, const cache_t* k_cac
     [[maybe_unused]] const Isa isa = kernel_isa();
 #if defined(LLMBUILD_AVX512)
     if (!done && isa == Isa::kAvx512 && d % Vec16::kWidth == 0 && d <= kMaxVecD) {
-      decode_group_vec<Vec16>(qf, k_cache, v_cache, table, ctx_len, g, group, hkv, bs, d, scratch.scores.data(), acc);
+      decode_group_vec<Vec16>(qf, k_cache, v_cache, table, rows, g, hkv, bs, d, scratch.scores.data(), acc);
       done = true;
     }
 #endif
 #if defined(LLMBUILD_AVX2)
     if (!done && isa >= Isa::kAvx2 && d % Vec8::kWidth == 0 && d <= kMaxVecD) {
-      decode_group_vec<Vec8>(qf, k_cache, v_cache, table, ctx_len, g, group, hkv, bs, d, scratch.scores.data(), acc);
+      decode_group_vec<Vec8>(qf, k_cache, v_cache, table, rows, g, hkv, bs, d, scratch.scores.data(), acc);
       done = true;
     }
 #endif
   }
-  if (!done) decode_group_scalar(qf, k_cache, v_cache, table, ctx_len, g, group, hkv, bs, d, scratch.scores.data(), acc);
-  for (int64_t j = 0; j < group; ++j) {
-    for (int64_t e = 0; e < d; ++e) out[(g * group + j) * d + e] = static_cast<scalar_t>(acc[j * d + e] * v_scale);
+  if (!done) decode_group_scalar(qf, k_cache, v_cache, table, rows, g, hkv, bs, d, scratch.scores.data(), acc);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t j = 0; j < group; ++j) {
+      scalar_t* o = out + ((row0 + t) * heads + g * group + j) * d;
+      for (int64_t e = 0; e < d; ++e) o[e] = static_cast<scalar_t>(acc[(t * group + j) * d + e] * v_scale);
+    }
   }
 }
 
@@ -332,16 +358,15 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   const auto h = q.size(1), d = q.size(2), hkv = k_cache.size(1), bs = k_cache.size(2);
   const auto group = h / hkv;
   const int64_t items = static_cast<int64_t>(seqs.size()) * hkv;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     DecodeScratch scratch;
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = seqs[it / hkv], g = it % hkv, row = cu[b];
-      decode_group<scalar_t, cache_t>(qp + row * q.stride(0), q.stride(1), k_cache.data_ptr<cache_t>(),
+      const int64_t b = seqs[it / hkv], g = it % hkv;
+      decode_group<scalar_t, cache_t>(q, cu[b], cu[b + 1] - cu[b], k_cache.data_ptr<cache_t>(),
                                       v_cache.data_ptr<cache_t>(), tables + b * max_blocks, lens[b], g, group, hkv,
                                       bs, d, static_cast<float>(scale), k_scales ? k_scales[g] : 1.f,
-                                      v_scales ? v_scales[g] : 1.f, op + row * h * d, scratch);
+                                      v_scales ? v_scales[g] : 1.f, op, scratch);
     }
   });
 }
@@ -406,13 +431,13 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const auto lens_t = seq_lens.contiguous(), cu_t = cu_seqlens_q.contiguous();
   const int32_t* lens = lens_t.data_ptr<int32_t>();
   const int32_t* cu = cu_t.data_ptr<int32_t>();
-  std::vector<int64_t> decodes;
+  std::vector<int64_t> walked;  // sequences the decode kernel serves
   for (int64_t b = 0; b < seq_lens.size(0); ++b) {
     const int64_t n = cu[b + 1] - cu[b], ctx_len = lens[b];
     TORCH_CHECK(n <= ctx_len && ctx_len <= block_tables.size(1) * k_cache.size(2),
                 "paged_attention: sequence ", b, " has ", n, " new tokens and context ", ctx_len);
-    if (n == 1) {
-      decodes.push_back(b);
+    if (n == 1 || (n > 1 && n < ctx_len && n <= kMaxQueryTokens)) {
+      walked.push_back(b);
     } else if (n > 1) {
       auto keys = context(k_cache, block_tables[b], ctx_len, k_heads, q.scalar_type());
       auto values = context(v_cache, block_tables[b], ctx_len, v_heads, q.scalar_type());
@@ -426,17 +451,17 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       out.slice(0, cu[b], cu[b + 1]).copy_(o[0].transpose(0, 1));
     }
   }
-  if (!decodes.empty()) {
+  if (!walked.empty()) {
     const auto tables = block_tables.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_decode", [&] {
       if (quantized && fp8) {
-        decode_all<scalar_t, c10::Float8_e4m3fn>(q, k_cache, v_cache, decodes, tables.data_ptr<int32_t>(),
+        decode_all<scalar_t, c10::Float8_e4m3fn>(q, k_cache, v_cache, walked, tables.data_ptr<int32_t>(),
                                                  block_tables.size(1), lens, cu, scale, k_scales, v_scales, out);
       } else if (quantized) {
-        decode_all<scalar_t, int8_t>(q, k_cache, v_cache, decodes, tables.data_ptr<int32_t>(), block_tables.size(1),
+        decode_all<scalar_t, int8_t>(q, k_cache, v_cache, walked, tables.data_ptr<int32_t>(), block_tables.size(1),
                                      lens, cu, scale, k_scales, v_scales, out);
       } else {
-        decode_all<scalar_t, scalar_t>(q, k_cache, v_cache, decodes, tables.data_ptr<int32_t>(),
+        decode_all<scalar_t, scalar_t>(q, k_cache, v_cache, walked, tables.data_ptr<int32_t>(),
                                        block_tables.size(1), lens, cu, scale, nullptr, nullptr, out);
       }
     });
