@@ -50,17 +50,35 @@ class Run:
     """Sequence-steps that checked proposals."""
 
 
-WORKLOADS = ("random", "repeat")
-"""Prompts: random tokens, or random tokens whose second half repeats the first (input-grounded text, as
-in summarization or code editing, where speculative decoding's prompt lookup finds what comes next)."""
+WORKLOADS = ("random", "repeat", "text", "grounded")
+"""Prompts: random tokens; random tokens whose second half repeats the first (a copy test: whether the
+answer goes on repeating is the model's doing); held-out English prose (`text`); or `grounded`, held-out prose
+in which the answer is asked to repeat the prompt's text, as in summarization or code editing: a passage, a
+blank line, then the passage's first tokens again, so that a model that follows its input writes the rest of
+the passage (the prompt-lookup case of speculative decoding). The prose is llmbuild/data/heldout.txt (Python
+documentation the demo model was not trained on), tokenized by the engine's tokenizer."""
+HELD_OUT_TEXT = Path(llmbuild.__file__).parent / "data" / "heldout.txt"
+GROUNDED_CUE = 8
+"""Tokens of the passage repeated after it: the start the answer is to go on from."""
 
 
-def make_prompt(g: torch.Generator, vocab: int, prompt_len: int, workload: str) -> list[int]:
+def make_prompt(g: torch.Generator, llm: LLMEngine, prompt_len: int, workload: str) -> list[int]:
     """One benchmark prompt of `prompt_len` tokens (see WORKLOADS)."""
+    vocab = llm.engine.manifest.model.vocab_size
     if workload == "random":
         return torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
-    half = torch.randint(3, vocab, ((prompt_len + 1) // 2,), generator=g).tolist()
-    return (half + half)[:prompt_len]
+    if workload == "repeat":
+        half = torch.randint(3, vocab, ((prompt_len + 1) // 2,), generator=g).tolist()
+        return (half + half)[:prompt_len]
+    paragraphs = [p.strip() for p in HELD_OUT_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    first = int(torch.randint(0, len(paragraphs), (1,), generator=g))
+    text = "\n\n".join(paragraphs[first:] + paragraphs[:first])  # from a seeded paragraph on, wrapping round
+    if workload == "text":
+        return llm.tokenizer.encode(text, add_special_tokens=False)[:prompt_len]
+    blank = llm.tokenizer.encode("\n\n", add_special_tokens=False)
+    cue = min(GROUNDED_CUE, max(prompt_len // 4, 1))
+    passage = llm.tokenizer.encode(text, add_special_tokens=False)[: max(prompt_len - len(blank) - cue, 1)]
+    return (passage + blank + passage[:cue])[:prompt_len]
 
 
 def run_once(
@@ -68,9 +86,8 @@ def run_once(
 ) -> tuple[float, float, float]:
     """One static batch of prompts (see WORKLOADS), greedy, EOS ignored: (ttft s, decode s, total s)."""
     g = torch.Generator().manual_seed(seed)
-    vocab = llm.engine.manifest.model.vocab_size
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    requests = [llm.make_request(make_prompt(g, vocab, prompt_len, workload), params) for _ in range(batch)]
+    requests = [llm.make_request(make_prompt(g, llm, prompt_len, workload), params) for _ in range(batch)]
     start = time.perf_counter()
     for request in requests:
         llm.add_request(request)

@@ -59,10 +59,11 @@ def bench_group() -> None:
 )
 @click.option(
     "--workload",
-    type=click.Choice(["random", "repeat"]),
+    type=click.Choice(["random", "repeat", "text", "grounded"]),
     default="random",
     show_default=True,
-    help="Prompts of random tokens, or whose second half repeats the first (input-grounded, as summarization).",
+    help="Prompts of random tokens; random tokens whose second half repeats the first; held-out English prose; "
+    "or prose the answer is to repeat (a passage, then its first tokens again: input-grounded, as summarization).",
 )
 @click.option("--threads", type=int, help="torch threads (default: all cores).")
 @click.option("--out", type=click.Path(path_type=Path), help="Write OUT.json and OUT.md.")

@@ -76,3 +76,24 @@ def test_bench_measures_the_backend_asked_for(llama_engine, tmp_path):
     main([*args, "--backend", "eager", "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["backend"] == "eager" and {r["backend"] for r in report["summary"]} == {"eager"}
+
+
+def test_text_workloads_are_held_out_prose_and_a_passage_the_answer_is_to_repeat(demo_engine):
+    import torch
+
+    from llmbuild.bench.offline import GROUNDED_CUE, HELD_OUT_TEXT, make_prompt
+    from llmbuild.runtime.llm_engine import LLMEngine
+
+    llm = LLMEngine.from_dir(demo_engine, speculative=False)
+    try:
+        held_out = " ".join(HELD_OUT_TEXT.read_text(encoding="utf-8").split())
+        text = make_prompt(torch.Generator().manual_seed(3), llm, 64, "text")
+        assert len(text) == 64
+        assert " ".join(llm.tokenizer.decode(text).split()[1:-1]) in held_out  # whole words, as written
+        grounded = make_prompt(torch.Generator().manual_seed(3), llm, 64, "grounded")
+        blank = llm.tokenizer.encode("\n\n", add_special_tokens=False)
+        passage = grounded[: 64 - len(blank) - GROUNDED_CUE]
+        assert len(grounded) == 64 and grounded == passage + blank + passage[:GROUNDED_CUE]
+        assert make_prompt(torch.Generator().manual_seed(4), llm, 64, "grounded") != grounded  # seeded, not fixed
+    finally:
+        llm.close()
