@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from llmbuild.recipe import SpeculativeSection
@@ -102,20 +101,47 @@ class _Speeds:
         return self.with_proposals.tokens_per_second >= self.without.tokens_per_second
 
 
-def propose_ngram(tokens: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
-    """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the last n
-    tokens, for the longest n in [min_n, max_n] that occurs; [] when none does."""
-    if k <= 0 or len(tokens) < min_n + 1:
+class PromptLookup:
+    """Prompt lookup over one request's tokens (prompt and output), kept up to date as they grow: for each n in
+    [min_n, max_n], where each n-gram that some later token follows last started. A proposal then costs a few
+    dictionary lookups and the step's new tokens a few insertions, instead of a scan of the whole context
+    every step (that scan took 0.13 ms at 250 tokens, growing with the context, against the demo model's
+    0.2 ms decode steps)."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
+        self.starts: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(min_n, max_n + 1)}
+
+    def propose(self, prompt: Sequence[int], output: Sequence[int], k: int) -> list[int]:
+        """The (up to) k tokens that followed the latest earlier occurrence of the last n tokens of prompt +
+        output, for the longest n in [min_n, max_n] that occurs; [] when none does."""
+        self._extend(prompt, output)
+        tokens = self.tokens
+        if k <= 0:
+            return []
+        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+            start = self.starts[n].get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start + n : start + n + k]
         return []
-    ids = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_n, len(ids) - 1), min_n - 1, -1):
-        # windows starting at 0 .. len-1-n: each is followed by at least one token
-        windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)
-        starts = np.flatnonzero((windows == ids[-n:]).all(axis=1))
-        if starts.size:
-            start = int(starts[-1]) + n
-            return ids[start : start + k].tolist()
-    return []
+
+    def _extend(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        known = len(self.tokens)
+        if known > len(prompt) + len(output):  # an output cut short (at a stop string): start over
+            self.tokens, known = [], 0
+            for table in self.starts.values():
+                table.clear()
+        if known < len(prompt):
+            self.tokens.extend(prompt[known:])
+            self.tokens.extend(output)
+        else:
+            self.tokens.extend(output[known - len(prompt) :])
+        tokens = self.tokens
+        for n, table in self.starts.items():
+            # the n-grams that end before the last token (a later token follows them), in order: latest wins
+            for i in range(max(known - n, 0), len(tokens) - n):
+                table[tuple(tokens[i : i + n])] = i
 
 
 def speculation_override(
@@ -149,6 +175,7 @@ class Speculator:
         self.num_accepted_tokens = 0
         self.num_verifications = 0
         self._speeds: dict[int, _Speeds] = {}
+        self._lookups: dict[Request, PromptLookup] = {}
         self._proposal_seconds = 0.0  # this step's: a draft engine's steps cost time outside the target's step
 
     def allows(self, num_decoding: int) -> bool:
@@ -209,9 +236,9 @@ class Speculator:
         if self.drafter is not None:
             proposals = self.drafter.propose(requests, ks)
         else:
-            lo, hi = self.config.prompt_lookup_min, self.config.prompt_lookup_max
             proposals = [
-                tuple(propose_ngram(r.all_token_ids, lo, hi, k)) if k else () for r, k in zip(requests, ks, strict=True)
+                tuple(self._lookup(r).propose(r.prompt_token_ids, r.output_token_ids, k)) if k else ()
+                for r, k in zip(requests, ks, strict=True)
             ]
         self._proposal_seconds += time.perf_counter() - start
         return proposals
@@ -224,6 +251,7 @@ class Speculator:
 
     def release(self, request: Request) -> None:
         """A request left the running batch (finished or preempted): drop what was kept for it."""
+        self._lookups.pop(request, None)
         if self.drafter is not None:
             self.drafter.release(request)
 
@@ -240,6 +268,12 @@ class Speculator:
             # after the pause, one more verification that accepts nothing pauses it again
             rate = self.config.min_acceptance_rate
         request.acceptance_rate = rate
+
+    def _lookup(self, request: Request) -> PromptLookup:
+        lookup = self._lookups.get(request)
+        if lookup is None:
+            lookup = self._lookups[request] = PromptLookup(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
+        return lookup
 
     def _max_proposals(self, request: Request, budget: int) -> int:
         # the step's final token counts against max_tokens and max_seq_len too

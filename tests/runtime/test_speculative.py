@@ -21,7 +21,7 @@ from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.request import Request
 from llmbuild.runtime.sampler import Sampler
 from llmbuild.runtime.sampling_params import SamplingParams
-from llmbuild.runtime.speculative import EXPLORE_EVERY, PAUSE_TOKENS, Speculator, propose_ngram
+from llmbuild.runtime.speculative import EXPLORE_EVERY, PAUSE_TOKENS, PromptLookup, Speculator
 from llmbuild.runtime.structured_output import Grammar
 from tests.conftest import edit_json
 from tests.helpers import GREEDY, PERSON, grounded_prompts
@@ -45,13 +45,45 @@ def _request(prompt, output=(), **params) -> Request:
     return request
 
 
+def lookup(tokens, min_n, max_n, k, prompt_len=None):
+    """PromptLookup's proposal for `tokens` (the first prompt_len of them the prompt, default all)."""
+    split = len(tokens) if prompt_len is None else prompt_len
+    return PromptLookup(min_n, max_n).propose(tokens[:split], tokens[split:], k)
+
+
+def brute_force_lookup(tokens, min_n, max_n, k):
+    """The definition, by scanning: for the longest n whose last n tokens occur earlier (ending before the last
+    token), what followed the latest such occurrence."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        starts = [i for i in range(len(tokens) - n) if tokens[i : i + n] == tokens[-n:]]
+        if starts:
+            return tokens[starts[-1] + n : starts[-1] + n + k]
+    return []
+
+
 def test_ngram_proposes_what_followed_the_latest_longest_match():
-    assert propose_ngram([1, 2, 3, 9, 1, 2, 3, 8, 5, 2, 3], 1, 3, 4) == [8, 5, 2, 3]  # "2 3" latest: before 8
-    assert propose_ngram([1, 2, 3, 9, 7, 7, 1, 2, 3], 1, 3, 2) == [9, 7]  # the 3-gram wins over later 1-grams
-    assert propose_ngram([5, 6, 7, 5, 6], 2, 2, 8) == [7, 5, 6]  # stops at the end of the tokens
-    assert propose_ngram([1, 2, 3, 4], 1, 3, 4) == []  # the last token never occurred before
-    assert propose_ngram([4, 1, 2, 4], 2, 3, 4) == []  # a 1-gram matches, but min is 2
-    assert propose_ngram([4, 1, 4], 1, 3, 0) == []
+    assert lookup([1, 2, 3, 9, 1, 2, 3, 8, 5, 2, 3], 1, 3, 4) == [8, 5, 2, 3]  # "2 3" latest: before 8
+    assert lookup([1, 2, 3, 9, 7, 7, 1, 2, 3], 1, 3, 2) == [9, 7]  # the 3-gram wins over later 1-grams
+    assert lookup([5, 6, 7, 5, 6], 2, 2, 8) == [7, 5, 6]  # stops at the end of the tokens
+    assert lookup([1, 2, 3, 4], 1, 3, 4) == []  # the last token never occurred before
+    assert lookup([4, 1, 2, 4], 2, 3, 4) == []  # a 1-gram matches, but min is 2
+    assert lookup([4, 1, 4], 1, 3, 0) == []
+    assert lookup([7, 7, 7], 1, 4, 4) == [7]  # the suffix itself is not an earlier occurrence
+    assert lookup([1, 2, 3, 1, 2], 1, 3, 4, prompt_len=3) == [3, 1, 2]  # across the prompt / output border
+
+
+def test_ngram_index_kept_up_to_date_token_by_token_proposes_what_a_scan_finds():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        tokens = torch.randint(0, 4 + trial % 5, (120,), generator=g).tolist()  # small vocabularies: many repeats
+        lo, hi = 1 + trial % 2, 2 + trial % 4
+        index, prompt_len = PromptLookup(lo, hi), 10 + trial
+        for end in range(prompt_len, len(tokens) + 1, 1 + trial % 3):  # outputs grow by 1 .. 3 tokens per step
+            expected = brute_force_lookup(tokens[:end], lo, hi, 4)
+            assert index.propose(tokens[:prompt_len], tokens[prompt_len:end], 4) == expected, (trial, end)
+        # an output cut short (a stop string) is indexed anew
+        cut = brute_force_lookup(tokens[:40], lo, hi, 4)
+        assert index.propose(tokens[:prompt_len], tokens[prompt_len:40], 4) == cut
 
 
 def test_speculator_respects_limits_the_batch_rule_and_opt_outs():
