@@ -76,8 +76,8 @@ def main() -> None:
                     "batch": b,
                     "k": k,
                     "tokens": b * (1 + k),
-                    "ms_min": round(min(t) * 1e3, 1),
-                    "ms_median": round(statistics.median(t) * 1e3, 1),
+                    "ms_min": round(min(t) * 1e3, 2),
+                    "ms_median": round(statistics.median(t) * 1e3, 2),
                     "ratio_to_decode": round(min(t) / base, 2),
                 }
             )

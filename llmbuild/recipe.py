@@ -275,10 +275,12 @@ class SpeculativeSection(_Section):
     """Let sequences propose only while steps with proposals have measured faster (tokens per second) than
     steps without, per number of decoding sequences (one step in 64 tries the other kind); false: propose
     whenever a sequence finds a match."""
-    min_acceptance_rate: float = Field(0.3, ge=0, le=1)
+    min_acceptance_rate: float = Field(0.0, ge=0, le=1)
     """A sequence whose running share of accepted proposals falls below this stops speculating for 32 tokens,
-    then tries again (on a CPU a step of 1 + 4 tokens costs about 2x a decode step: bench/results/
-    spec-verify-cost.md; it pays from about 30% accepted)."""
+    then tries again; 0 (default): never, the measured speeds decide (`adaptive`). Prompt lookup's acceptance
+    comes in streaks (rejections, then a passage or loop that is accepted whole): on the demo model pausing at
+    0.1-0.3 skipped the streaks that pay, 0.96x of speculation off against 1.17x without the pause
+    (bench/results/spec-demo.md)."""
     draft: DraftSection | None = None
     """method draft: a draft engine built with this one, into its `draft/` directory (absent: the runtime
     needs `--draft-engine PATH`)."""

@@ -17,15 +17,16 @@ reproducible run to run, but draw other tokens than without speculation; the dis
 Rejected positions are rolled back by shortening the sequence: their KV entries sit past
 num_computed_tokens and are overwritten later; nothing is copied.
 
-When it pays: a verification step of 1 + k tokens costs little more than a decode step where a step is
-memory-bound, but on a CPU with few cores it is close to compute-bound and an extra token costs ~0.3-0.6 of a
-step (bench/results/spec-verify-cost.md). So the engine measures instead of assuming: for each number of
-decoding sequences it keeps the tokens per second of model time of steps with proposals (the time spent
-proposing included: a draft engine's steps) and of steps without, lets sequences propose only while that has
-been the faster kind, and takes the other kind one step in EXPLORE_EVERY (fewer while that keeps confirming
-the choice, down to one in MAX_EXPLORE_EVERY) so the estimate follows the workload. On top: no proposals in
-steps with more than `max_batch_size` decoding sequences, and a sequence whose running acceptance falls below
-`min_acceptance_rate` pauses for PAUSE_TOKENS tokens, then tries again.
+When it pays: a verification step of 1 + k tokens costs little more than a decode step where a step is memory-bound,
+but on a CPU with few cores it is close to compute-bound: on 2 cores a step of 1 + 4 tokens costs 1.84x a decode
+step of TinyLlama in bf16, 1.23x one of the demo model (bench/results/spec-verify-cost*.md). So the engine measures
+instead of assuming: for each number of decoding sequences it keeps the tokens per second of model time of steps
+with proposals (the time spent proposing included: a draft engine's steps) and of steps without, lets sequences
+propose only while that has been the faster kind, and takes the other kind one step in WARMUP_EXPLORE_EVERY until it
+has WARMUP_SAMPLES measurements, then one in EXPLORE_EVERY (fewer while that keeps confirming the choice, down to
+one in MAX_EXPLORE_EVERY) so the estimate follows the workload. On top: no proposals in steps with more than
+`max_batch_size` decoding sequences, and a sequence whose running acceptance falls below `min_acceptance_rate`
+pauses for PAUSE_TOKENS tokens, then tries again.
 """
 
 from __future__ import annotations
@@ -62,8 +63,16 @@ that has been slower, so that a change of workload is noticed; each exploration 
 slower doubles the interval, up to MAX_EXPLORE_EVERY (a draft engine's exploring step is dear: it first
 catches the draft up on every token since its last one)."""
 MAX_EXPLORE_EVERY = 1024
-SPEED_WEIGHT = 0.1
-"""Weight of the latest step in the tokens and seconds averages behind a speed (exponential averages)."""
+SPEED_WEIGHT = 0.03
+"""Weight of the latest step in the tokens and seconds averages behind a speed (exponential averages; plain
+means over the first 1 / SPEED_WEIGHT steps, so that a first unlucky step weighs no more than the others). A
+verification keeps anything from 0 to k tokens, in streaks: at 0.1 the average followed the last few and the demo
+model's 2.1 tokens per verification step read as 1.3-1.6, which kept speculation off where it paid."""
+WARMUP_SAMPLES = 8
+"""Steps of the slower kind measured before exploring slows down: until then it is taken one step in
+WARMUP_EXPLORE_EVERY (else its estimate rests on a step or two for hundreds of steps: the demo model's first
+verification rejecting everything kept speculation off at batch 1 where it paid 1.1x)."""
+WARMUP_EXPLORE_EVERY = 4
 
 
 @dataclass
@@ -73,14 +82,18 @@ class _Speed:
 
     tokens: float
     seconds: float
+    count: int = 1
+    """Steps measured."""
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
 
     def add(self, tokens: int, seconds: float) -> None:
-        self.tokens += SPEED_WEIGHT * (tokens - self.tokens)
-        self.seconds += SPEED_WEIGHT * (seconds - self.seconds)
+        self.count += 1
+        weight = max(SPEED_WEIGHT, 1 / self.count)
+        self.tokens += weight * (tokens - self.tokens)
+        self.seconds += weight * (seconds - self.seconds)
 
 
 @dataclass
@@ -99,6 +112,12 @@ class _Speeds:
     def proposals_faster(self) -> bool:
         assert self.with_proposals is not None and self.without is not None
         return self.with_proposals.tokens_per_second >= self.without.tokens_per_second
+
+    def explore_interval(self) -> int:
+        """Steps until the slower kind is taken again."""
+        assert self.with_proposals is not None and self.without is not None
+        slower = self.without if self.proposals_faster() else self.with_proposals
+        return self.explore_every if slower.count >= WARMUP_SAMPLES else WARMUP_EXPLORE_EVERY
 
 
 class PromptLookup:
@@ -185,13 +204,13 @@ class Speculator:
             return False
         if not self.config.adaptive:
             return True
-        speeds = self._speeds.setdefault(num_decoding, _Speeds())
+        speeds = self._speeds_of(num_decoding)
         speeds.steps += 1
         if speeds.with_proposals is None or speeds.without is None:
             return speeds.with_proposals is None  # measure a step with proposals, then one without
         speeds.exploring = speeds.steps >= speeds.next_explore
         if speeds.exploring:
-            speeds.next_explore = speeds.steps + speeds.explore_every
+            speeds.next_explore = speeds.steps + speeds.explore_interval()
         return speeds.proposals_faster() != speeds.exploring
 
     def observe(self, num_decoding: int, proposed: bool, num_tokens: int, seconds: float) -> None:
@@ -200,13 +219,15 @@ class Speculator:
         saves is measured as such."""
         seconds += self._proposal_seconds
         self._proposal_seconds = 0.0
-        speeds = self._speeds.setdefault(num_decoding, _Speeds())
+        speeds = self._speeds_of(num_decoding)
         speed = speeds.with_proposals if proposed else speeds.without
         if speed is None:
             if proposed:
                 speeds.with_proposals = _Speed(num_tokens, seconds)
             else:
                 speeds.without = _Speed(num_tokens, seconds)
+            if speeds.with_proposals and speeds.without:  # both measured once: warm up the slower one's estimate
+                speeds.next_explore = speeds.steps + speeds.explore_interval()
             return
         before = speeds.proposals_faster() if speeds.with_proposals and speeds.without else None
         speed.add(num_tokens, seconds)
@@ -214,13 +235,15 @@ class Speculator:
             return
         after = speeds.proposals_faster()
         if speeds.exploring:  # the slower kind, tried: still slower, look less often; else as often as first
-            still = after != proposed
-            speeds.explore_every = min(2 * speeds.explore_every, MAX_EXPLORE_EVERY) if still else EXPLORE_EVERY
+            if after == proposed:
+                speeds.explore_every = EXPLORE_EVERY
+            elif speed.count > WARMUP_SAMPLES:
+                speeds.explore_every = min(2 * speeds.explore_every, MAX_EXPLORE_EVERY)
         elif after != before:  # the chosen kind slowed down past the other: the workload changed
             speeds.explore_every = EXPLORE_EVERY
         else:
             return
-        speeds.next_explore = speeds.steps + speeds.explore_every
+        speeds.next_explore = speeds.steps + speeds.explore_interval()
         speeds.exploring = False
 
     def propose(self, request: Request, budget: int) -> tuple[int, ...]:
@@ -268,6 +291,12 @@ class Speculator:
             # after the pause, one more verification that accepts nothing pauses it again
             rate = self.config.min_acceptance_rate
         request.acceptance_rate = rate
+
+    def _speeds_of(self, num_decoding: int) -> _Speeds:
+        speeds = self._speeds.get(num_decoding)
+        if speeds is None:  # not setdefault: that would build a _Speeds on every step
+            speeds = self._speeds[num_decoding] = _Speeds()
+        return speeds
 
     def _lookup(self, request: Request) -> PromptLookup:
         lookup = self._lookups.get(request)
