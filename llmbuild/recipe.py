@@ -263,7 +263,8 @@ class SpeculativeSection(_Section):
     the same tokenizer proposes its greedy tokens: the one `draft` builds into the engine, else the one given at
     run time (`--draft-engine`)."""
     num_speculative_tokens: int = Field(4, ge=1, le=16)
-    """Most tokens proposed per sequence and step."""
+    """Most tokens proposed per sequence and step (at most 16: the CPU attention kernel checks the last token and
+    up to 16 proposals exactly as it decodes, csrc/paged_attention.cpp kMaxQueryTokens)."""
     prompt_lookup_min: int = Field(1, ge=1)
     """ngram: the shortest suffix (in tokens) that is looked up."""
     prompt_lookup_max: int = Field(4, ge=1)

@@ -73,11 +73,13 @@ def make_prompt(g: torch.Generator, llm: LLMEngine, prompt_len: int, workload: s
     paragraphs = [p.strip() for p in HELD_OUT_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
     first = int(torch.randint(0, len(paragraphs), (1,), generator=g))
     text = "\n\n".join(paragraphs[first:] + paragraphs[:first])  # from a seeded paragraph on, wrapping round
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    ids *= prompt_len // len(ids) + 1  # ~16k tokens of text: a longer prompt reads it again
     if workload == "text":
-        return llm.tokenizer.encode(text, add_special_tokens=False)[:prompt_len]
+        return ids[:prompt_len]
     blank = llm.tokenizer.encode("\n\n", add_special_tokens=False)
     cue = min(GROUNDED_CUE, max(prompt_len // 4, 1))
-    passage = llm.tokenizer.encode(text, add_special_tokens=False)[: max(prompt_len - len(blank) - cue, 1)]
+    passage = ids[: max(prompt_len - len(blank) - cue, 1)]
     return (passage + blank + passage[:cue])[:prompt_len]
 
 

@@ -108,6 +108,8 @@ class _Speeds:
     next_explore: int = EXPLORE_EVERY
     exploring: bool = False
     """Whether the latest step allowed took the slower kind."""
+    explored_proposals: bool = False
+    """Which kind it took (a step allowed to propose may find nothing to propose: then it measured the other)."""
 
     def proposals_faster(self) -> bool:
         assert self.with_proposals is not None and self.without is not None
@@ -132,10 +134,9 @@ class PromptLookup:
         self.tokens: list[int] = []
         self.starts: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(min_n, max_n + 1)}
 
-    def propose(self, prompt: Sequence[int], output: Sequence[int], k: int) -> list[int]:
-        """The (up to) k tokens that followed the latest earlier occurrence of the last n tokens of prompt +
-        output, for the longest n in [min_n, max_n] that occurs; [] when none does."""
-        self._extend(prompt, output)
+    def propose(self, k: int) -> list[int]:
+        """The (up to) k tokens that followed the latest earlier occurrence of the last n tokens (as of the
+        latest `extend`), for the longest n in [min_n, max_n] that occurs; [] when none does."""
         tokens = self.tokens
         if k <= 0:
             return []
@@ -145,9 +146,13 @@ class PromptLookup:
                 return tokens[start + n : start + n + k]
         return []
 
-    def _extend(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+    def extend(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        """Bring the index up to the request's tokens: prompt + output (which only grow while it runs)."""
         known = len(self.tokens)
-        if known > len(prompt) + len(output):  # an output cut short (at a stop string): start over
+        if known > len(prompt) + len(output) or (
+            known > len(prompt) and self.tokens[-1] != output[known - len(prompt) - 1]
+        ):
+            # an output cut short (at a stop string), or cut and grown again: start over
             self.tokens, known = [], 0
             for table in self.starts.values():
                 table.clear()
@@ -209,9 +214,11 @@ class Speculator:
         if speeds.with_proposals is None or speeds.without is None:
             return speeds.with_proposals is None  # measure a step with proposals, then one without
         speeds.exploring = speeds.steps >= speeds.next_explore
+        allowed = speeds.proposals_faster() != speeds.exploring
         if speeds.exploring:
             speeds.next_explore = speeds.steps + speeds.explore_interval()
-        return speeds.proposals_faster() != speeds.exploring
+            speeds.explored_proposals = allowed
+        return allowed
 
     def observe(self, num_decoding: int, proposed: bool, num_tokens: int, seconds: float) -> None:
         """A pure decode step's outcome: `num_tokens` emitted in `seconds` of model time, with proposals or not;
@@ -234,7 +241,9 @@ class Speculator:
         if before is None:
             return
         after = speeds.proposals_faster()
-        if speeds.exploring:  # the slower kind, tried: still slower, look less often; else as often as first
+        if speeds.exploring and proposed != speeds.explored_proposals:
+            pass  # the exploring step measured the kind it meant to avoid (nothing was proposed): no news
+        elif speeds.exploring:  # the slower kind, tried: still slower, look less often; else as often as first
             if after == proposed:
                 speeds.explore_every = EXPLORE_EVERY
             elif speed.count > WARMUP_SAMPLES:
@@ -254,15 +263,19 @@ class Speculator:
         """The tokens each of `requests` (this step's decoding sequences) checks, each at most budget - 1 of
         them; with a draft engine one batched call proposes for all. A proposal cut short keeps its prefix,
         so the scheduler trims each to what is left of the step's budget at its turn."""
-        start = time.perf_counter()
         ks = [self._max_proposals(r, budget) if self._speculates(r) else 0 for r in requests]
-        if self.drafter is not None:
-            proposals = self.drafter.propose(requests, ks)
+        if self.drafter is None:
+            # not timed: a request's first lookup indexes its whole prompt (3 ms at 4000 tokens), once in its life,
+            # and would weigh as one step's cost in the speed it proposes at
+            lookups = [self._lookup(r) if k else None for r, k in zip(requests, ks, strict=True)]
+            for request, lookup in zip(requests, lookups, strict=True):
+                if lookup is not None:
+                    lookup.extend(request.prompt_token_ids, request.output_token_ids)
+            start = time.perf_counter()
+            proposals = [tuple(lookup.propose(k)) if lookup else () for lookup, k in zip(lookups, ks, strict=True)]
         else:
-            proposals = [
-                tuple(self._lookup(r).propose(r.prompt_token_ids, r.output_token_ids, k)) if k else ()
-                for r, k in zip(requests, ks, strict=True)
-            ]
+            start = time.perf_counter()
+            proposals = self.drafter.propose(requests, ks)
         self._proposal_seconds += time.perf_counter() - start
         return proposals
 

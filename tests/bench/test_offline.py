@@ -95,5 +95,6 @@ def test_text_workloads_are_held_out_prose_and_a_passage_the_answer_is_to_repeat
         passage = grounded[: 64 - len(blank) - GROUNDED_CUE]
         assert len(grounded) == 64 and grounded == passage + blank + passage[:GROUNDED_CUE]
         assert make_prompt(torch.Generator().manual_seed(4), llm, 64, "grounded") != grounded  # seeded, not fixed
+        assert len(make_prompt(torch.Generator().manual_seed(3), llm, 40000, "text")) == 40000  # longer than the text
     finally:
         llm.close()

@@ -59,9 +59,9 @@ def test_decode_batch_matches_dense_attention(kernel_isa, head_dim, dtype, tol):
 @pytest.mark.parametrize("head_dim", [64, 20])  # 20: the portable loop
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_a_few_new_tokens_on_a_cached_context_match_dense_attention(kernel_isa, head_dim, dtype, tol):
-    # a speculative step: the last token and its proposals (2 .. 16 new tokens: the decode kernel) and a
-    # 17-token chunk (SDPA), each over a cached context crossing block borders
-    new = (2, 5, 9, 16, 17)
+    # a speculative step: the last token and its proposals (2 .. 17 new tokens: the decode kernel) and an
+    # 18-token chunk (SDPA), each over a cached context crossing block borders
+    new = (2, 5, 9, 17, 18)
     ctx = (3, 21, 40, 33, 50)
     args, full_k, full_v, q_parts = make_case(
         dtype, ctx_lens=ctx, new_tokens=new, heads=(8, 2), num_blocks=64, head_dim=head_dim
@@ -74,11 +74,12 @@ def test_a_few_new_tokens_on_a_cached_context_match_dense_attention(kernel_isa, 
         torch.testing.assert_close(out[cu[b] : cu[b + 1]].float(), expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("n", [5, 17])  # 17: the last token and the most proposals a recipe allows (16)
 @pytest.mark.parametrize("head_dim", [64, 20])
-def test_each_of_a_few_new_tokens_is_computed_as_a_decode_token_at_its_position(kernel_isa, head_dim):
-    # speculation is lossless only if checking a proposal computes what decoding that token would: token j of a
-    # 5-token step must equal, bit for bit, a decode step of that token over the context up to it
-    n, length = 5, 37
+def test_each_of_a_few_new_tokens_is_computed_as_a_decode_token_at_its_position(kernel_isa, head_dim, n):
+    # speculation is lossless only if checking a proposal computes what decoding that token would: token j of an
+    # n-token step must equal, bit for bit, a decode step of that token over the context up to it
+    length = 37
     args, *_ = make_case(
         torch.bfloat16, ctx_lens=(length,), new_tokens=(n,), heads=(8, 2), num_blocks=16, head_dim=head_dim
     )

@@ -23,6 +23,7 @@ from llmbuild.runtime.sampler import Sampler
 from llmbuild.runtime.sampling_params import SamplingParams
 from llmbuild.runtime.speculative import (
     EXPLORE_EVERY,
+    MAX_EXPLORE_EVERY,
     PAUSE_TOKENS,
     WARMUP_EXPLORE_EVERY,
     WARMUP_SAMPLES,
@@ -55,7 +56,9 @@ def _request(prompt, output=(), **params) -> Request:
 def lookup(tokens, min_n, max_n, k, prompt_len=None):
     """PromptLookup's proposal for `tokens` (the first prompt_len of them the prompt, default all)."""
     split = len(tokens) if prompt_len is None else prompt_len
-    return PromptLookup(min_n, max_n).propose(tokens[:split], tokens[split:], k)
+    index = PromptLookup(min_n, max_n)
+    index.extend(tokens[:split], tokens[split:])
+    return index.propose(k)
 
 
 def brute_force_lookup(tokens, min_n, max_n, k):
@@ -86,11 +89,14 @@ def test_ngram_index_kept_up_to_date_token_by_token_proposes_what_a_scan_finds()
         lo, hi = 1 + trial % 2, 2 + trial % 4
         index, prompt_len = PromptLookup(lo, hi), 10 + trial
         for end in range(prompt_len, len(tokens) + 1, 1 + trial % 3):  # outputs grow by 1 .. 3 tokens per step
-            expected = brute_force_lookup(tokens[:end], lo, hi, 4)
-            assert index.propose(tokens[:prompt_len], tokens[prompt_len:end], 4) == expected, (trial, end)
-        # an output cut short (a stop string) is indexed anew
-        cut = brute_force_lookup(tokens[:40], lo, hi, 4)
-        assert index.propose(tokens[:prompt_len], tokens[prompt_len:40], 4) == cut
+            index.extend(tokens[:prompt_len], tokens[prompt_len:end])
+            assert index.propose(4) == brute_force_lookup(tokens[:end], lo, hi, 4), (trial, end)
+        # an output cut and grown back to where it was is indexed anew, and so is one cut short (a stop string)
+        regrown = tokens[:40] + [t + 1 for t in tokens[40:]]
+        index.extend(regrown[:prompt_len], regrown[prompt_len:])
+        assert index.propose(4) == brute_force_lookup(regrown, lo, hi, 4)
+        index.extend(tokens[:prompt_len], tokens[prompt_len:40])
+        assert index.propose(4) == brute_force_lookup(tokens[:40], lo, hi, 4)
 
 
 def test_speculator_respects_limits_the_batch_rule_and_opt_outs():
@@ -191,6 +197,24 @@ def test_explorations_that_confirm_the_choice_come_less_often():
             break
         spec.observe(1, False, 1, 0.100)
     assert spec.allows(1) and spec._speeds[1].explore_every == EXPLORE_EVERY
+
+
+def test_an_exploring_step_with_nothing_to_propose_is_no_news():
+    # proposals lose; the steps that explore them find something to propose one time in three: each exploration
+    # that did propose confirms the choice, the others measured a plain step and must not reset the interval
+    spec = Speculator(SpeculativeSection(max_batch_size=8), max_seq_len=512)
+    spec.allows(1)
+    spec.observe(1, True, 1, 0.050)
+    spec.allows(1)
+    spec.observe(1, False, 1, 0.010)
+    explorations = 0
+    for _ in range(30000):
+        if spec.allows(1):
+            explorations += 1
+            spec.observe(1, explorations % 3 == 0, 1, 0.050 if explorations % 3 == 0 else 0.010)
+        else:
+            spec.observe(1, False, 1, 0.010)
+    assert spec._speeds[1].explore_every == MAX_EXPLORE_EVERY
 
 
 class _SlowDrafter:

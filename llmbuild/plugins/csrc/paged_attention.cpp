@@ -99,9 +99,10 @@ struct DecodeScratch {
 constexpr int64_t kMaxVecD = 256;
 
 // New tokens of a sequence with a cached context up to which the decode kernel serves them (above: SDPA over
-// the gathered context). Verifying k proposals is 1 + k tokens; through SDPA each costs a gather of the whole
-// context and a mask (~15x a decode token's attention on a small model).
-constexpr int64_t kMaxQueryTokens = 16;
+// the gathered context). Verifying k proposals is 1 + k tokens, k <= 16 (speculative.num_speculative_tokens):
+// all of them on the decode kernel, so that each is computed as its decode step would (through SDPA each costs
+// a gather of the whole context and a mask, ~15x a decode token's attention on a small model).
+constexpr int64_t kMaxQueryTokens = 17;
 
 // Query rows of one (sequence, kv head) item: `rows` = new tokens x group, row r belonging to new token
 // r / group, which sees the first first_len + r / group context positions (first_len = ctx_len for a decode
