@@ -42,7 +42,7 @@ def test_matches_dense_attention_on_a_mixed_step(kernel_isa, dtype, tol, impl):
     torch.testing.assert_close(written, args[1])
 
 
-@pytest.mark.parametrize("head_dim", [16, 64, 24, 20])  # 24: AVX2 vectors, AVX-512 portable; 20: portable
+@pytest.mark.parametrize("head_dim", [16, 64, 24, 20])  # 24: three 8-lane vectors; 20: the portable loop
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 def test_decode_batch_matches_dense_attention(kernel_isa, head_dim, dtype, tol):
     # contexts around the decode kernel's 8- and 16-position vectors: 1, exactly 16, one past, several

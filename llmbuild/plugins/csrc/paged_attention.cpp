@@ -8,9 +8,11 @@
 // arithmetic of a decode token at that position, and each K/V row loaded once for all of them. Longer
 // prompt chunks gather their context and use aten's SDPA, in the same forms transformers uses (is_causal for
 // a fresh prompt), so bf16 prefill matches it bit for bit.
-// The decode kernel's vector tiers (16 lanes with AVX-512, 8 with AVX2: one template over Vec16 / Vec8)
-// load and convert each K/V row once for the query heads of its group and take exp in vectors; a
-// portable loop serves other head sizes and the portable tier.
+// The decode kernel's vector path (8 fp32 lanes, the AVX2 and AVX-512 tiers alike) converts blocks of 8 K/V
+// rows to fp32 once for all the query rows of its group, sums each row's 8 dot products in one tree and takes
+// exp in vectors; a portable loop serves other head sizes and the portable tier. 16 lanes (AVX-512) measured
+// slower on the AMD EPYC (Zen 4) this was written on, whose 512-bit units are 256 bits wide, at head dims 64 and
+// 128: 106-118 against 128-132 GFLOP/s, and 121-130 against 143-150 (bench/results/decode-attention.md).
 // An int8 cache is read as int8 by the decode kernel (half the bytes of bf16: decode attention is
 // bound by reading the cache), its K scale folded into the query and its V scale applied to the output.
 // An fp8 cache (a GPU format) takes the portable loop: it is here for the builder's quality check.
@@ -92,7 +94,7 @@ void write_cache(const at::Tensor& src, at::Tensor& cache, const int64_t* slots,
 
 // Per-thread buffers of the decode kernel, reused across the (sequence, kv head) items of a thread.
 struct DecodeScratch {
-  std::vector<float> scores, q, acc;
+  std::vector<float> scores, q, acc, block;
 };
 
 // Head sizes up to which a K/V row is held in registers by the vectorized decode kernel.
@@ -106,7 +108,7 @@ constexpr int64_t kMaxQueryTokens = 17;
 
 // Query rows of one (sequence, kv head) item: `rows` = new tokens x group, row r belonging to new token
 // r / group, which sees the first first_len + r / group context positions (first_len = ctx_len for a decode
-// token). Row r's scores sit at scores[r * ctx_len ...].
+// token).
 struct QueryRows {
   int64_t rows, group, first_len, ctx_len;
   int64_t len(int64_t r) const { return first_len + r / group; }
@@ -114,39 +116,16 @@ struct QueryRows {
   int64_t first_row(int64_t p) const { return p < first_len ? 0 : (p - first_len + 1) * group; }
 };
 
-#if defined(LLMBUILD_AVX512)
-// 16 fp32 lanes.
-struct Vec16 {
-  using V = __m512;
-  static constexpr int64_t kWidth = 16;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V set1(float v) { return _mm512_set1_ps(v); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static V load(const c10::BFloat16* p) {
-    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-  }
-  static V load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static V load(const int8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static float sum(V v) { return _mm512_reduce_add_ps(v); }
-  static float top(V v) { return _mm512_reduce_max_ps(v); }
-  static V round(V v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // v * 2^n for integral n >= -126
-  static V scale2(V v, V n) { return _mm512_scalef_ps(v, n); }
-  // lanes where x < limit set to 0
-  static V zero_below(V v, V x, float limit) {
-    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~_mm512_cmp_ps_mask(x, _mm512_set1_ps(limit), _CMP_LT_OQ)), v);
-  }
-};
+#if defined(LLMBUILD_AVX2)
+// Lane i of the result: the sum of v[i]'s 8 lanes (one horizontal-add tree for 8 sums, instead of one
+// horizontal sum each).
+inline __m256 sum8_256(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
 #endif
+
 
 #if defined(LLMBUILD_AVX2)
 // 8 fp32 lanes.
@@ -171,6 +150,7 @@ struct Vec8 {
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static float sum(V v) { return hsum(v); }
+  static void sum8(const V* v, float* out) { _mm256_storeu_ps(out, sum8_256(v)); }
   static float top(V v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -237,33 +217,67 @@ void softmax_row(float* s, int64_t n) {
   for (int64_t p = main; p < n; ++p) s[p] *= 1.f / total;
 }
 
-// The vectorized decode kernel: qf [rows, d] (scaled queries), scores [rows, ctx_len] scratch, acc
-// [rows, d] zeroed; each K and V row is loaded and converted once for all the query rows that see it.
+// Context positions per block of the vectorized decode kernel: their K (then V) rows are converted to fp32
+// once into a scratch block, and each query row's 8 dot products are summed in one tree.
+constexpr int64_t kBlock = 8;
+
+// The vectorized decode kernel: qf [rows, d] (scaled queries), scores [rows, stride] scratch (stride: ctx_len
+// rounded up to kBlock), acc [rows, d] zeroed, block [kBlock, d] scratch. Rows run over whole blocks: the
+// scores a row computes past its own length are never read, and its weights there are zeroed before the V
+// pass, which therefore adds exactly what a decode token at that row's position adds, in the same order.
 // d is a multiple of the vector width and at most kMaxVecD.
 template <class Vec, typename cache_t>
 void decode_group_vec(const float* qf, const cache_t* k_cache, const cache_t* v_cache, const int32_t* table,
-                      const QueryRows& q, int64_t g, int64_t hkv, int64_t bs, int64_t d, float* scores, float* acc) {
+                      const QueryRows& q, int64_t g, int64_t hkv, int64_t bs, int64_t d, float* scores, float* acc,
+                      float* block) {
   using V = typename Vec::V;
   constexpr int64_t W = Vec::kWidth;
-  const int64_t nv = d / W, ctx_len = q.ctx_len;
-  V row[kMaxVecD / W];
-  for (int64_t p = 0; p < ctx_len; ++p) {
-    const cache_t* krow = k_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
-    for (int64_t i = 0; i < nv; ++i) row[i] = Vec::load(krow + W * i);
-    for (int64_t j = q.first_row(p); j < q.rows; ++j) {
-      V dot = Vec::mul(Vec::load(qf + j * d), row[0]);
-      for (int64_t i = 1; i < nv; ++i) dot = Vec::fmadd(Vec::load(qf + j * d + W * i), row[i], dot);
-      scores[j * ctx_len + p] = Vec::sum(dot);
+  const int64_t nv = d / W, ctx_len = q.ctx_len, stride = (ctx_len + kBlock - 1) / kBlock * kBlock;
+  // the block of positions [p0, p0 + kBlock) of one cache as fp32 rows, zeros past the context
+  auto load_block = [&](const cache_t* cache, int64_t p0) {
+    for (int64_t b = 0; b < kBlock; ++b) {
+      const int64_t p = p0 + b;
+      const cache_t* row = p < ctx_len ? cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d : nullptr;
+      if (p + kBlock < ctx_len) {  // the next block's row: the rows of a sequence are scattered over its blocks
+        const int64_t next = p + kBlock;
+        const char* ahead = reinterpret_cast<const char*>(cache + ((table[next / bs] * hkv + g) * bs + next % bs) * d);
+        for (int64_t line = 0; line < d * static_cast<int64_t>(sizeof(cache_t)); line += 64) {
+          _mm_prefetch(ahead + line, _MM_HINT_T0);
+        }
+      }
+      for (int64_t i = 0; i < nv; ++i) Vec::store(block + b * d + W * i, row ? Vec::load(row + W * i) : Vec::zero());
+    }
+  };
+  for (int64_t p0 = 0; p0 < ctx_len; p0 += kBlock) {
+    load_block(k_cache, p0);
+    for (int64_t j = q.first_row(p0); j < q.rows; ++j) {
+      const float* qj = qf + j * d;
+      V dot[kBlock];
+      const V q0 = Vec::load(qj);
+      for (int64_t b = 0; b < kBlock; ++b) dot[b] = Vec::mul(q0, Vec::load(block + b * d));
+      for (int64_t i = 1; i < nv; ++i) {
+        const V qi = Vec::load(qj + W * i);
+        for (int64_t b = 0; b < kBlock; ++b) dot[b] = Vec::fmadd(qi, Vec::load(block + b * d + W * i), dot[b]);
+      }
+      Vec::sum8(dot, scores + j * stride + p0);
     }
   }
-  for (int64_t j = 0; j < q.rows; ++j) softmax_row<Vec>(scores + j * ctx_len, q.len(j));
-  for (int64_t p = 0; p < ctx_len; ++p) {
-    const cache_t* vrow = v_cache + ((table[p / bs] * hkv + g) * bs + p % bs) * d;
-    for (int64_t i = 0; i < nv; ++i) row[i] = Vec::load(vrow + W * i);
-    for (int64_t j = q.first_row(p); j < q.rows; ++j) {
-      const V w = Vec::set1(scores[j * ctx_len + p]);
+  for (int64_t j = 0; j < q.rows; ++j) {
+    float* sj = scores + j * stride;
+    softmax_row<Vec>(sj, q.len(j));
+    std::fill(sj + q.len(j), sj + stride, 0.f);
+  }
+  for (int64_t p0 = 0; p0 < ctx_len; p0 += kBlock) {
+    load_block(v_cache, p0);
+    for (int64_t j = q.first_row(p0); j < q.rows; ++j) {
+      V w[kBlock];
+      for (int64_t b = 0; b < kBlock; ++b) w[b] = Vec::set1(scores[j * stride + p0 + b]);
       float* a = acc + j * d;
-      for (int64_t i = 0; i < nv; ++i) Vec::store(a + W * i, Vec::fmadd(w, row[i], Vec::load(a + W * i)));
+      for (int64_t i = 0; i < nv; ++i) {
+        V sum = Vec::load(a + W * i);
+        for (int64_t b = 0; b < kBlock; ++b) sum = Vec::fmadd(w[b], Vec::load(block + b * d + W * i), sum);
+        Vec::store(a + W * i, sum);
+      }
     }
   }
 }
@@ -312,7 +326,8 @@ void decode_group(const at::Tensor& q_all, int64_t row0, int64_t n, const cache_
                   const int32_t* table, int64_t ctx_len, int64_t g, int64_t group, int64_t hkv, int64_t bs,
                   int64_t d, float scale, float k_scale, float v_scale, scalar_t* out, DecodeScratch& scratch) {
   const QueryRows rows{n * group, group, ctx_len - n + 1, ctx_len};
-  scratch.scores.resize(rows.rows * ctx_len);
+  scratch.scores.resize(rows.rows * (ctx_len + kBlock));
+  scratch.block.resize(kBlock * d);
   scratch.q.resize(rows.rows * d);
   scratch.acc.assign(rows.rows * d, 0.f);
   float* qf = scratch.q.data();
@@ -330,15 +345,10 @@ void decode_group(const at::Tensor& q_all, int64_t row0, int64_t n, const cache_
   // fp8 (a GPU format, run here by the builder's checks) and fp64 take the portable loop
   if constexpr (!std::is_same_v<cache_t, double> && !std::is_same_v<cache_t, c10::Float8_e4m3fn>) {
     [[maybe_unused]] const Isa isa = kernel_isa();
-#if defined(LLMBUILD_AVX512)
-    if (!done && isa == Isa::kAvx512 && d % Vec16::kWidth == 0 && d <= kMaxVecD) {
-      decode_group_vec<Vec16>(qf, k_cache, v_cache, table, rows, g, hkv, bs, d, scratch.scores.data(), acc);
-      done = true;
-    }
-#endif
 #if defined(LLMBUILD_AVX2)
     if (!done && isa >= Isa::kAvx2 && d % Vec8::kWidth == 0 && d <= kMaxVecD) {
-      decode_group_vec<Vec8>(qf, k_cache, v_cache, table, rows, g, hkv, bs, d, scratch.scores.data(), acc);
+      decode_group_vec<Vec8>(qf, k_cache, v_cache, table, rows, g, hkv, bs, d, scratch.scores.data(), acc,
+                             scratch.block.data());
       done = true;
     }
 #endif
