@@ -97,8 +97,6 @@ struct DecodeScratch {
   std::vector<float> scores, q, acc, block;
 };
 
-// Head sizes up to which a K/V row is held in registers by the vectorized decode kernel.
-constexpr int64_t kMaxVecD = 256;
 
 // New tokens of a sequence with a cached context up to which the decode kernel serves them (above: SDPA over
 // the gathered context). Verifying k proposals is 1 + k tokens, k <= 16 (speculative.num_speculative_tokens):
@@ -225,7 +223,7 @@ constexpr int64_t kBlock = 8;
 // rounded up to kBlock), acc [rows, d] zeroed, block [kBlock, d] scratch. Rows run over whole blocks: the
 // scores a row computes past its own length are never read, and its weights there are zeroed before the V
 // pass, which therefore adds exactly what a decode token at that row's position adds, in the same order.
-// d is a multiple of the vector width and at most kMaxVecD.
+// d is a multiple of the vector width.
 template <class Vec, typename cache_t>
 void decode_group_vec(const float* qf, const cache_t* k_cache, const cache_t* v_cache, const int32_t* table,
                       const QueryRows& q, int64_t g, int64_t hkv, int64_t bs, int64_t d, float* scores, float* acc,
@@ -346,7 +344,7 @@ void decode_group(const at::Tensor& q_all, int64_t row0, int64_t n, const cache_
   if constexpr (!std::is_same_v<cache_t, double> && !std::is_same_v<cache_t, c10::Float8_e4m3fn>) {
     [[maybe_unused]] const Isa isa = kernel_isa();
 #if defined(LLMBUILD_AVX2)
-    if (!done && isa >= Isa::kAvx2 && d % Vec8::kWidth == 0 && d <= kMaxVecD) {
+    if (!done && isa >= Isa::kAvx2 && d % Vec8::kWidth == 0) {
       decode_group_vec<Vec8>(qf, k_cache, v_cache, table, rows, g, hkv, bs, d, scratch.scores.data(), acc,
                              scratch.block.data());
       done = true;
