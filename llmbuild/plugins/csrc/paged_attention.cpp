@@ -240,7 +240,7 @@ void decode_group_vec(const float* qf, const cache_t* k_cache, const cache_t* v_
         const int64_t next = p + kBlock;
         const char* ahead = reinterpret_cast<const char*>(cache + ((table[next / bs] * hkv + g) * bs + next % bs) * d);
         for (int64_t line = 0; line < d * static_cast<int64_t>(sizeof(cache_t)); line += 64) {
-          _mm_prefetch(ahead + line, _MM_HINT_T0);
+          __builtin_prefetch(ahead + line);
         }
       }
       for (int64_t i = 0; i < nv; ++i) Vec::store(block + b * d + W * i, row ? Vec::load(row + W * i) : Vec::zero());
