@@ -9,6 +9,7 @@ flags and the kernel tier that ran, and the engine's load time (op library, grap
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import resource
@@ -62,6 +63,12 @@ GROUNDED_CUE = 8
 """Tokens of the passage repeated after it: the start the answer is to go on from."""
 
 
+@functools.cache
+def _held_out_paragraphs() -> tuple[str, ...]:
+    """The held-out text's paragraphs (read once per process, not once per prompt)."""
+    return tuple(p.strip() for p in HELD_OUT_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip())
+
+
 def make_prompt(g: torch.Generator, llm: LLMEngine, prompt_len: int, workload: str) -> list[int]:
     """One benchmark prompt of `prompt_len` tokens (see WORKLOADS)."""
     vocab = llm.engine.manifest.model.vocab_size
@@ -70,7 +77,7 @@ def make_prompt(g: torch.Generator, llm: LLMEngine, prompt_len: int, workload: s
     if workload == "repeat":
         half = torch.randint(3, vocab, ((prompt_len + 1) // 2,), generator=g).tolist()
         return (half + half)[:prompt_len]
-    paragraphs = [p.strip() for p in HELD_OUT_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    paragraphs = _held_out_paragraphs()
     first = int(torch.randint(0, len(paragraphs), (1,), generator=g))
     text = "\n\n".join(paragraphs[first:] + paragraphs[:first])  # from a seeded paragraph on, wrapping round
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
