@@ -2,10 +2,11 @@
 """The decode kernels of each tier side by side: GB/s of weights streamed per linear op at batch 1 (and 16).
 
     python bench/kernel_tiers.py --out bench/results/kernel-tiers
+    python bench/kernel_tiers.py --lib ENGINE/ops/llmbuild_ops.so --format bf16 --batch 16
 
 One process, TinyLlama-1.1B's projection shapes (one layer's fused qkv, o, fused gate_up, down, and
-lm_head), random weights. Rounds interleave the tiers (avx512, avx2, portable: those this CPU's native
-op library holds) so that a noisy machine slows all alike; min and median over the rounds. The memory
+lm_head), random weights. Rounds interleave the tiers (avx512, avx2, portable: those the op library holds
+and this CPU runs) so that a noisy machine slows all alike; min and median over the rounds. The memory
 read bandwidth measured in the same run is the ceiling.
 """
 
@@ -70,12 +71,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, action="append")
+    ap.add_argument("--format", choices=("bf16", "int8", "int4"), action="append")
+    ap.add_argument(
+        "--lib",
+        type=Path,
+        help="an op library to measure (an engine's ops/llmbuild_ops.so, e.g. one "
+        "built for x86-64-v3); default: this CPU's native build",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    load_plugins()
+    load_plugins(args.lib)
     torch.set_num_threads(2)
     x = {k: torch.randn(16, k).bfloat16() for k in (2048, 5632)}
-    layers = {fmt: weights(fmt) for fmt in ("bf16", "int8", "int4")}
+    layers = {fmt: weights(fmt) for fmt in args.format or ("bf16", "int8", "int4")}
     tiers = compiled_isas()
     samples: dict[tuple, list[float]] = {}
     bandwidth = []
@@ -100,8 +108,8 @@ def main() -> None:
     }
     lines = [
         f"Decode kernels per tier, TinyLlama-1.1B projections (qkv, o, gate_up, down, lm_head), {args.rounds} "
-        f"interleaved rounds; {report['cpu']}, {report['threads']} threads; read bandwidth "
-        f"{report['read_bandwidth_gbs'][1]} GB/s (median)",
+        f"interleaved rounds; {report['cpu']}, {report['threads']} threads; library {args.lib or 'native'}; "
+        f"read bandwidth {report['read_bandwidth_gbs'][1]} GB/s (median)",
         "",
         f"CPU flags: {report['cpu_isa_flags']}",
         "",

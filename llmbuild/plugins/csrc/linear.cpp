@@ -10,12 +10,15 @@
 //   avx2           bf16 -> fp32 by shifts: a 32-bit lane holding elements (2j, 2j+1) gives element 2j+1
 //                  by masking its low half and element 2j by shifting left 16; x is split into its even
 //                  and odd elements once per call, so each weight vector costs two ALU ops and two FMAs.
+//                  From kWideRows rows on, panels of weight rows are widened once into a buffer and
+//                  multiplied from there by 4 x 3 register tiles (wide_gemm).
 // Anything else (fp32, prefill-sized batches, the portable tier) goes to aten, i.e. oneDNN, which is
 // faster once the GEMM is compute-bound; bf16 prefill below AVX512-BF16 widens panels of the weight to fp32
 // first (dequantize_gemm.h: aten's bf16 GEMM is an emulation there).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <memory>
 #include <vector>
 
 #include "dequantize_gemm.h"
@@ -27,8 +30,8 @@ namespace {
 
 // Rows of x up to which the decode kernel runs. AVX512-BF16 (2-core machine, TinyLlama shapes, one layer +
 // lm_head): 1.37x aten at M=4; with its tile in registers (isa.h dpbf16) 1.06-1.12x aten at M = 9..16
-// (7.4 / 7.9 / 9.2 ms against 8.1 / 8.9 / 9.8 ms at M = 9 / 12 / 16). AVX2: at M=16 the panels beat widening to fp32 for a GEMM (197 vs 182 GFLOP/s at M=17, 2 cores
-// of an AMD EPYC kept to AVX2; bench/results/kernel-tiers-bf16-avx2.md).
+// (7.4 / 7.9 / 9.2 ms against 8.1 / 8.9 / 9.8 ms at M = 9 / 12 / 16). AVX2: at M = 16 even the earlier panels
+// beat widening the whole weight for aten's GEMM (197 vs 182 GFLOP/s at M = 17, 2 cores of an AMD EPYC kept to AVX2).
 constexpr int64_t kSmallMAvx512 = 16;
 constexpr int64_t kSmallMAvx2 = 16;
 
@@ -129,8 +132,131 @@ void rows(const Args& p, const c10::BFloat16* x, const float* xs, int64_t m0, in
   if (n < n1) rows<M, 1>(p, x, xs, m0, n, n1);
 }
 
+// From kWideRows rows of x on, every weight is used by enough rows that widening it once pays: a panel of
+// kWidePanel weight rows is widened to fp32 (in the even/odd order of xs) into a buffer of the thread, then
+// 4 x 3 register tiles multiply it with x from the cache. The thread's next panel is prefetched across the
+// current one's tiles: read on demand, it arrived in one burst per panel and the cores waited on memory.
+// (x86-64-v3 build, 2 AMD EPYC cores, TinyLlama shapes at M = 16: 197-206 GFLOP/s against 134-180 for the
+// panels of rows<4, 1> below; without the prefetch ~160 in a standalone test. At M = 6 the widening does not
+// pay yet: 9.1-9.4 against 8.5 ms; M = 7 9.1-9.3 against 9.4-9.6 ms; bench/results/kernel-tiers-bf16-avx2.md.)
+constexpr int64_t kWideRows = 7;
+constexpr int64_t kWidePanel = 12;
+
+// Widens rows [0, rows) of w (row stride K) into wf ([rows][k_vec], even elements then odd ones per row).
+void widen_rows(const c10::BFloat16* w, int64_t K, int64_t k_vec, int64_t rows, float* wf) {
+  const int64_t half = k_vec / 2;
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = wf + r * k_vec;
+    for (int64_t k = 0; k < k_vec; k += 16) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
+      _mm256_storeu_ps(out + k / 2, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+      _mm256_storeu_ps(out + half + k / 2, _mm256_castsi256_ps(_mm256_and_si256(v, high)));
+    }
+  }
+}
+
+// Output rows [n, n + NR) for x rows [m0, m0 + MR) from widened rows wf; prefetches [pf, pf_end) on the way,
+// a cache line every pf_mask + 1 vectors.
+// The empty asm statements pin each loaded vector to a register: GCC 12 otherwise folds the loads into the FMAs
+// as memory operands, reading each weight MR times and each x NR times (with -march=znver4: 24 loads per 12
+// FMAs, 90 against 190 GFLOP/s). Not inlined: inside its caller the same tile spilled to the stack.
+template <int MR, int NR>
+__attribute__((noinline)) void wide_tile(const Args& p, const c10::BFloat16* x, const float* xs, const float* wf,
+                                         int64_t m0, int64_t n, const char* pf, const char* pf_end, int64_t pf_mask) {
+  const int64_t K = p.K, k_vec = K / 16 * 16;
+  // (every loop over the tile unrolled, so that it lives in registers: 12 accumulators, 3 weights, 1 x)
+  __m256 acc[MR][NR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t j = 0, i = 0; j < k_vec; j += 8, ++i) {
+    if (pf < pf_end && (i & pf_mask) == 0) {
+      __builtin_prefetch(pf);
+      pf += 64;
+    }
+    __m256 wv[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      wv[r] = _mm256_loadu_ps(wf + r * k_vec + j);
+      asm("" : "+x"(wv[r]));
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      __m256 xv = _mm256_loadu_ps(xs + (m0 + m) * k_vec + j);
+      asm("" : "+x"(xv));
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  // (reduced in unrolled loops: an accumulator indexed at run time would live on the stack)
+  float dots[MR][NR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) dots[m][r] = hsum(acc[m][r]);
+  for (int m = 0; m < MR; ++m) {
+    for (int r = 0; r < NR; ++r) {
+      float dot = dots[m][r];
+      for (int64_t k = k_vec; k < K; ++k)
+        dot += static_cast<float>(x[(m0 + m) * K + k]) * static_cast<float>(p.w[(n + r) * K + k]);
+      finish(p, m0 + m, n + r, dot);
+    }
+  }
+}
+
+template <int NR>
+void wide_tile_rows(const Args& p, const c10::BFloat16* x, const float* xs, const float* wf, int64_t m0, int64_t mr,
+                    int64_t n, const char* pf, const char* pf_end, int64_t pf_mask) {
+  switch (mr) {
+    case 1: wide_tile<1, NR>(p, x, xs, wf, m0, n, pf, pf_end, pf_mask); break;
+    case 2: wide_tile<2, NR>(p, x, xs, wf, m0, n, pf, pf_end, pf_mask); break;
+    case 3: wide_tile<3, NR>(p, x, xs, wf, m0, n, pf, pf_end, pf_mask); break;
+    default: wide_tile<4, NR>(p, x, xs, wf, m0, n, pf, pf_end, pf_mask); break;
+  }
+}
+
+void wide_gemm(const Args& p, const c10::BFloat16* x, const float* xs, int64_t M) {
+  const int64_t K = p.K, k_vec = K / 16 * 16, panels = (p.N + kWidePanel - 1) / kWidePanel;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    const std::unique_ptr<float[]> buffer(new float[kWidePanel * k_vec]);
+    float* wf = buffer.get();
+    for (int64_t panel = p0; panel < p1; ++panel) {
+      const int64_t n0 = panel * kWidePanel, n1 = std::min(n0 + kWidePanel, p.N);
+      widen_rows(p.w + n0 * K, K, k_vec, n1 - n0, wf);
+      // the thread's next panel, a share per tile
+      const int64_t next_rows = panel + 1 < p1 ? std::min(kWidePanel, p.N - n1) : 0;
+      const char* next = reinterpret_cast<const char*>(p.w + n1 * K);
+      const int64_t lines = (next_rows * K * 2 + 63) / 64;
+      const int64_t tiles = (M + 3) / 4 * ((n1 - n0 + 2) / 3);
+      const int64_t share = (lines + tiles - 1) / tiles;
+      int64_t mask = 0;  // a line every 2^j vectors, as sparse as still covers the share
+      while (share > 0 && (mask + 1) * 2 * share <= k_vec / 8) mask = mask * 2 + 1;
+      int64_t tile = 0;
+      for (int64_t m = 0; m < M; m += 4) {
+        const int64_t mr = std::min<int64_t>(4, M - m);
+        for (int64_t n = n0; n < n1; n += 3, ++tile) {
+          const char* pf = next + std::min(lines, tile * share) * 64;
+          const char* pf_end = next + std::min(lines, (tile + 1) * share) * 64;
+          const float* wn = wf + (n - n0) * k_vec;
+          switch (std::min<int64_t>(3, n1 - n)) {
+            case 1: wide_tile_rows<1>(p, x, xs, wn, m, mr, n, pf, pf_end, mask); break;
+            case 2: wide_tile_rows<2>(p, x, xs, wn, m, mr, n, pf, pf_end, mask); break;
+            default: wide_tile_rows<3>(p, x, xs, wn, m, mr, n, pf, pf_end, mask); break;
+          }
+        }
+      }
+    }
+  });
+}
+
 void gemv(const Args& p, const c10::BFloat16* x, int64_t M) {
   const std::vector<float> xs = split_even_odd(x, M, p.K);
+  if (M >= kWideRows) {
+    wide_gemm(p, x, xs.data(), M);
+    return;
+  }
   for_each_block(M, p.N, 8, [&](int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
     switch (mt) {
       // one weight row at a time at batch 1: a single sequential stream through memory
