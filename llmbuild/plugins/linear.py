@@ -1,7 +1,8 @@
 """`llmbuild::linear`: y = x @ w.T + bias, with a decode-sized bf16 kernel (csrc/linear.cpp).
 
-Batches of at most 8 bf16 rows stream the weights through llmbuild's kernel (AVX512-BF16 dot products,
-or AVX2 with bf16 widened by shifts); everything else, and CPUs below AVX2, run aten's linear (oneDNN).
+bf16 batches of up to 16 rows (AVX512-BF16 dot products) or 64 rows (AVX2: bf16 widened by shifts, from 7 rows
+a panel of weights at a time) run llmbuild's kernel; everything else, and CPUs below AVX2, run aten's linear
+(oneDNN; bf16 below AVX512-BF16 on weights widened to fp32 first).
 The reference is aten's linear.
 """
 

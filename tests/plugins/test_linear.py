@@ -8,7 +8,8 @@ import torch
 from llmbuild.plugins.linear import linear_ref
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17])  # 1-4 streaming tiles, 5-16 panels, 17+ aten
+# 1-4 streaming tiles; 5-6 panels (5-16 on AVX-512); AVX2 widened panels 7-64; aten above
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 64, 65])
 @pytest.mark.parametrize("k", [64, 100, 2048])  # 100: a tail shorter than one vector
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_matches_fp32_math_within_rounding(kernel_isa, m, k, bias):

@@ -30,10 +30,11 @@ namespace {
 
 // Rows of x up to which the decode kernel runs. AVX512-BF16 (2-core machine, TinyLlama shapes, one layer +
 // lm_head): 1.37x aten at M=4; with its tile in registers (isa.h dpbf16) 1.06-1.12x aten at M = 9..16
-// (7.4 / 7.9 / 9.2 ms against 8.1 / 8.9 / 9.8 ms at M = 9 / 12 / 16). AVX2: at M = 16 even the earlier panels
-// beat widening the whole weight for aten's GEMM (197 vs 182 GFLOP/s at M = 17, 2 cores of an AMD EPYC kept to AVX2).
+// (7.4 / 7.9 / 9.2 ms against 8.1 / 8.9 / 9.8 ms at M = 9 / 12 / 16). AVX2: the widened tiles (wide_gemm) against
+// widening the whole weight for aten's fp32 GEMM, one layer + lm_head, x86-64-v3 build, torch kept to AVX2, 2 cores
+// of an AMD EPYC: 1.45x at M = 17, 1.28x at 32, 1.10-1.13x at 64, 1.00-1.03x at 96, 0.96x at 128.
 constexpr int64_t kSmallMAvx512 = 16;
-constexpr int64_t kSmallMAvx2 = 16;
+constexpr int64_t kSmallMAvx2 = 64;
 
 // Weight rows per panel when x has more than 4 rows (a few tens of KB, cache-resident).
 constexpr int64_t kPanel = 16;
