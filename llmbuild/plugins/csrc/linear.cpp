@@ -18,8 +18,6 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
-#include <memory>
-#include <vector>
 
 #include "dequantize_gemm.h"
 #include "isa.h"
@@ -31,12 +29,14 @@ namespace {
 // Rows of x up to which the decode kernel runs. AVX512-BF16 (2-core machine, TinyLlama shapes, one layer +
 // lm_head): 1.37x aten at M=4; with its tile in registers (isa.h dpbf16) 1.06-1.12x aten at M = 9..16
 // (7.4 / 7.9 / 9.2 ms against 8.1 / 8.9 / 9.8 ms at M = 9 / 12 / 16). AVX2: the widened tiles (wide_gemm) against
-// widening the whole weight for aten's fp32 GEMM, one layer + lm_head, x86-64-v3 build, torch kept to AVX2, 2 cores
-// of an AMD EPYC: 1.45x at M = 17, 1.28x at 32, 1.10-1.13x at 64, 1.00-1.03x at 96, 0.96x at 128.
+// aten's fp32 GEMM on weights widened panel by panel, one layer + lm_head, x86-64-v3 build, torch kept to AVX2, 2
+// cores of an AMD EPYC: 1.45x at M = 17, 1.28x at 32, 1.10-1.13x at 64, 1.00-1.03x at 96, 0.96x at 128. A CPU with
+// AVX-512 but not its BF16 (an x86-64-v4 build) runs the AVX2 tiles only up to kSmallMAvx512 rows: against aten's
+// AVX-512 GEMM on a CPU with full-width 512-bit units they are not measured.
 constexpr int64_t kSmallMAvx512 = 16;
 constexpr int64_t kSmallMAvx2 = 64;
 
-// Weight rows per panel when x has more than 4 rows (a few tens of KB, cache-resident).
+// Weight rows per panel when x has more than 4 rows and the widened tiles do not run (a few tens of KB).
 constexpr int64_t kPanel = 16;
 
 // Bytes ahead of the current position of each weight row to prefetch.
@@ -72,17 +72,19 @@ void for_each_block(int64_t M, int64_t N, int64_t grain_rows, Rows&& rows) {
 #if defined(LLMBUILD_AVX2)
 namespace avx2 {
 
-// x rows as fp32, split into even and odd elements: [M][2][K/2] (only the first K / 16 * 16 columns).
-std::vector<float> split_even_odd(const c10::BFloat16* x, int64_t M, int64_t K) {
+// x rows as fp32, split into even and odd elements of their first k_vec = K / 16 * 16 columns: [M][2][k_vec / 2],
+// i.e. rows of k_vec floats. (A tensor: aligned to 64 bytes, so that no 32-byte load straddles a cache line.)
+at::Tensor split_even_odd(const c10::BFloat16* x, int64_t M, int64_t K) {
   const int64_t half = K / 16 * 8;
-  std::vector<float> out(M * 2 * half);
+  at::Tensor tensor = at::empty({M * 2 * half}, at::kFloat);
+  float* out = tensor.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t j = 0; j < half; ++j) {
       out[(2 * m) * half + j] = static_cast<float>(x[m * K + 2 * j]);
       out[(2 * m + 1) * half + j] = static_cast<float>(x[m * K + 2 * j + 1]);
     }
   }
-  return out;
+  return tensor;
 }
 
 // Output rows [n0, n1) for x rows [m0, m0 + M), ROWS weight rows at a time, even and odd accumulators.
@@ -157,14 +159,15 @@ void widen_rows(const c10::BFloat16* w, int64_t K, int64_t k_vec, int64_t rows, 
   }
 }
 
-// Output rows [n, n + NR) for x rows [m0, m0 + MR) from widened rows wf; prefetches [pf, pf_end) on the way,
-// a cache line every pf_mask + 1 vectors.
+// Output rows [n, n + NR) for x rows [m0, m0 + MR) from widened rows wf; prefetches the bytes [pf, pf_end) of
+// `next` on the way, a cache line every pf_mask + 1 vectors.
 // The empty asm statements pin each loaded vector to a register: GCC 12 otherwise folds the loads into the FMAs
 // as memory operands, reading each weight MR times and each x NR times (with -march=znver4: 24 loads per 12
 // FMAs, 90 against 190 GFLOP/s). Not inlined: inside its caller the same tile spilled to the stack.
 template <int MR, int NR>
 __attribute__((noinline)) void wide_tile(const Args& p, const c10::BFloat16* x, const float* xs, const float* wf,
-                                         int64_t m0, int64_t n, const char* pf, const char* pf_end, int64_t pf_mask) {
+                                         int64_t m0, int64_t n, const char* next, int64_t pf, int64_t pf_end,
+                                         int64_t pf_mask) {
   const int64_t K = p.K, k_vec = K / 16 * 16;
   // (every loop over the tile unrolled, so that it lives in registers: 12 accumulators, 3 weights, 1 x)
   __m256 acc[MR][NR];
@@ -174,7 +177,7 @@ __attribute__((noinline)) void wide_tile(const Args& p, const c10::BFloat16* x, 
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t j = 0, i = 0; j < k_vec; j += 8, ++i) {
     if (pf < pf_end && (i & pf_mask) == 0) {
-      __builtin_prefetch(pf);
+      __builtin_prefetch(next + pf);
       pf += 64;
     }
     __m256 wv[NR];
@@ -209,27 +212,27 @@ __attribute__((noinline)) void wide_tile(const Args& p, const c10::BFloat16* x, 
 
 template <int NR>
 void wide_tile_rows(const Args& p, const c10::BFloat16* x, const float* xs, const float* wf, int64_t m0, int64_t mr,
-                    int64_t n, const char* pf, const char* pf_end, int64_t pf_mask) {
+                    int64_t n, const char* next, int64_t pf, int64_t pf_end, int64_t pf_mask) {
   switch (mr) {
-    case 1: wide_tile<1, NR>(p, x, xs, wf, m0, n, pf, pf_end, pf_mask); break;
-    case 2: wide_tile<2, NR>(p, x, xs, wf, m0, n, pf, pf_end, pf_mask); break;
-    case 3: wide_tile<3, NR>(p, x, xs, wf, m0, n, pf, pf_end, pf_mask); break;
-    default: wide_tile<4, NR>(p, x, xs, wf, m0, n, pf, pf_end, pf_mask); break;
+    case 1: wide_tile<1, NR>(p, x, xs, wf, m0, n, next, pf, pf_end, pf_mask); break;
+    case 2: wide_tile<2, NR>(p, x, xs, wf, m0, n, next, pf, pf_end, pf_mask); break;
+    case 3: wide_tile<3, NR>(p, x, xs, wf, m0, n, next, pf, pf_end, pf_mask); break;
+    default: wide_tile<4, NR>(p, x, xs, wf, m0, n, next, pf, pf_end, pf_mask); break;
   }
 }
 
 void wide_gemm(const Args& p, const c10::BFloat16* x, const float* xs, int64_t M) {
   const int64_t K = p.K, k_vec = K / 16 * 16, panels = (p.N + kWidePanel - 1) / kWidePanel;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    const std::unique_ptr<float[]> buffer(new float[kWidePanel * k_vec]);
-    float* wf = buffer.get();
+    const at::Tensor buffer = at::empty({kWidePanel * k_vec}, at::kFloat);  // (64-byte aligned, as x_split)
+    float* wf = buffer.data_ptr<float>();
     for (int64_t panel = p0; panel < p1; ++panel) {
       const int64_t n0 = panel * kWidePanel, n1 = std::min(n0 + kWidePanel, p.N);
       widen_rows(p.w + n0 * K, K, k_vec, n1 - n0, wf);
       // the thread's next panel, a share per tile
       const int64_t next_rows = panel + 1 < p1 ? std::min(kWidePanel, p.N - n1) : 0;
       const char* next = reinterpret_cast<const char*>(p.w + n1 * K);
-      const int64_t lines = (next_rows * K * 2 + 63) / 64;
+      const int64_t bytes = next_rows * K * 2, lines = (bytes + 63) / 64;
       const int64_t tiles = (M + 3) / 4 * ((n1 - n0 + 2) / 3);
       const int64_t share = (lines + tiles - 1) / tiles;
       int64_t mask = 0;  // a line every 2^j vectors, as sparse as still covers the share
@@ -238,13 +241,12 @@ void wide_gemm(const Args& p, const c10::BFloat16* x, const float* xs, int64_t M
       for (int64_t m = 0; m < M; m += 4) {
         const int64_t mr = std::min<int64_t>(4, M - m);
         for (int64_t n = n0; n < n1; n += 3, ++tile) {
-          const char* pf = next + std::min(lines, tile * share) * 64;
-          const char* pf_end = next + std::min(lines, (tile + 1) * share) * 64;
+          const int64_t pf = std::min(bytes, tile * share * 64), pf_end = std::min(bytes, (tile + 1) * share * 64);
           const float* wn = wf + (n - n0) * k_vec;
           switch (std::min<int64_t>(3, n1 - n)) {
-            case 1: wide_tile_rows<1>(p, x, xs, wn, m, mr, n, pf, pf_end, mask); break;
-            case 2: wide_tile_rows<2>(p, x, xs, wn, m, mr, n, pf, pf_end, mask); break;
-            default: wide_tile_rows<3>(p, x, xs, wn, m, mr, n, pf, pf_end, mask); break;
+            case 1: wide_tile_rows<1>(p, x, xs, wn, m, mr, n, next, pf, pf_end, mask); break;
+            case 2: wide_tile_rows<2>(p, x, xs, wn, m, mr, n, next, pf, pf_end, mask); break;
+            default: wide_tile_rows<3>(p, x, xs, wn, m, mr, n, next, pf, pf_end, mask); break;
           }
         }
       }
@@ -253,19 +255,20 @@ void wide_gemm(const Args& p, const c10::BFloat16* x, const float* xs, int64_t M
 }
 
 void gemv(const Args& p, const c10::BFloat16* x, int64_t M) {
-  const std::vector<float> xs = split_even_odd(x, M, p.K);
+  const at::Tensor x_split = split_even_odd(x, M, p.K);
+  const float* xs = x_split.data_ptr<float>();
   if (M >= kWideRows) {
-    wide_gemm(p, x, xs.data(), M);
+    wide_gemm(p, x, xs, M);
     return;
   }
   for_each_block(M, p.N, 8, [&](int64_t m0, int64_t mt, int64_t n0, int64_t n1) {
     switch (mt) {
       // one weight row at a time at batch 1: a single sequential stream through memory
-      case 1: rows<1, 1>(p, x, xs.data(), m0, n0, n1); break;
+      case 1: rows<1, 1>(p, x, xs, m0, n0, n1); break;
       // (2 x 2 measured 1.75x slower at M = 2 in an x86-64-v3 build: 16 ymm registers)
-      case 2: rows<2, 1>(p, x, xs.data(), m0, n0, n1); break;
-      case 3: rows<3, 1>(p, x, xs.data(), m0, n0, n1); break;
-      default: rows<4, 1>(p, x, xs.data(), m0, n0, n1); break;
+      case 2: rows<2, 1>(p, x, xs, m0, n0, n1); break;
+      case 3: rows<3, 1>(p, x, xs, m0, n0, n1); break;
+      default: rows<4, 1>(p, x, xs, m0, n0, n1); break;
     }
   });
 }
@@ -340,11 +343,7 @@ void gemv(const Args& p, const c10::BFloat16* x, int64_t M) {
 #endif
 
 bool use_gemv(const at::Tensor& x2d, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-#if defined(LLMBUILD_LINEAR_AVX512)
-  const int64_t small_m = kernel_isa() == Isa::kAvx512 ? kSmallMAvx512 : kSmallMAvx2;
-#else
-  const int64_t small_m = kSmallMAvx2;
-#endif
+  const int64_t small_m = kernel_isa() == Isa::kAvx2 ? kSmallMAvx2 : kSmallMAvx512;
   return kernel_isa() >= Isa::kAvx2 && x2d.size(0) >= 1 && x2d.size(0) <= small_m &&
          x2d.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
          (!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous()));
