@@ -7,13 +7,13 @@ transformers. This builds the tests' tiny step graph for cuda and packages it in
 for one prefill step, against the exported program) in its own process (a crash ends only that one), so that
 one short device call tells which part of our packaging the loader trips on:
 
-- ours: the builder's own compile_graph (weights out of the .so, Inductor's fixed working directory, the archive
-  rewritten by compile._normalize); ours-by-hand: the same configs and rewrite, called directly;
+- ours: the builder's own compile_graph (weights out of the .so, every tensor a constant, Inductor's fixed working
+  directory, the archive rewritten by compile._normalize); ours-by-hand: the same configs and rewrite, called directly;
 - no-normalize: the same, the archive as AOTInductor wrote it;
+- inline-small: ours as it was on the first H200 run, without always_keep_tensor_constants (Inductor inlines small
+  tensors, which then leave the constant list);
 - weights-in-so: AOTInductor's defaults (the zero weights compiled into the .so);
 - weights-on-disk: weights out of the .so, into the archive (package_constants_on_disk_format=binary_blob);
-- keep-constants: weights out of the .so with always_keep_tensor_constants, the pair upstream's own tests of
-  user-managed weights always set (without it Inductor inlines small tensors, which then leave the constant list);
 - single-threaded: ours, loaded with run_single_threaded=True (what upstream advises next to CUDA graphs);
 - control-linear / control-linear-no-weights: one nn.Linear, no llmbuild op, Triton kernel or rewrite, packaged
   with AOTInductor's defaults / with its weight out of the .so: if these crash too, the environment (toolchain,
@@ -34,19 +34,19 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # llmbuild, and the tests' tiny model (tests/helpers.py)
+from llmbuild.builder.compile import INDUCTOR_CONFIGS  # noqa: E402
+
 VARIANTS = {
     # first the controls: if even these crash, the environment does (the rest would not tell more)
     "control-linear": ({}, False),
     "control-linear-no-weights": ({"aot_inductor.package_constants_in_so": False}, False),
     "ours": None,  # builder/compile.compile_graph itself: its configs, fixed working directory and _normalize
-    "ours-by-hand": ({"aot_inductor.package_constants_in_so": False}, True),
-    "no-normalize": ({"aot_inductor.package_constants_in_so": False}, False),
+    "ours-by-hand": (INDUCTOR_CONFIGS, True),
+    "no-normalize": (INDUCTOR_CONFIGS, False),
+    "inline-small": ({"aot_inductor.package_constants_in_so": False}, True),
     "weights-in-so": ({}, False),
-    "weights-on-disk": (
-        {"aot_inductor.package_constants_in_so": False, "aot_inductor.package_constants_on_disk_format": "binary_blob"},
-        False,
-    ),
-    "keep-constants": ({"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}, False),
+    "weights-on-disk": ({**INDUCTOR_CONFIGS, "aot_inductor.package_constants_on_disk_format": "binary_blob"}, False),
     "single-threaded": None,  # ours, loaded with run_single_threaded=True
 }
 
@@ -84,7 +84,6 @@ def run_variant(name: str, device: str) -> None:
     import torch
     from torch.export.passes import move_to_device_pass
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tiny model (tests/helpers.py)
     from llmbuild.builder.compile import _normalize, compile_graph
     from llmbuild.builder.export import export_graph
     from llmbuild.builder.retarget import retarget

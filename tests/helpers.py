@@ -89,6 +89,22 @@ def tiny_model() -> LlamaModel:
     return model
 
 
+class SmallConstants(torch.nn.Module):
+    """A linear with weights of the sizes Inductor inlines into its code unless told not to: a 0-d tensor,
+    a 1-D tensor of one value (an fp8 per-tensor scale) and one of 8 (a bias of 8 outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(16, 8, generator=g), requires_grad=False)
+        self.register_buffer("scale", torch.rand(1, generator=g) + 0.5)
+        self.register_buffer("bias", torch.randn(8, generator=g))
+        self.register_buffer("shift", torch.tensor(0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.weight) * self.scale + self.bias + self.shift
+
+
 # --- prompts and engine runs ---
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 import llmbuild
+from llmbuild.builder.compile import INDUCTOR_CONFIGS
 from llmbuild.builder.plan import BuildPlan
 from llmbuild.builder.quality import EVAL_VERSION
 from llmbuild.manifest import GRAPH_INPUTS, Inputs, Target, sha256_json
@@ -106,5 +107,6 @@ def config_hash(recipe: Recipe, plan: BuildPlan, target: Target) -> str:
             "graph_options": recipe.plugins.model_dump(mode="json"),
             "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
             "graph_inputs": GRAPH_INPUTS,
+            "inductor": INDUCTOR_CONFIGS,
         }
     )

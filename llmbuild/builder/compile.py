@@ -39,6 +39,10 @@ from llmbuild.errors import BuildError
 
 INDUCTOR_CONFIGS = {
     "aot_inductor.package_constants_in_so": False,
+    # Inductor otherwise bakes 0-d tensors and 1-D tensors of up to 8 values (an fp8 per-tensor weight
+    # scale, a bias of a few outputs) into the code as literals: the package would compute with the
+    # values of the checkpoint it was compiled from, whatever weights it is handed
+    "always_keep_tensor_constants": True,
 }
 _TRAILER = b"\n// Compile cmd\n"
 

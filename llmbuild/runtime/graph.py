@@ -79,17 +79,29 @@ class EagerGraph:
 
 
 class CompiledGraph:
-    """An AOTInductor package; the weights are handed over without a copy (user-managed constants)."""
+    """An AOTInductor package; the weights are handed over without a copy (user-managed constants).
 
-    def __init__(self, rank_path: Path, weights: dict[str, torch.Tensor]) -> None:
+    `single_threaded` runs it without the container's thread synchronization, which CUDA graph capture
+    needs: the threaded run records a CUDA event per call and, on the next call, queries or waits on it
+    to reuse its one model instance, and neither is allowed while a stream is being captured.
+    """
+
+    def __init__(self, rank_path: Path, weights: dict[str, torch.Tensor], single_threaded: bool = False) -> None:
         try:
-            package = torch._inductor.aoti_load_package(str(rank_path / GRAPH))
+            package = torch._inductor.aoti_load_package(str(rank_path / GRAPH), run_single_threaded=single_threaded)
         except Exception as exc:  # noqa: BLE001 - the package loader raises many types
             raise EngineError(f"{rank_path / GRAPH}: cannot load the compiled engine ({exc})") from None
         names = package.get_constant_fqns()
         missing = sorted(set(names) - set(weights))
         if missing:
             raise EngineError(f"{rank_path / WEIGHTS}: weights do not fit the graph (missing {missing[0]})")
+        # a weight the package does not take was compiled into its code: it would compute with those values
+        baked = sorted(set(weights) - set(names))
+        if baked:
+            raise EngineError(
+                f"{rank_path / GRAPH}: the compiled package holds {baked[0]} in its code instead of taking it from "
+                f"the weights (built by an older llmbuild); rebuild the engine"
+            )
         package.load_constants({n: weights[n] for n in names}, check_full_update=True, user_managed=True)
         self._run = package.loader.boxed_run  # skips the pytree round trip of package.__call__
         self.weights = weights  # user-managed: the package reads these tensors, keep them alive
@@ -110,4 +122,6 @@ def load_graph(
     except (SafetensorError, OSError) as exc:
         raise EngineError(f"{rank_path / WEIGHTS}: cannot read weights ({str(exc).splitlines()[0]})") from None
     weights.update(buffers or {})
-    return CompiledGraph(rank_path, weights) if backend == "compiled" else EagerGraph(rank_path, weights)
+    if backend == "compiled":
+        return CompiledGraph(rank_path, weights, single_threaded=device != "cpu")  # cuda: graphs are captured
+    return EagerGraph(rank_path, weights)

@@ -12,8 +12,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+from torch._inductor import aoti_load_package
 
 from llmbuild.builder.build import build_engine
+from llmbuild.builder.compile import compile_graph
 from llmbuild.cpu_target import fitting_level, resolve
 from llmbuild.errors import EngineError
 from llmbuild.machine import cpu_flags
@@ -24,6 +27,7 @@ from llmbuild.runtime.engine import Engine
 from llmbuild.runtime.llm_engine import LLMEngine
 from llmbuild.runtime.sampling_params import SamplingParams
 from tests.conftest import write_recipe
+from tests.helpers import SmallConstants
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +63,19 @@ def test_eager_fallback_of_a_compiled_engine_gives_the_same_tokens(compiled_engi
     compiled = LLMEngine.from_dir(compiled_engine).generate(prompts, params)
     eager = LLMEngine.from_dir(compiled_engine, backend="eager").generate(prompts, params)
     assert [c.token_ids for c in compiled] == [e.token_ids for e in eager]
+
+
+def test_a_package_takes_every_weight_from_outside_even_the_small_ones(tmp_path):
+    # one package serves every checkpoint of its shape (the build cache reuses it): it must compute with
+    # the weights it is handed, not the values it was compiled from
+    model, x = SmallConstants(), torch.randn(3, 16)
+    path = tmp_path / "model.pt2"
+    compile_graph(torch.export.export(model, (x,)), path, resolve("native"))
+    package = aoti_load_package(str(path))
+    assert sorted(package.get_constant_fqns()) == sorted(model.state_dict())
+    others = {name: torch.randn_like(value) for name, value in model.state_dict().items()}
+    package.load_constants(others, check_full_update=True, user_managed=True)
+    torch.testing.assert_close(package(x), torch.func.functional_call(model, others, (x,)))
 
 
 def test_an_eager_engine_cannot_run_compiled(llama_engine):

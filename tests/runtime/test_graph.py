@@ -1,15 +1,21 @@
 """The engine graph call: inputs that are views (strided, offset) or of another integer dtype give the
 step their values describe, on both backends (issue 27: a compiled package read a column view as if it
-were contiguous); caches that are views are refused, never copied."""
+were contiguous); caches that are views are refused, never copied; a package with weights compiled into its code is
+refused."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from torch._inductor import aoti_compile_and_package
 
+from llmbuild.errors import EngineError
+from llmbuild.manifest import GRAPH, WEIGHTS
 from llmbuild.runtime.engine import Engine
-from llmbuild.runtime.graph import dense_inputs
+from llmbuild.runtime.graph import CompiledGraph, dense_inputs, load_graph
 from llmbuild.runtime.kv_cache import allocate_kv_cache
+from tests.helpers import SmallConstants
 
 BS = 16
 WIDTH = 16  # blocks per sequence: the tiny engine's max_seq_len 256 in blocks of 16
@@ -73,3 +79,26 @@ def test_a_cache_that_is_a_view_is_refused():
     stacked = torch.zeros(2, 4, 2, BS, 16)
     with pytest.raises(ValueError, match="KV cache 1 is a strided or offset view"):
         dense_inputs(two_sequence_step(), [torch.zeros(4, 2, BS, 16), stacked[1]])
+
+
+def test_a_package_with_weights_in_its_code_is_refused(tmp_path):
+    # what Inductor builds without always_keep_tensor_constants (the packages of llmbuild before it set it):
+    # the small tensors are literals in the code, so other weights in the engine's file would be ignored
+    model, x = SmallConstants(), torch.randn(3, 16)
+    rank = tmp_path / "rank0"
+    rank.mkdir()
+    configs = {"aot_inductor.package_constants_in_so": False}
+    aoti_compile_and_package(torch.export.export(model, (x,)), package_path=str(rank / GRAPH), inductor_configs=configs)
+    save_file(model.state_dict(), rank / WEIGHTS)
+    with pytest.raises(EngineError, match=r"model.pt2: the compiled package holds bias in its code .* rebuild"):
+        load_graph(rank, "compiled")
+
+
+def test_the_single_threaded_run_that_cuda_graphs_need_gives_the_same_step(make_ckpt, make_engine):
+    path = make_engine("llama-compiled", make_ckpt("llama"), target={"backend": "compiled"})
+    threaded = Engine.load(path, backend="compiled")
+    single = CompiledGraph(path / "rank0", threaded.graph.weights, single_threaded=True)
+    caches = allocate_kv_cache(threaded.manifest.model, 2, BS, threaded.kv_cache_dtype)
+    with torch.inference_mode():
+        expected = run(threaded, two_sequence_step())
+        torch.testing.assert_close(single(two_sequence_step(), caches), expected, atol=0, rtol=0)
