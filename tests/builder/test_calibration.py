@@ -101,4 +101,6 @@ def test_layerwise_pass_reproduces_the_full_forward_and_shows_each_input():
     hidden = torch.cat(runner.final_hidden())
     logits = (hidden @ model.embed.weight.T).float()  # the tied lm_head
     expected = torch.cat([sequence_logits(model, w) for w in windows])
-    torch.testing.assert_close(logits, expected, atol=0.05, rtol=0.02)
+    # bf16 GEMMs of other shapes (chunks of 80 rows against windows of 40) sum in another order, and which kernel
+    # takes which shape depends on the CPU's ISA: up to one bf16 ulp at the largest logits (16-32) apart
+    torch.testing.assert_close(logits, expected, atol=0.125, rtol=0.02)
