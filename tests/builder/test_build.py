@@ -91,11 +91,12 @@ def test_failed_build_leaves_no_engine_and_keeps_the_old_one(make_ckpt, tmp_path
         raise RuntimeError("disk exploded")
 
     monkeypatch.setattr(build_module, "save_graph", broken_save)
+    # an empty build cache, so the graph is saved again (use_cache=False would also recompile the op library)
     with pytest.raises(BuildError, match="stage 'save graph' failed: RuntimeError: disk exploded"):
-        build_engine(recipe, out, cache_dir=tmp_path / "cache", use_cache=False)
+        build_engine(recipe, out, cache_dir=tmp_path / "empty-cache")
     assert (out / "manifest.json").read_bytes() == before
     with pytest.raises(BuildError):
-        build_engine(recipe, tmp_path / "engines" / "fresh", cache_dir=tmp_path / "cache", use_cache=False)
+        build_engine(recipe, tmp_path / "engines" / "fresh", cache_dir=tmp_path / "empty-cache")
     assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == ["x"]  # no staging leftovers
 
 
@@ -157,6 +158,6 @@ def test_a_failing_stage_is_named_with_its_likely_fix(make_ckpt, tmp_path, monke
 
     monkeypatch.setattr(build_module, "load_weights", fail)
     with pytest.raises(BuildError) as exc:
-        build_engine(recipe, tmp_path / "e", cache_dir=tmp_path / "cache", use_cache=False)
+        build_engine(recipe, tmp_path / "e", cache_dir=tmp_path / "cache")  # empty: the weights are loaded
     assert "stage 'load weights' failed" in str(exc.value) and hint in str(exc.value)
     assert not (tmp_path / "e").exists()
